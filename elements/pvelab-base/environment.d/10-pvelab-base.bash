@@ -1,0 +1,6 @@
+# pvelab-base defaults (overridable by the caller's environment)
+export DIB_GRUB_TIMEOUT=${DIB_GRUB_TIMEOUT:-0}
+export DIB_APT_MINIMAL_CREATE_INTERFACES=${DIB_APT_MINIMAL_CREATE_INTERFACES:-0}
+export DIB_PVELAB_USER=${DIB_PVELAB_USER:-ops}
+export DIB_PVELAB_GROUPS=${DIB_PVELAB_GROUPS:-sudo}
+export DIB_PVELAB_DNS=${DIB_PVELAB_DNS:-"1.1.1.1 8.8.8.8"}

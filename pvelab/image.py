@@ -1,0 +1,144 @@
+"""Stage 1: the shared base image, built once by diskimage-builder and cached.
+
+All nodes share the same trixie base, packages and compat service code; they differ
+only in the role unit they enable and their rendered overlay.  The base is one DIB
+build (raw disk: MBR, ext4 root, GRUB) keyed by a hash of everything that goes into
+it: element files, package list, DIB version, release, user and DNS settings.
+Changing any of those rebuilds it; changing a template does not.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from . import dib_blockdev
+from .hostapt import dib_mirror_env
+from .lab import Lab
+from .paths import ELEMENTS, cache_dir
+from .run import Steps
+
+BASE_ELEMENTS = ("debian-minimal", "vm", "pvelab-base", "pvelab-compat", "pve-compat",
+                 "qdevice-compat")
+BASE_IMAGE_GB = 2          # raw base size; each node grows it to its own disk size
+BASE_FORMAT = 1            # bump when the way the base is made changes
+
+
+@dataclass(frozen=True)
+class Base:
+    key: str
+    dir: Path
+    inputs: dict
+
+    @property
+    def raw(self) -> Path:
+        return self.dir / "base.raw"
+
+    @property
+    def info(self) -> dict:
+        return json.loads((self.dir / "base.json").read_text())
+
+
+def dib_version() -> str:
+    return metadata.version("diskimage-builder")
+
+
+def _element_files() -> dict[str, str]:
+    out = {}
+    for name in sorted(os.listdir(ELEMENTS)):
+        for path in sorted((ELEMENTS / name).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                mode = "x" if os.access(path, os.X_OK) else "-"
+                out[path.relative_to(ELEMENTS).as_posix()] = f"{mode}{digest}"
+    return out
+
+
+def base_packages(lab: Lab) -> list[str]:
+    return sorted({p for n in lab.nodes for p in n.packages})
+
+
+def base_inputs(lab: Lab) -> dict:
+    """Everything that shapes the base image; its hash is the cache key."""
+    return {
+        "format": BASE_FORMAT,
+        "elements": list(BASE_ELEMENTS),
+        "element_files": _element_files(),
+        "packages": base_packages(lab),
+        "release": lab.release,
+        "arch": "amd64",
+        "size_gb": BASE_IMAGE_GB,
+        "dib": dib_version(),
+        "user": [lab.user.name, hashlib.sha256(lab.user.password.encode()).hexdigest(),
+                 list(lab.user.groups)],
+        "dns": list(lab.dns_servers),
+    }
+
+
+def base_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dib_env(lab: Lab) -> dict[str, str]:
+    venv_bin = str(Path(sys.executable).parent)
+    env = {
+        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "ELEMENTS_PATH": str(ELEMENTS),
+        "DIB_RELEASE": lab.release,
+        "DIB_IMAGE_CACHE": str(cache_dir() / "dib"),
+        "DIB_PVELAB_USER": lab.user.name,
+        "DIB_PVELAB_PASSWORD": lab.user.password,
+        "DIB_PVELAB_GROUPS": " ".join(lab.user.groups),
+        "DIB_PVELAB_DNS": " ".join(lab.dns_servers),
+        "DIB_GRUB_TIMEOUT": os.environ.get("DIB_GRUB_TIMEOUT", "0"),
+        "DIB_DEBIAN_COMPONENTS": "main",
+    }
+    env.update(dib_mirror_env())
+    if dib_blockdev.needs_loop_partitions():
+        env["DIB_BLOCK_DEVICE_CONFIG"] = dib_blockdev.block_device_config("pvelab_partitioning")
+    return env
+
+
+def build_base(lab: Lab, steps: Steps, force: bool = False) -> Base:
+    """Return the cached base for this lab's inputs, building it with DIB if needed."""
+    inputs = base_inputs(lab)
+    key = base_key(inputs)
+    root = cache_dir() / "base"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / key
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one base build at a time; others wait and reuse
+        if final.is_dir() and (final / "base.json").exists() and not force:
+            steps.say(f"base {key}: cached")
+            return Base(key, final, inputs)
+        work = root / f"{key}.tmp"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        with steps.stage(f"base image (DIB, key {key})"):
+            cmd = ["disk-image-create", "-a", "amd64", "-t", "raw", "--image-size",
+                   str(BASE_IMAGE_GB), "-o", str(work / "base"), "--no-tmpfs",
+                   "-p", ",".join(inputs["packages"]), *BASE_ELEMENTS]
+            steps.run(cmd, env=dib_env(lab))
+        info = dict(inputs, key=key, dib_log=str(steps.log_path))
+        (work / "base.json").write_text(json.dumps(info, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(work, final)
+        _prune(root, keep=final)
+        return Base(key, final, inputs)
+
+
+def _prune(root: Path, keep: Path, generations: int = 2) -> None:
+    """Keep the newest few bases (a rollback is then instant); drop the rest."""
+    bases = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp")),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in bases[generations:]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,494 @@
+"""Lab definition: load a lab YAML file and validate it into a typed model.
+
+Everything downstream (overlays, recipes, images, boot test, publishing) reads the
+:class:`Lab` returned by :func:`load_lab`; nothing else parses the YAML.  A bad file
+raises :class:`LabError` naming the file, the field path and the offending value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROLES = ("pve-host", "qdevice-witness")
+ASSERTION_TYPES = ("port_listening", "command_output", "http_responds")
+FEATURES = ("headless", "ssh")
+STARTUP_AFTER = "network-online.target"
+RELEASES = ("trixie",)
+ARCHES = ("x86_64",)
+# Deployed at provisioning time from their own ISOs, never baked into an image.
+FORBIDDEN_PACKAGES = (
+    "pve-manager", "corosync", "pve-cluster", "pmxcfs", "proxmox-backup-server",
+    "ceph", "truenas-scale",
+)
+FORBIDDEN_PREFIXES = ("pve-", "proxmox-", "corosync", "ceph", "libpve", "libcorosync",
+                      "pmxcfs", "truenas", "qemu-server", "libknet")
+DISABLED_TEST_CONFIG = {"enabled": False, "tests": []}
+_HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class LabError(ValueError):
+    """A lab file problem: names the file, the field path and the value."""
+
+    def __init__(self, path: Path | str, field_path: str, value: Any, problem: str):
+        self.path, self.field, self.value, self.problem = str(path), field_path, value, problem
+        super().__init__(f"{self.path}: {field_path}: {value!r}: {problem}")
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    password: str
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class QDevice:
+    model: str
+    votes: int
+    tls: str
+    algorithm: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Storage:
+    type: str
+    id: str
+    properties: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    role: str
+    arch: str
+    ram_mb: int
+    disk_gb: int
+    alias: ipaddress.IPv4Interface
+    diagram: tuple[int, int]
+    features: tuple[str, ...]
+    packages: tuple[str, ...]
+    test_config: dict
+    nodeid: int | None = None  # corosync node id, pve-hosts only (1-based, file order)
+
+    @property
+    def ip(self) -> str:
+        return str(self.alias.ip)
+
+    @property
+    def is_pve(self) -> bool:
+        return self.role == "pve-host"
+
+
+@dataclass(frozen=True)
+class Connection:
+    source: str
+    target: str
+    ports: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Assertion:
+    type: str
+    on_vm: str
+    port: int | None = None
+    command: str | None = None
+    expected_output: str | None = None
+    url: str | None = None
+    expected_status: int = 200
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"type": self.type, "on_vm": self.on_vm}
+        if self.type == "port_listening":
+            d["port"] = self.port
+        elif self.type == "command_output":
+            d.update(command=self.command, expected_output=self.expected_output)
+        else:
+            d.update(url=self.url, expected_status=self.expected_status)
+        return d
+
+
+@dataclass(frozen=True)
+class CustomTest:
+    name: str
+    assertions: tuple[Assertion, ...]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    custom_tests: tuple[CustomTest, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "tests": [],
+            "custom_tests": [
+                {"name": t.name, "assertions": [a.to_dict() for a in t.assertions]}
+                for t in self.custom_tests
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class Lab:
+    path: Path
+    name: str
+    subnet: ipaddress.IPv4Network
+    release: str
+    cluster_name: str
+    dns_servers: tuple[str, ...]
+    user: User
+    startup_after: str
+    qdevice: QDevice | None
+    storage: tuple[Storage, ...]
+    nodes: tuple[Node, ...]
+    connections: tuple[Connection, ...]
+    scenario: Scenario
+    raw: dict = field(repr=False, compare=False, default_factory=dict)
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    @property
+    def pve_hosts(self) -> tuple[Node, ...]:
+        return tuple(n for n in self.nodes if n.is_pve)
+
+    @property
+    def witness(self) -> Node | None:
+        return next((n for n in self.nodes if n.role == "qdevice-witness"), None)
+
+    @property
+    def expected_votes(self) -> int:
+        """One vote per PVE node plus the QDevice's votes when a witness exists."""
+        qvotes = self.qdevice.votes if (self.qdevice and self.witness) else 0
+        return len(self.pve_hosts) + qvotes
+
+    @property
+    def quorum(self) -> int:
+        """votequorum's strict majority of expected_votes."""
+        return self.expected_votes // 2 + 1
+
+    def quorum_table(self) -> list[dict]:
+        """Votes and quorate state in the failure cases operators ask about."""
+        n, q = len(self.pve_hosts), (self.qdevice.votes if self.qdevice and self.witness else 0)
+        rows = [("all up", n + q), ("one node down", n - 1 + q)]
+        if q:
+            rows += [("two nodes down, QDevice up", n - 2 + q), ("QDevice down, nodes up", n)]
+        return [{"situation": s, "votes": v, "quorate": v >= self.quorum} for s, v in rows]
+
+    def cluster_status(self) -> list[dict]:
+        """The `/api2/json/cluster/status` data list every PVE node serves."""
+        data: list[dict] = [{"type": "cluster", "name": self.cluster_name,
+                             "nodes": len(self.pve_hosts), "quorate": 1}]
+        for n in self.pve_hosts:
+            data.append({"type": "node", "name": n.name, "online": 1,
+                         "id": f"node/{n.name}", "nodeid": n.nodeid})
+        return data
+
+    def select(self, names: list[str] | tuple[str, ...] | None) -> tuple[Node, ...]:
+        """Nodes by name (all when empty); unknown names are a LabError."""
+        if not names:
+            return self.nodes
+        known = [n.name for n in self.nodes]
+        for name in names:
+            if name not in known:
+                raise LabError(self.path, "--node", name,
+                               f"no such node in lab {self.name!r} (nodes: {', '.join(known)})")
+        return tuple(self.node(name) for name in names)
+
+
+# --------------------------------------------------------------------------- parsing
+
+class _Reader:
+    """Typed field access that turns every mistake into a LabError."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, where: str, value: Any, problem: str):
+        raise LabError(self.path, where, value, problem)
+
+    def mapping(self, obj: Any, where: str, allowed: set[str] | None = None) -> dict:
+        if not isinstance(obj, dict):
+            self.fail(where, obj, "must be a mapping")
+        if allowed is not None:
+            for key in obj:
+                if key not in allowed:
+                    self.fail(f"{where}.{key}" if where else str(key), obj[key],
+                              f"unknown field (allowed: {', '.join(sorted(allowed))})")
+        return obj
+
+    def get(self, obj: dict, key: str, where: str, kind: type | tuple, default: Any = ...):
+        path = f"{where}.{key}" if where else key
+        if key not in obj:
+            if default is ...:
+                self.fail(path, None, "is required")
+            return default
+        value = obj[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            self.fail(path, value, f"must be {' or '.join(k.__name__ for k in kinds)}")
+        if not isinstance(value, kinds):
+            self.fail(path, value, f"must be {' or '.join(k.__name__ for k in kinds)}")
+        return value
+
+    def positive_int(self, obj: dict, key: str, where: str) -> int:
+        value = self.get(obj, key, where, int)
+        if value <= 0:
+            self.fail(f"{where}.{key}", value, "must be a positive integer")
+        return value
+
+    def port(self, value: Any, where: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            self.fail(where, value, "must be a TCP/UDP port number 1-65535")
+        return value
+
+    def str_list(self, obj: dict, key: str, where: str, default: Any = ...) -> tuple[str, ...]:
+        value = self.get(obj, key, where, list, default)
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                self.fail(f"{where}.{key}[{i}]", item, "must be a non-empty string")
+        return tuple(value)
+
+
+def load_lab(path: str | Path) -> Lab:
+    """Read and validate a lab file; raise LabError on the first problem found."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise LabError(path, "(file)", str(path), f"cannot be read: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "(yaml)"
+        raise LabError(path, where, getattr(exc, "problem", str(exc)), "is not valid YAML") from None
+    return parse_lab(raw, path)
+
+
+def parse_lab(raw: Any, path: Path) -> Lab:
+    r = _Reader(path)
+    top = r.mapping(raw, "", {"lab", "node_defaults", "nodes", "connections", "scenarios"})
+    lab = r.mapping(r.get(top, "lab", "", dict), "lab",
+                    {"name", "subnet", "release", "cluster_name", "dns_servers", "user",
+                     "startup", "qdevice", "storage"})
+
+    name = r.get(lab, "name", "lab", str)
+    if not _HOSTNAME.match(name.replace("_", "-")):
+        r.fail("lab.name", name, "must be a short name of letters, digits and dashes")
+    subnet_text = r.get(lab, "subnet", "lab", str)
+    try:
+        subnet = ipaddress.IPv4Network(subnet_text, strict=True)
+    except ValueError as exc:
+        r.fail("lab.subnet", subnet_text, f"is not an IPv4 network in CIDR form ({exc})")
+    release = r.get(lab, "release", "lab", str)
+    if release not in RELEASES:
+        r.fail("lab.release", release, f"unsupported release (supported: {', '.join(RELEASES)})")
+    cluster_name = r.get(lab, "cluster_name", "lab", str)
+    if not re.match(r"^[A-Za-z0-9-]{1,15}$", cluster_name):
+        r.fail("lab.cluster_name", cluster_name, "must be 1-15 letters, digits or dashes")
+
+    dns = r.str_list(lab, "dns_servers", "lab")
+    for i, server in enumerate(dns):
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
+            r.fail(f"lab.dns_servers[{i}]", server, "is not an IP address")
+    if not dns:
+        r.fail("lab.dns_servers", [], "needs at least one DNS server")
+
+    u = r.mapping(r.get(lab, "user", "lab", dict), "lab.user", {"name", "password", "groups"})
+    user = User(name=r.get(u, "name", "lab.user", str), password=r.get(u, "password", "lab.user", str),
+                groups=r.str_list(u, "groups", "lab.user", default=[]))
+    if not re.match(r"^[a-z_][a-z0-9_-]{0,31}$", user.name) or user.name == "root":
+        r.fail("lab.user.name", user.name, "must be a non-root POSIX user name")
+    if not user.password:
+        r.fail("lab.user.password", user.password, "must not be empty")
+
+    startup = r.mapping(r.get(lab, "startup", "lab", dict), "lab.startup", {"after"})
+    after = startup.get("after")
+    if not isinstance(after, str) or after != STARTUP_AFTER:
+        r.fail("lab.startup.after", after, f"must be the single string {STARTUP_AFTER!r}")
+
+    qdevice = None
+    if "qdevice" in lab:
+        q = r.mapping(r.get(lab, "qdevice", "lab", dict), "lab.qdevice",
+                      {"model", "votes", "tls", "algorithm", "port"})
+        qdevice = QDevice(model=r.get(q, "model", "lab.qdevice", str),
+                          votes=r.positive_int(q, "votes", "lab.qdevice"),
+                          tls=str(r.get(q, "tls", "lab.qdevice", (str, bool))).lower()
+                          .replace("true", "on").replace("false", "off"),
+                          algorithm=r.get(q, "algorithm", "lab.qdevice", str),
+                          port=r.port(q.get("port", 5403), "lab.qdevice.port"))
+        if qdevice.model != "net":
+            r.fail("lab.qdevice.model", qdevice.model, "only model 'net' is supported")
+        if qdevice.algorithm not in ("ffsplit", "lms"):
+            r.fail("lab.qdevice.algorithm", qdevice.algorithm, "must be 'ffsplit' or 'lms'")
+        if qdevice.tls not in ("on", "off", "required"):
+            r.fail("lab.qdevice.tls", qdevice.tls, "must be on, off or required")
+
+    storage = []
+    for i, s in enumerate(r.get(lab, "storage", "lab", list, default=[])):
+        where = f"lab.storage[{i}]"
+        s = r.mapping(s, where, {"type", "id", "properties"})
+        props = r.mapping(r.get(s, "properties", where, dict), f"{where}.properties")
+        for k, v in props.items():
+            if isinstance(v, (dict, list)) or v is None:
+                r.fail(f"{where}.properties.{k}", v, "must be a scalar")
+        storage.append(Storage(type=r.get(s, "type", where, str), id=r.get(s, "id", where, str),
+                               properties=tuple((str(k), str(v)) for k, v in props.items())))
+
+    nodes = _parse_nodes(r, top, subnet)
+    names = {n.name for n in nodes}
+    if qdevice is None and any(n.role == "qdevice-witness" for n in nodes):
+        r.fail("lab.qdevice", None, "is required when a node has role 'qdevice-witness'")
+
+    connections = []
+    for i, c in enumerate(r.get(top, "connections", "", list, default=[])):
+        where = f"connections[{i}]"
+        c = r.mapping(c, where, {"from", "to", "ports"})
+        ends = []
+        for key in ("from", "to"):
+            end = r.get(c, key, where, str)
+            if end not in names:
+                r.fail(f"{where}.{key}", end, "names no node of this lab")
+            ends.append(end)
+        ports = r.get(c, "ports", where, list)
+        connections.append(Connection(ends[0], ends[1], tuple(
+            r.port(p, f"{where}.ports[{j}]") for j, p in enumerate(ports))))
+
+    scenario = _parse_scenario(r, top, names)
+    return Lab(path=path, name=name, subnet=subnet, release=release, cluster_name=cluster_name,
+               dns_servers=dns, user=user, startup_after=after, qdevice=qdevice,
+               storage=tuple(storage), nodes=nodes, connections=tuple(connections),
+               scenario=scenario, raw=top)
+
+
+def _parse_nodes(r: _Reader, top: dict, subnet: ipaddress.IPv4Network) -> tuple[Node, ...]:
+    raw_nodes = r.get(top, "nodes", "", list)
+    nodes: list[Node] = []
+    seen_names: dict[str, int] = {}
+    seen_ips: dict[str, int] = {}
+    next_id = 1
+    allowed = {"name", "role", "arch", "ram_mb", "disk_gb", "alias", "diagram", "features",
+               "packages", "test_config"}
+    for i, n in enumerate(raw_nodes):
+        where = f"nodes[{i}]"
+        n = r.mapping(n, where, allowed)
+        name = r.get(n, "name", where, str)
+        if not _HOSTNAME.match(name):
+            r.fail(f"{where}.name", name, "must be a valid host name (a-z, 0-9, dashes)")
+        if name in seen_names:
+            r.fail(f"{where}.name", name, f"duplicate node name (also nodes[{seen_names[name]}])")
+        seen_names[name] = i
+        role = r.get(n, "role", where, str)
+        if role not in ROLES:
+            r.fail(f"{where}.role", role, f"unknown role (known: {', '.join(ROLES)})")
+        arch = r.get(n, "arch", where, str)
+        if arch not in ARCHES:
+            r.fail(f"{where}.arch", arch, f"unsupported architecture (supported: {', '.join(ARCHES)})")
+        ram = r.positive_int(n, "ram_mb", where)
+        disk = r.positive_int(n, "disk_gb", where)
+        alias_text = r.get(n, "alias", where, str)
+        try:
+            if "/" not in alias_text:
+                raise ValueError("no prefix length")
+            alias = ipaddress.IPv4Interface(alias_text)
+        except ValueError as exc:
+            r.fail(f"{where}.alias", alias_text, f"is not an IPv4 address in CIDR form ({exc})")
+        if alias.ip not in subnet or alias.network != subnet:
+            r.fail(f"{where}.alias", alias_text, f"is outside the lab subnet {subnet}")
+        if alias.ip in (subnet.network_address, subnet.broadcast_address):
+            r.fail(f"{where}.alias", alias_text, "is the subnet's network or broadcast address")
+        if str(alias.ip) in seen_ips:
+            r.fail(f"{where}.alias", alias_text,
+                   f"duplicate alias address (also nodes[{seen_ips[str(alias.ip)]}])")
+        seen_ips[str(alias.ip)] = i
+        d = r.mapping(r.get(n, "diagram", where, dict), f"{where}.diagram", {"x", "y"})
+        diagram = (r.get(d, "x", f"{where}.diagram", int), r.get(d, "y", f"{where}.diagram", int))
+        features = r.str_list(n, "features", where, default=list(FEATURES))
+        for j, feat in enumerate(features):
+            if feat not in FEATURES:
+                r.fail(f"{where}.features[{j}]", feat, f"unknown feature (known: {', '.join(FEATURES)})")
+        packages = r.str_list(n, "packages", where, default=[])
+        for j, pkg in enumerate(packages):
+            if pkg in FORBIDDEN_PACKAGES or pkg.startswith(FORBIDDEN_PREFIXES):
+                r.fail(f"{where}.packages[{j}]", pkg,
+                       "is deployed at provisioning time and must never be installed at build time")
+            if not re.match(r"^[a-z0-9][a-z0-9+.-]+$", pkg):
+                r.fail(f"{where}.packages[{j}]", pkg, "is not a Debian package name")
+        test_config = n.get("test_config")
+        if test_config != DISABLED_TEST_CONFIG:
+            r.fail(f"{where}.test_config", test_config,
+                   'must be {"enabled": false, "tests": []} (per-node tests are disabled)')
+        nodeid = None
+        if role == "pve-host":
+            nodeid, next_id = next_id, next_id + 1
+        nodes.append(Node(name=name, role=role, arch=arch, ram_mb=ram, disk_gb=disk, alias=alias,
+                          diagram=diagram, features=features, packages=packages,
+                          test_config=dict(test_config), nodeid=nodeid))
+    pve = [n for n in nodes if n.is_pve]
+    witnesses = [n for n in nodes if n.role == "qdevice-witness"]
+    if witnesses and not pve:
+        r.fail(f"nodes[{seen_names[witnesses[0].name]}].role", witnesses[0].role,
+               "a qdevice-witness needs pve-host nodes to serve")
+    if len(pve) < 2:
+        r.fail("nodes", [n.name for n in pve], "a cluster needs at least two pve-host nodes")
+    if len(witnesses) > 1:
+        r.fail(f"nodes[{seen_names[witnesses[1].name]}].role", witnesses[1].role,
+               "corosync supports one QDevice: at most one qdevice-witness node")
+    return tuple(nodes)
+
+
+def _parse_scenario(r: _Reader, top: dict, names: set[str]) -> Scenario:
+    scenarios = r.get(top, "scenarios", "", list)
+    if len(scenarios) != 1:
+        r.fail("scenarios", [s.get("name") if isinstance(s, dict) else s for s in scenarios],
+               "exactly one group scenario is allowed")
+    s = r.mapping(scenarios[0], "scenarios[0]", {"name", "tests", "custom_tests"})
+    sname = r.get(s, "name", "scenarios[0]", str)
+    if s.get("tests", []) != []:
+        r.fail("scenarios[0].tests", s.get("tests"), "must stay empty; use custom_tests")
+    tests = []
+    for i, t in enumerate(r.get(s, "custom_tests", "scenarios[0]", list)):
+        where = f"scenarios[0].custom_tests[{i}]"
+        t = r.mapping(t, where, {"name", "assertions"})
+        tname = r.get(t, "name", where, str)
+        assertions = []
+        raw_assertions = r.get(t, "assertions", where, list)
+        if not raw_assertions:
+            r.fail(f"{where}.assertions", [], "needs at least one assertion")
+        for j, a in enumerate(raw_assertions):
+            aw = f"{where}.assertions[{j}]"
+            a = r.mapping(a, aw, {"type", "on_vm", "port", "command", "expected_output", "url",
+                                  "expected_status"})
+            atype = r.get(a, "type", aw, str)
+            if atype not in ASSERTION_TYPES:
+                r.fail(f"{aw}.type", atype, f"unsupported assertion type (allowed: {', '.join(ASSERTION_TYPES)})")
+            if "on_vm" not in a:
+                r.fail(f"{aw}.on_vm", None, "is required: every assertion names the VM it runs on")
+            on_vm = r.get(a, "on_vm", aw, str)
+            if on_vm not in names:
+                r.fail(f"{aw}.on_vm", on_vm, "names no node of this lab")
+            if atype == "port_listening":
+                assertions.append(Assertion(atype, on_vm, port=r.port(a.get("port"), f"{aw}.port")))
+            elif atype == "command_output":
+                assertions.append(Assertion(atype, on_vm, command=r.get(a, "command", aw, str),
+                                            expected_output=r.get(a, "expected_output", aw, str)))
+            else:
+                status = r.get(a, "expected_status", aw, int, default=200)
+                assertions.append(Assertion(atype, on_vm, url=r.get(a, "url", aw, str),
+                                            expected_status=status))
+        tests.append(CustomTest(tname, tuple(assertions)))
+    return Scenario(sname, tuple(tests))

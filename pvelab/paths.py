@@ -1,0 +1,25 @@
+"""Where things live: the checkout's elements, overlays and labs, and the build tree."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ELEMENTS = ROOT / "elements"
+OVERLAYS = ROOT / "overlays"
+LABS = ROOT / "labs"
+DEFAULT_LAB = LABS / "proxmox-3node-cluster.yaml"
+
+
+def build_root() -> Path:
+    """Output tree (git-ignored); PVELAB_BUILD_DIR moves it, e.g. to a bigger disk."""
+    return Path(os.environ.get("PVELAB_BUILD_DIR", ROOT / "build"))
+
+
+def node_dir(node: str) -> Path:
+    return build_root() / node
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PVELAB_CACHE_DIR", build_root() / "cache"))
