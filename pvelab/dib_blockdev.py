@@ -22,9 +22,23 @@ from diskimage_builder.block_device.utils import exec_sudo
 logger = logging.getLogger(__name__)
 
 
+def device_mapper_works() -> bool:
+    """True when the kernel has device-mapper (kpartx works).
+
+    A ``/dev/mapper/control`` node alone proves nothing: installing dmsetup creates it
+    even on kernels without the driver, where opening it fails with ENODEV.  The
+    kernel lists the driver in /proc/misc when it is there.
+    """
+    try:
+        with open("/proc/misc") as fh:
+            return any(line.split()[1:] == ["device-mapper"] for line in fh if line.strip())
+    except OSError:
+        return False
+
+
 def needs_loop_partitions() -> bool:
-    """True when device-mapper is unusable, so kpartx would fail."""
-    return not os.path.exists("/dev/mapper/control")
+    """True when device-mapper is unusable, so DIB's kpartx step would fail."""
+    return not device_mapper_works()
 
 
 def block_device_config(plugin: str) -> str:

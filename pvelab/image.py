@@ -20,10 +20,11 @@ from importlib import metadata
 from pathlib import Path
 
 from . import dib_blockdev
+from .disk import loop_partition, mounted, squash
 from .hostapt import dib_mirror_env
 from .lab import Lab
 from .paths import ELEMENTS, cache_dir
-from .run import Steps
+from .run import Steps, StepError
 
 BASE_ELEMENTS = ("debian-minimal", "vm", "pvelab-base", "pvelab-compat", "pve-compat",
                  "qdevice-compat")
@@ -142,3 +143,38 @@ def _prune(root: Path, keep: Path, generations: int = 2) -> None:
     for old in bases[generations:]:
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class LiveParts:
+    """What every node's ISO shares: kernel, initrd and the base squashfs."""
+    kernel: Path
+    initrd: Path
+    squashfs: Path
+    kernel_version: str
+
+
+def live_parts(base: Base, steps: Steps) -> LiveParts:
+    """Extract kernel + initrd and squash the base root once per base (cached beside it)."""
+    d = base.dir
+    done = d / "live.json"
+    if not done.exists():
+        with open(base.dir.parent / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                with steps.stage("base squashfs + kernel for the live ISO"):
+                    mnt = d / "mnt"
+                    with loop_partition(base.raw, steps, read_only=True) as part, \
+                            mounted(part, mnt, steps, read_only=True):
+                        kernels = sorted((mnt / "boot").glob("vmlinuz-*"))
+                        if not kernels:
+                            raise StepError(f"{base.raw}: no kernel in /boot")
+                        version = kernels[-1].name[len("vmlinuz-"):]
+                        shutil.copyfile(kernels[-1], d / "vmlinuz")
+                        shutil.copyfile(mnt / "boot" / f"initrd.img-{version}", d / "initrd.img")
+                        squash(mnt, d / "filesystem.squashfs.tmp", steps)
+                    mnt.rmdir()
+                    os.replace(d / "filesystem.squashfs.tmp", d / "filesystem.squashfs")
+                    done.write_text(json.dumps({"kernel_version": version}) + "\n")
+    version = json.loads(done.read_text())["kernel_version"]
+    return LiveParts(d / "vmlinuz", d / "initrd.img", d / "filesystem.squashfs", version)

@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import configparser
 import os
-import shutil
 import stat
-import subprocess
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +42,10 @@ def _ids(root: Path, name: str, table: str) -> int:
     raise StepError(f"{name!r} is not in the image's /etc/{table}")
 
 
-def _wanted_by(unit_file: Path) -> list[str]:
+def _wanted_by(unit_text: str) -> list[str]:
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.optionxform = str
-    parser.read_string(unit_file.read_text())
+    parser.read_string(unit_text)
     if not parser.has_option("Install", "WantedBy"):
         return []
     return parser.get("Install", "WantedBy").split()
@@ -74,13 +70,8 @@ def layer_entries(lab: Lab, node: Node, image_root: Path,
                 break
         if unit_path is None:
             raise StepError(f"{node.name}: unit {unit} is neither in the overlay nor in the image")
-        if text_file is None:
-            tmp = image_root.parent / f".unit-{node.name}-{unit}"
-            tmp.write_bytes(by_path[unit_path].content)
-            targets = _wanted_by(tmp)
-            tmp.unlink()
-        else:
-            targets = _wanted_by(text_file)
+        targets = _wanted_by(by_path[unit_path].content.decode() if text_file is None
+                             else text_file.read_text())
         if not targets:
             raise StepError(f"{node.name}: unit {unit} has no [Install] WantedBy=")
         for target in targets:
@@ -123,75 +114,3 @@ def apply_entries(entries: list[Entry], dest: Path, reference: Path) -> None:
             continue
         os.chown(target, uid, gid)
         os.chmod(target, e.mode)
-
-
-# ----------------------------------------------------------------------------- disks
-
-@contextmanager
-def loop_partition(image: Path, steps: Steps, read_only: bool = False):
-    """Attach a disk image and yield its first partition's device (/dev/loopXp1).
-
-    ``losetup --partscan`` is not honoured everywhere (not on this project's CI
-    sandbox); ``partx --add`` asks the kernel for the partitions explicitly.
-    """
-    args = ["losetup", "--find", "--show"] + (["--read-only"] if read_only else [])
-    dev = steps.capture(args + [str(image)]).strip()
-    part = f"{dev}p1"
-    try:
-        if not os.path.exists(part):
-            steps.capture(["partx", "--add", dev])
-        deadline = time.monotonic() + 10
-        while not os.path.exists(part):
-            if time.monotonic() > deadline:
-                raise StepError(f"{part} did not appear after partx --add {dev}")
-            time.sleep(0.1)
-        yield part
-    finally:
-        subprocess.run(["partx", "--delete", dev], check=False, capture_output=True)
-        subprocess.run(["losetup", "--detach", dev], check=False)
-
-
-@contextmanager
-def mounted(device: str, mountpoint: Path, steps: Steps, read_only: bool = False):
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    steps.capture(["mount"] + (["-o", "ro"] if read_only else []) + [device, str(mountpoint)])
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", str(mountpoint)], check=False)
-
-
-def grow_disk(raw: Path, size_gb: int, steps: Steps) -> None:
-    """Grow the raw disk to size_gb and its first (root) partition to the end."""
-    if raw.stat().st_size > size_gb * 1024 ** 3:
-        raise StepError(f"{raw}: base image is larger than the node's disk ({size_gb} GB)")
-    os.truncate(raw, size_gb * 1024 ** 3)
-    steps.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-N", "1", str(raw)], input=b", +\n")
-
-
-def resize_fs(part: str, steps: Steps) -> None:
-    res = subprocess.run(["e2fsck", "-f", "-y", part], capture_output=True, text=True)
-    steps.log(res.stdout + res.stderr)
-    if res.returncode not in (0, 1):
-        raise StepError(f"e2fsck {part} exited {res.returncode}")
-    steps.run(["resize2fs", part])
-
-
-def copy_sparse(src: Path, dst: Path) -> None:
-    subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)], check=True)
-
-
-def squash(tree: Path, out: Path, steps: Steps, fast: bool = False) -> None:
-    """mksquashfs with zstd; the base layer is compressed harder than the tiny node layers."""
-    level = "3" if fast else "19"
-    steps.run(["mksquashfs", str(tree), str(out), "-noappend", "-comp", "zstd",
-               "-Xcompression-level", level, "-no-progress", "-quiet",
-               "-wildcards", "-e", "boot/grub/*", "lost+found"])
-
-
-def remove_quietly(*paths: Path) -> None:
-    for p in paths:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.exists() or p.is_symlink():
-            p.unlink()

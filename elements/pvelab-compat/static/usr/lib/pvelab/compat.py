@@ -121,6 +121,7 @@ class Handler(BaseHTTPRequestHandler):
         # JSON instead of the stock HTML page (400, 408, 414, 501 ...).
         try:
             self.close_connection = True
+            self.request_version = "HTTP/1.0"  # always answer with a status line, never HTTP/0.9
             body = dumps({"data": None, "errors": {"request": message or str(code)}}).encode()
             self.send_response(code, message)
             self.send_header("Content-Type", "application/json;charset=UTF-8")

@@ -1,0 +1,188 @@
+"""Hybrid live ISO (BIOS + UEFI, CD + USB) assembled with pycdlib.
+
+Layout::
+
+    /isolinux/isolinux.bin, ldlinux.c32, isolinux.cfg   BIOS (El Torito entry 1, isohybrid MBR)
+    /boot/efiboot.img                                    FAT with EFI/BOOT/BOOTX64.EFI (entry 2)
+    /boot/grub/grub.cfg                                  UEFI menu (GRUB)
+    /live/vmlinuz, /live/initrd.img                      the image's own kernel + initrd (live-boot)
+    /live/filesystem.squashfs                            shared base root file system
+    /live/<node>.squashfs                                the node layer, stacked on top
+    /live/filesystem.module                              stacking order for live-boot
+
+pycdlib 1.22 writes an invalid hybrid GPT for ``add_isohybrid(efi=True)`` (the
+partition-array CRC covers only the used entries, and the backup GPT carries other
+GUIDs); :func:`fix_hybrid_gpt` rewrites both GPT copies consistently afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import subprocess
+import tempfile
+import zlib
+from pathlib import Path
+
+import pycdlib
+
+from .run import Steps, StepError
+
+ISOLINUX_BIN = Path("/usr/lib/ISOLINUX/isolinux.bin")
+LDLINUX_C32 = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
+GRUB_EFI_DIR = Path("/usr/lib/grub/x86_64-efi")
+EFI_IMG_KB = 8192
+
+LIVE_CMDLINE = "boot=live live-media-path=/live console=tty0 console=ttyS0,115200 nomodeset"
+
+
+def volume_label(node: str) -> str:
+    """ISO 9660 volume id: d-characters only, at most 32."""
+    return re.sub(r"[^A-Z0-9_]", "_", f"PVELAB_{node.upper()}")[:32]
+
+
+def _isolinux_cfg(label: str) -> str:
+    return f"""\
+SERIAL 0 115200
+DEFAULT live
+PROMPT 0
+TIMEOUT 1
+LABEL live
+  SAY Booting {label} (pvelab live)
+  KERNEL /live/vmlinuz
+  APPEND initrd=/live/initrd.img {LIVE_CMDLINE}
+"""
+
+
+def _grub_cfg(label: str) -> str:
+    return f"""\
+serial --speed=115200 --unit=0 --word=8 --parity=no --stop=1
+terminal_input serial console
+terminal_output serial console
+set timeout=0
+set default=0
+menuentry "{label} (pvelab live)" {{
+    linux /live/vmlinuz {LIVE_CMDLINE}
+    initrd /live/initrd.img
+}}
+"""
+
+
+def make_efiboot(work: Path, label: str, steps: Steps) -> Path:
+    """FAT image with a standalone GRUB that finds this ISO by its volume label."""
+    if not GRUB_EFI_DIR.is_dir():
+        raise StepError(f"{GRUB_EFI_DIR} missing: install grub-efi-amd64-bin (scripts/host-setup)")
+    embedded = work / "grub-embedded.cfg"
+    embedded.write_text(f"search --no-floppy --set=root --label {label}\n"
+                        "set prefix=($root)/boot/grub\n"
+                        "configfile /boot/grub/grub.cfg\n")
+    efi = work / "BOOTX64.EFI"
+    steps.run(["grub-mkstandalone", "--format=x86_64-efi", f"--output={efi}",
+               "--locales=", "--fonts=", "--themes=",
+               "--install-modules=linux normal iso9660 search search_label configfile "
+               "serial terminal part_msdos part_gpt fat echo test all_video",
+               "--modules=iso9660 search search_label part_msdos part_gpt fat",
+               f"boot/grub/grub.cfg={embedded}"])
+    img = work / "efiboot.img"
+    img.unlink(missing_ok=True)
+    steps.run(["mkfs.vfat", "-C", "-n", "EFIBOOT", str(img), str(EFI_IMG_KB)])
+    steps.run(["mmd", "-i", str(img), "::/EFI", "::/EFI/BOOT"])
+    steps.run(["mcopy", "-i", str(img), str(efi), "::/EFI/BOOT/BOOTX64.EFI"])
+    return img
+
+
+def build_iso(out: Path, node: str, kernel: Path, initrd: Path, base_squashfs: Path,
+              node_squashfs: Path, steps: Steps) -> None:
+    """Write the hybrid ISO to ``out`` (callers write aside and rename)."""
+    label = volume_label(node)
+    with tempfile.TemporaryDirectory(prefix="pvelab-iso-") as tmp:
+        work = Path(tmp)
+        efiboot = make_efiboot(work, label, steps)
+        (work / "isolinux.cfg").write_text(_isolinux_cfg(label))
+        (work / "grub.cfg").write_text(_grub_cfg(label))
+        layer = f"{node}.squashfs"
+        (work / "filesystem.module").write_text(f"filesystem.squashfs\n{layer}\n")
+
+        iso = pycdlib.PyCdlib()
+        iso.new(interchange_level=3, rock_ridge="1.09", joliet=3, vol_ident=label,
+                app_ident_str="pvelab")
+        for d in ("/ISOLINUX", "/BOOT", "/BOOT/GRUB", "/LIVE", "/EFI", "/EFI/BOOT"):
+            name = d.rsplit("/", 1)[1].lower()
+            iso.add_directory(d, rr_name=name, joliet_path=d.lower())
+
+        def add(local: Path, iso_path: str, rr_name: str) -> None:
+            iso.add_file(str(local), iso_path=iso_path + ";1", rr_name=rr_name,
+                         joliet_path=iso_path.lower())
+
+        add(ISOLINUX_BIN, "/ISOLINUX/ISOLINUX.BIN", "isolinux.bin")
+        add(LDLINUX_C32, "/ISOLINUX/LDLINUX.C32", "ldlinux.c32")
+        add(work / "isolinux.cfg", "/ISOLINUX/ISOLINUX.CFG", "isolinux.cfg")
+        add(efiboot, "/BOOT/EFIBOOT.IMG", "efiboot.img")
+        add(work / "grub.cfg", "/BOOT/GRUB/GRUB.CFG", "grub.cfg")
+        add(work / "BOOTX64.EFI", "/EFI/BOOT/BOOTX64.EFI", "BOOTX64.EFI")
+        add(kernel, "/LIVE/VMLINUZ", "vmlinuz")
+        add(initrd, "/LIVE/INITRD.IMG", "initrd.img")
+        add(base_squashfs, "/LIVE/FILESYSTEM.SQUASHFS", "filesystem.squashfs")
+        iso.add_file(str(node_squashfs), iso_path="/LIVE/NODE.SQUASHFS;1", rr_name=layer,
+                     joliet_path=f"/live/{layer}")
+        add(work / "filesystem.module", "/LIVE/FILESYSTEM.MODULE", "filesystem.module")
+
+        iso.add_eltorito("/ISOLINUX/ISOLINUX.BIN;1", bootcatfile="/ISOLINUX/BOOT.CAT;1",
+                         rr_bootcatname="boot.cat", joliet_bootcatfile="/isolinux/boot.cat",
+                         boot_load_size=4, boot_info_table=True, media_name="noemul")
+        iso.add_eltorito("/BOOT/EFIBOOT.IMG;1", efi=True, platform_id=0xEF,
+                         media_name="noemul", bootable=True)
+        iso.add_isohybrid(efi=True)
+        iso.write(str(out))
+        iso.close()
+    fix_hybrid_gpt(out)
+
+
+# ----------------------------------------------------------------------------- GPT repair
+
+_HDR = struct.Struct("<8sIIIIQQQQ16sQIII")
+
+
+def fix_hybrid_gpt(path: Path) -> None:
+    """Make the isohybrid GPT valid: full-array CRCs and an identical backup copy."""
+    size = path.stat().st_size
+    if size % 512:
+        raise StepError(f"{path}: size {size} is not a multiple of 512")
+    last_lba = size // 512 - 1
+    with open(path, "r+b") as fh:
+        fh.seek(512)
+        hdr = fh.read(512)
+        (sig, rev, hsize, _crc, _res, my_lba, _alt, first, last, guid, entries_lba,
+         nparts, esize, _ecrc) = _HDR.unpack_from(hdr)
+        if sig != b"EFI PART":
+            raise StepError(f"{path}: no primary GPT header")
+        fh.seek(entries_lba * 512)
+        array = fh.read(nparts * esize)
+        array_sectors = (nparts * esize + 511) // 512
+        backup_entries_lba = last_lba - array_sectors
+        last_usable = backup_entries_lba - 1
+        ecrc = zlib.crc32(array) & 0xFFFFFFFF
+
+        def header(my: int, alt: int, ent_lba: int) -> bytes:
+            raw = _HDR.pack(b"EFI PART", rev, hsize, 0, 0, my, alt, first, last_usable, guid,
+                            ent_lba, nparts, esize, ecrc)
+            crc = zlib.crc32(raw[:hsize]) & 0xFFFFFFFF
+            raw = raw[:16] + struct.pack("<I", crc) + raw[20:]
+            return raw + b"\0" * (512 - len(raw))
+
+        fh.seek(512)
+        fh.write(header(1, last_lba, entries_lba))
+        fh.seek(backup_entries_lba * 512)
+        fh.write(array)
+        fh.seek(last_lba * 512)
+        fh.write(header(last_lba, 1, backup_entries_lba))
+
+
+def verify_gpt(path: Path) -> str:
+    """``sgdisk -v`` report; raises StepError when it finds problems."""
+    res = subprocess.run(["sgdisk", "-v", str(path)], capture_output=True, text=True)
+    text = res.stdout + res.stderr
+    if res.returncode != 0 or "No problems found" not in text:
+        raise StepError(f"{path}: GPT does not verify:\n{text.strip()}")
+    return text

@@ -1,0 +1,64 @@
+"""Invoke tasks: a thin layer that parses arguments and calls pvelab.
+
+    invoke render [--node pve-1]     rendered overlays in build/<node>/overlay/
+    invoke recipes                   JSON recipes + scenario in build/recipes/
+    invoke build [--node pve-1]      qcow2 + ISO + manifest per node in build/<node>/
+"""
+
+import functools
+import sys
+
+from invoke import Exit, task
+
+from pvelab.paths import DEFAULT_LAB
+
+
+def _lab(path):
+    from pvelab.lab import load_lab
+    return load_lab(path)
+
+
+def friendly(fn):
+    """Known failures (bad lab file, missing host tool, failed step) exit 2 without a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pvelab.build import PreflightError
+        from pvelab.lab import LabError
+        from pvelab.run import StepError
+        try:
+            return fn(*args, **kwargs)
+        except (LabError, PreflightError, StepError) as exc:
+            raise Exit(f"error: {exc}", code=2)
+        except KeyboardInterrupt:
+            raise Exit("interrupted: no artefact was replaced", code=130)
+    return wrapper
+
+
+@task(iterable=["node"], help={"node": "node to render (repeatable; default all)",
+                               "lab": "lab definition file"})
+@friendly
+def render(c, node=None, lab=str(DEFAULT_LAB)):
+    """Render the Jinja2 overlays of each node into build/<node>/overlay/."""
+    from pvelab.render import render_lab
+    for overlay in render_lab(_lab(lab), node):
+        print(f"{overlay.node}: {overlay.tree} (+ {overlay.manifest.name})")
+
+
+@task(help={"lab": "lab definition file"})
+@friendly
+def recipes(c, lab=str(DEFAULT_LAB)):
+    """Write one JSON recipe per node and the scenario JSON into build/recipes/."""
+    from pvelab.recipes import export_recipes
+    for path in export_recipes(_lab(lab)):
+        print(path)
+
+
+@task(iterable=["node"], help={"node": "node to build (repeatable; default all)",
+                               "lab": "lab definition file",
+                               "rebuild_base": "rebuild the shared base even if cached"})
+@friendly
+def build(c, node=None, lab=str(DEFAULT_LAB), rebuild_base=False):
+    """Build qcow2 + bootable ISO + manifest for each node into build/<node>/."""
+    from pvelab.build import build as run_build
+    for result in run_build(_lab(lab), node, force_base=rebuild_base):
+        print(f"{result.node}: {result.qcow2} {result.iso} ({result.seconds:.0f}s)")

@@ -1,0 +1,72 @@
+import copy
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pvelab.lab import load_lab
+from pvelab.paths import DEFAULT_LAB, ELEMENTS
+
+COMPAT_DIR = ELEMENTS / "pvelab-compat" / "static" / "usr" / "lib" / "pvelab"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="also run the image and boot tests (root, builds the lab: many minutes)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full"):
+        return
+    skip = pytest.mark.skip(reason="image/boot test: run with --full")
+    for item in items:
+        if "image" in item.keywords or "boot" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def lab():
+    return load_lab(DEFAULT_LAB)
+
+
+@pytest.fixture
+def raw_lab():
+    """The default lab file as a plain dict (YAML merge keys resolved), to mutate."""
+    return copy.deepcopy(yaml.safe_load(DEFAULT_LAB.read_text()))
+
+
+@pytest.fixture
+def write_lab(tmp_path):
+    """Write a lab dict to a temp file and return its path."""
+    def write(data, name="lab.yaml"):
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+    return write
+
+
+@pytest.fixture(scope="session")
+def compat_modules():
+    sys.path.insert(0, str(COMPAT_DIR))
+    import compat, pve_compat, qdevice_compat  # noqa: E401
+    return compat, pve_compat, qdevice_compat
+
+
+@pytest.fixture(autouse=True)
+def _build_dir(tmp_path, monkeypatch, request):
+    """Unit tests write into a temp build tree, never the real build/."""
+    if "image" in request.keywords or "boot" in request.keywords:
+        return
+    monkeypatch.setenv("PVELAB_BUILD_DIR", str(tmp_path / "build"))
+
+
+def needs_root():
+    return pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+def need_tool(name):
+    if shutil.which(name) is None:
+        pytest.fail(f"{name} not installed: run scripts/setup")
