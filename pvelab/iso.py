@@ -142,39 +142,74 @@ def build_iso(out: Path, node: str, kernel: Path, initrd: Path, base_squashfs: P
 # ----------------------------------------------------------------------------- GPT repair
 
 _HDR = struct.Struct("<8sIIIIQQQQ16sQIII")
+_ENTRY = struct.Struct("<16s16sQQQ72s")
+BASIC_DATA = bytes.fromhex("a2a0d0ebe5b9334487c068b6b72699c7")   # EBD0A0A2-B9E5-4433-87C0-68B6B72699C7
+ESP_TYPE = bytes.fromhex("28732ac11ff8d211ba4b00a0c93ec93b")     # C12A7328-F81F-11D2-BA4B-00A0C93EC93B
+
+
+def _mbr_entry(active: bool, ptype: int, start: int, count: int) -> bytes:
+    chs = b"\xfe\xff\xff"  # LBA addressing: CHS fields saturated, as partitioning tools write
+    return struct.pack("<B3sB3sII", 0x80 if active else 0, chs, ptype, chs, start, count)
 
 
 def fix_hybrid_gpt(path: Path) -> None:
-    """Make the isohybrid GPT valid: full-array CRCs and an identical backup copy."""
+    """Rewrite pycdlib's hybrid tables into a valid GPT with a matching hybrid MBR.
+
+    pycdlib 1.22 (``add_isohybrid(efi=True)``) writes GPT partitions that overlap (the
+    ISO partition starts at LBA 0 and contains the EFI image), CRCs over only the used
+    entries, and a backup GPT with other GUIDs. The result here:
+
+    * GPT entry 1 "ISOHybrid ISO" (basic data) from the first usable LBA to just before
+      the EFI image, entry 2 "EFI boot" (EFI System Partition type) exactly over
+      ``efiboot.img``; identical primary and backup copies with full-array CRCs;
+    * MBR (keeping pycdlib's isohybrid boot code, which chain-loads ISOLINUX by LBA):
+      entry 1 type 0xEE protecting LBA 1 up to the EFI image, entry 2 type 0xEF
+      (active) over the EFI image, so BIOS and UEFI firmware both find their way.
+    """
     size = path.stat().st_size
     if size % 512:
         raise StepError(f"{path}: size {size} is not a multiple of 512")
     last_lba = size // 512 - 1
     with open(path, "r+b") as fh:
         fh.seek(512)
-        hdr = fh.read(512)
-        (sig, rev, hsize, _crc, _res, my_lba, _alt, first, last, guid, entries_lba,
-         nparts, esize, _ecrc) = _HDR.unpack_from(hdr)
-        if sig != b"EFI PART":
-            raise StepError(f"{path}: no primary GPT header")
+        (sig, rev, hsize, _crc, _res, _my, _alt, first_usable, _last, guid, entries_lba,
+         nparts, esize, _ecrc) = _HDR.unpack_from(fh.read(512))
+        if sig != b"EFI PART" or esize != _ENTRY.size:
+            raise StepError(f"{path}: no isohybrid GPT to repair")
         fh.seek(entries_lba * 512)
-        array = fh.read(nparts * esize)
+        old = fh.read(2 * esize)
+        iso_guid = _ENTRY.unpack_from(old, 0)[1]
+        _t, efi_guid, efi_first, efi_last, _a, _n = _ENTRY.unpack_from(old, esize)
+        if not first_usable < efi_first <= efi_last < last_lba:
+            raise StepError(f"{path}: EFI image at LBA {efi_first}-{efi_last} is outside the disk")
+
         array_sectors = (nparts * esize + 511) // 512
         backup_entries_lba = last_lba - array_sectors
         last_usable = backup_entries_lba - 1
-        ecrc = zlib.crc32(array) & 0xFFFFFFFF
+        entries = bytearray(nparts * esize)
+        _ENTRY.pack_into(entries, 0, BASIC_DATA, iso_guid, first_usable, efi_first - 1, 0,
+                         "ISOHybrid ISO".encode("utf-16-le"))
+        _ENTRY.pack_into(entries, esize, ESP_TYPE, efi_guid, efi_first, efi_last, 0,
+                         "EFI boot".encode("utf-16-le"))
+        ecrc = zlib.crc32(entries) & 0xFFFFFFFF
 
         def header(my: int, alt: int, ent_lba: int) -> bytes:
-            raw = _HDR.pack(b"EFI PART", rev, hsize, 0, 0, my, alt, first, last_usable, guid,
-                            ent_lba, nparts, esize, ecrc)
+            raw = _HDR.pack(b"EFI PART", rev, hsize, 0, 0, my, alt, first_usable, last_usable,
+                            guid, ent_lba, nparts, esize, ecrc)
             crc = zlib.crc32(raw[:hsize]) & 0xFFFFFFFF
             raw = raw[:16] + struct.pack("<I", crc) + raw[20:]
             return raw + b"\0" * (512 - len(raw))
 
+        fh.seek(446)
+        fh.write(_mbr_entry(False, 0xEE, 1, efi_first - 1)
+                 + _mbr_entry(True, 0xEF, efi_first, efi_last - efi_first + 1)
+                 + b"\0" * 32 + b"\x55\xaa")
         fh.seek(512)
         fh.write(header(1, last_lba, entries_lba))
+        fh.seek(entries_lba * 512)
+        fh.write(entries)
         fh.seek(backup_entries_lba * 512)
-        fh.write(array)
+        fh.write(entries)
         fh.seek(last_lba * 512)
         fh.write(header(last_lba, 1, backup_entries_lba))
 

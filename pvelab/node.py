@@ -86,6 +86,7 @@ def apply_entries(entries: list[Entry], dest: Path, reference: Path) -> None:
     Copying parent metadata matters for the squashfs layer: an overlay upper directory
     replaces the lower one's mode, so /root must stay 0700 there as in the base.
     """
+    dest.mkdir(parents=True, exist_ok=True)
     for e in sorted(entries, key=lambda e: e.path):
         rel = e.path.lstrip("/")
         target = dest / rel

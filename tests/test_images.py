@@ -1,0 +1,192 @@
+"""Image tests: open the real built artefacts (no boot) and check what they contain.
+
+The session builds the lab with `pvelab.build.build` (reusing the cached base when its
+inputs are unchanged), then opens each qcow2 through a raw copy + loop partition and
+each ISO with xorriso, sgdisk and unsquashfs.
+"""
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pvelab import iso as isomod
+from pvelab.build import build
+from pvelab.disk import loop_partition, mounted
+from pvelab.lab import FORBIDDEN_PACKAGES, FORBIDDEN_PREFIXES
+from pvelab.paths import node_dir
+from pvelab.render import render_files
+from pvelab.run import Steps
+
+pytestmark = [pytest.mark.image,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop mounts")]
+NODES = ["pve-1", "pve-2", "pve-3", "pbs-witness"]
+
+
+@pytest.fixture(scope="session")
+def built(lab):
+    results = {r.node: r for r in build(lab)}
+    assert sorted(results) == sorted(NODES)
+    return results
+
+
+@pytest.fixture(scope="session")
+def roots(built, tmp_path_factory):
+    """node -> mounted (read-only) root file system of its qcow2."""
+    opened, stack = {}, []
+    work = tmp_path_factory.mktemp("images")
+    steps = Steps("image-tests", work / "log")
+    for name, res in built.items():
+        raw = work / f"{name}.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(res.qcow2), str(raw)],
+                       check=True)
+        cm_part = loop_partition(raw, steps, read_only=True)
+        part = cm_part.__enter__()
+        cm_mount = mounted(part, work / f"{name}-root", steps, read_only=True)
+        opened[name] = cm_mount.__enter__()
+        stack += [cm_part, cm_mount]
+    yield opened
+    for cm in reversed(stack):
+        cm.__exit__(None, None, None)
+
+
+def installed(root):
+    status = (root / "var/lib/dpkg/status").read_text()
+    out = set()
+    for stanza in status.split("\n\n"):
+        name = re.search(r"^Package: (\S+)$", stanza, re.M)
+        if name and re.search(r"^Status: install ok installed$", stanza, re.M):
+            out.add(name.group(1))
+    return out
+
+
+@pytest.mark.parametrize("name", NODES)
+def test_qcow2_format_and_size(built, lab, name):
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(built[name].qcow2)],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["format"] == "qcow2"
+    assert info["virtual-size"] == lab.node(name).disk_gb * 1024 ** 3
+
+
+@pytest.mark.parametrize("name", NODES)
+def test_root_fs_uses_the_disk(roots, lab, name):
+    st = os.statvfs(roots[name])
+    assert st.f_blocks * st.f_frsize > 0.9 * lab.node(name).disk_gb * 1024 ** 3
+
+
+@pytest.mark.parametrize("name", NODES)
+def test_spec_files_modes_owners(roots, lab, name):
+    root = roots[name]
+    node = lab.node(name)
+    for f in render_files(lab, node):
+        path = root / f.path.lstrip("/")
+        assert path.read_text() == f.content, f.path
+        st = path.stat()
+        assert stat.S_IMODE(st.st_mode) == f.mode, f.path
+    assert (root / "etc/hostname").read_text() == f"{name}\n"
+    ops_uid = next(int(l.split(":")[2]) for l in (root / "etc/passwd").read_text().splitlines()
+                   if l.startswith("ops:"))
+    if node.is_pve:
+        for d in (f"nodes/{name}", "storage", "qemu-server", "lxc", "priv"):
+            st = (root / "etc/pve" / d).stat()
+            assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o750, d
+            assert st.st_uid == ops_uid and st.st_gid == ops_uid, d
+        assert (root / "etc/pve/storage.cfg").read_text() == \
+            "zfspool: rpool-data\n\tpool rpool/data\n\tcontent images,rootdir\n\tsparse 1\n"
+        assert (root / "etc/pve/corosync.conf").stat().st_uid == ops_uid
+    else:
+        assert not (root / "etc/pve").exists()
+        assert "pvecm qdevice setup 10.81.0.20" in (root / "root/qdevice-runbook.md").read_text()
+
+
+@pytest.mark.parametrize("name", NODES)
+def test_units_enabled(roots, lab, name):
+    wants = roots[name] / "etc/systemd/system/multi-user.target.wants"
+    role_unit = "pve-compat.service" if lab.node(name).is_pve else "qdevice-compat.service"
+    other = "qdevice-compat.service" if lab.node(name).is_pve else "pve-compat.service"
+    for unit in (role_unit, "pvelab-alias.service", "ssh.service", "systemd-networkd.service"):
+        link = wants / unit
+        assert link.is_symlink(), unit
+        assert (roots[name] / os.readlink(link).lstrip("/")).is_file(), unit
+    assert not (wants / other).exists()
+    assert (roots[name] / "etc/systemd/system/network-online.target.wants/"
+            "systemd-networkd-wait-online.service").is_symlink()
+    unit = (roots[name] / f"usr/lib/systemd/system/{role_unit}").read_text()
+    assert "DynamicUser=yes" in unit and "Restart=on-failure" in unit
+
+
+@pytest.mark.parametrize("name", NODES)
+def test_packages(roots, lab, name):
+    pkgs = installed(roots[name])
+    assert set(lab.node(name).packages) <= pkgs
+    bad = sorted(p for p in pkgs if p in FORBIDDEN_PACKAGES or p.startswith(FORBIDDEN_PREFIXES))
+    assert bad == []
+    assert not pkgs & {"nftables", "iptables", "ufw", "firewalld"}
+    sources = "".join(p.read_text() for p in (roots[name] / "etc/apt").rglob("*")
+                      if p.is_file() and (p.suffix in (".list", ".sources")))
+    assert "proxmox" not in sources.lower()
+
+
+@pytest.mark.parametrize("name", NODES)
+def test_identity_hygiene(roots, name):
+    root = roots[name]
+    resolv = root / "etc/resolv.conf"
+    assert not resolv.is_symlink()
+    assert [l for l in resolv.read_text().splitlines() if not l.startswith("#")] == \
+        ["nameserver 1.1.1.1", "nameserver 8.8.8.8"]
+    assert (root / "etc/machine-id").read_text() == ""
+    assert list((root / "etc/ssh").glob("ssh_host_*")) == []
+    assert not (root / "etc/systemd/system/multi-user.target.wants/ssh-keygen.service").exists()
+    shadow = {l.split(":")[0]: l.split(":")[1] for l in (root / "etc/shadow").read_text().splitlines()}
+    assert re.match(r"^\$(y|6|gy)\$", shadow["ops"]) and "pve-cluster-ops" not in shadow["ops"]
+    sudo = next(l for l in (root / "etc/group").read_text().splitlines() if l.startswith("sudo:"))
+    assert "ops" in sudo.split(":")[3].split(",")
+    sshd = (root / "etc/ssh/sshd_config.d/50-pvelab.conf").read_text()
+    assert "PasswordAuthentication yes" in sshd
+    grub = (root / "boot/grub/grub.cfg").read_text()
+    assert "console=ttyS0" in grub and re.search(r"set timeout=0\b", grub)
+
+
+def _xorriso(iso, *args):
+    res = subprocess.run(["xorriso", "-indev", str(iso), *args], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("name", NODES)
+def test_iso_boot_records_and_gpt(built, name):
+    iso = built[name].iso
+    report = _xorriso(iso, "-report_el_torito", "plain")
+    assert re.search(r"El Torito boot img :\s+1\s+BIOS\s+y\s+none", report), report
+    assert re.search(r"El Torito boot img :\s+2\s+UEFI\s+y\s+none", report), report
+    assert isomod.volume_label(name) in _xorriso(iso, "-pvd_info")
+    assert "No problems found" in isomod.verify_gpt(iso)
+    mbr = iso.read_bytes()[:512] if iso.stat().st_size < 0 else open(iso, "rb").read(512)
+    assert mbr[510:512] == b"\x55\xaa"
+    ptypes = [mbr[446 + 16 * i + 4] for i in range(4)]
+    assert 0xEF in ptypes  # EFI system partition for USB/UEFI boot
+
+
+@pytest.mark.parametrize("name", NODES)
+def test_iso_squashfs_layers(built, lab, name, tmp_path):
+    iso = built[name].iso
+    _xorriso(iso, "-osirrox", "on", "-extract", "/live", str(tmp_path / "live"))
+    live = tmp_path / "live"
+    assert (live / "filesystem.module").read_text().split() == ["filesystem.squashfs", f"{name}.squashfs"]
+    layer = subprocess.run(["unsquashfs", "-lls", "-numeric-owner", str(live / f"{name}.squashfs")],
+                           capture_output=True, text=True, check=True).stdout
+    base = subprocess.run(["unsquashfs", "-l", str(live / "filesystem.squashfs")],
+                          capture_output=True, text=True, check=True).stdout
+    assert "squashfs-root/usr/lib/pvelab/pve_compat.py" in base
+    assert "ssh_host_" not in base + layer
+    if lab.node(name).is_pve:
+        assert re.search(r"^drwxr-x--- 1000/1000 .* squashfs-root/etc/pve/priv$", layer, re.M), layer
+        assert "squashfs-root/etc/pve/corosync.conf" in layer
+    assert re.search(r"^drwx------ 0/0 .* squashfs-root/root$", layer, re.M) or \
+        "squashfs-root/root" not in layer
+    assert "squashfs-root/etc/fstab" in layer
