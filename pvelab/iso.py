@@ -38,8 +38,9 @@ LIVE_CMDLINE = "boot=live live-media-path=/live console=tty0 console=ttyS0,11520
 
 
 def volume_label(node: str) -> str:
-    """ISO 9660 volume id: d-characters only, at most 32."""
-    return re.sub(r"[^A-Z0-9_]", "_", f"PVELAB_{node.upper()}")[:32]
+    """Volume id: the node name in d-characters (Joliet allows at most 16 characters;
+    the lab validator keeps node names that short)."""
+    return re.sub(r"[^A-Z0-9_]", "_", node.upper())[:16]
 
 
 def _isolinux_cfg(label: str) -> str:

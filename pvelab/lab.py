@@ -387,8 +387,9 @@ def _parse_nodes(r: _Reader, top: dict, subnet: ipaddress.IPv4Network) -> tuple[
         where = f"nodes[{i}]"
         n = r.mapping(n, where, allowed)
         name = r.get(n, "name", where, str)
-        if not _HOSTNAME.match(name):
-            r.fail(f"{where}.name", name, "must be a valid host name (a-z, 0-9, dashes)")
+        if not _HOSTNAME.match(name) or len(name) > 16:
+            r.fail(f"{where}.name", name, "must be a host name of at most 16 characters "
+                   "(a-z, 0-9, dashes; it is also the ISO volume label)")
         if name in seen_names:
             r.fail(f"{where}.name", name, f"duplicate node name (also nodes[{seen_names[name]}])")
         seen_names[name] = i

@@ -178,7 +178,7 @@ def test_iso_squashfs_layers(built, lab, name, tmp_path):
     _xorriso(iso, "-osirrox", "on", "-extract", "/live", str(tmp_path / "live"))
     live = tmp_path / "live"
     assert (live / "filesystem.module").read_text().split() == ["filesystem.squashfs", f"{name}.squashfs"]
-    layer = subprocess.run(["unsquashfs", "-lls", "-numeric-owner", str(live / f"{name}.squashfs")],
+    layer = subprocess.run(["unsquashfs", "-lln", str(live / f"{name}.squashfs")],
                            capture_output=True, text=True, check=True).stdout
     base = subprocess.run(["unsquashfs", "-l", str(live / "filesystem.squashfs")],
                           capture_output=True, text=True, check=True).stdout
