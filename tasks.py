@@ -3,6 +3,8 @@
     invoke render [--node pve-1]     rendered overlays in build/<node>/overlay/
     invoke recipes                   JSON recipes + scenario in build/recipes/
     invoke build [--node pve-1]      qcow2 + ISO + manifest per node in build/<node>/
+    invoke boot-test [--media iso --firmware uefi]   boot all four, run the scenario
+    invoke boot --node pve-1         one node on this terminal
 """
 
 import functools
@@ -22,12 +24,15 @@ def friendly(fn):
     """Known failures (bad lab file, missing host tool, failed step) exit 2 without a traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from pvelab.boottest import BootTestError
         from pvelab.build import PreflightError
         from pvelab.lab import LabError
+        from pvelab.labnet import LabNetError
+        from pvelab.machine import MachineError
         from pvelab.run import StepError
         try:
             return fn(*args, **kwargs)
-        except (LabError, PreflightError, StepError) as exc:
+        except (LabError, PreflightError, StepError, BootTestError, MachineError, LabNetError) as exc:
             raise Exit(f"error: {exc}", code=2)
         except KeyboardInterrupt:
             raise Exit("interrupted: no artefact was replaced", code=130)
@@ -62,3 +67,26 @@ def build(c, node=None, lab=str(DEFAULT_LAB), rebuild_base=False):
     from pvelab.build import build as run_build
     for result in run_build(_lab(lab), node, force_base=rebuild_base):
         print(f"{result.node}: {result.qcow2} {result.iso} ({result.seconds:.0f}s)")
+
+
+@task(name="boot-test", iterable=["node"],
+      help={"node": "node to boot (repeatable; default all)", "media": "qcow2 or iso",
+            "firmware": "bios or uefi (uefi with --media iso)", "accel": "auto, kvm or tcg",
+            "lab": "lab definition file", "timeout": "seconds each assertion may take to pass"})
+@friendly
+def boot_test(c, node=None, media="qcow2", firmware="bios", accel="auto", lab=str(DEFAULT_LAB),
+              timeout=180):
+    """Boot the built nodes together under QEMU and run the lab's validation scenario."""
+    from pvelab.boottest import boot_test as run
+    report = run(_lab(lab), node, media=media, firmware=firmware, accel=accel, timeout=float(timeout))
+    if not report.passed:
+        raise Exit("boot test FAILED", code=1)
+
+
+@task(help={"node": "node to boot", "media": "qcow2 or iso", "firmware": "bios or uefi",
+            "accel": "auto, kvm or tcg", "lab": "lab definition file"})
+@friendly
+def boot(c, node, media="qcow2", firmware="bios", accel="auto", lab=str(DEFAULT_LAB)):
+    """Boot one node with its serial console on this terminal (quit: Ctrl-a x)."""
+    from pvelab.boottest import boot_one
+    raise Exit(code=boot_one(_lab(lab), node, media, firmware, accel))

@@ -1,0 +1,170 @@
+"""The lab's L2 segment: a network namespace with a bridge, one tap per VM and dnsmasq.
+
+Everything lives in a namespace the boot test creates and always removes. The
+namespace has no uplink, so nothing a guest sends (its DNS queries to public
+resolvers included) can leave it. dnsmasq serves DHCP on a subnet distinct from the
+lab's 10.81.0.0/24, with a fixed lease per VM MAC and the bridge as default gateway;
+the guests then add their lab alias on top, as on real hardware.
+
+The runner reaches guests from inside the namespace: :func:`connect` opens a TCP
+socket from a thread that has joined the namespace (``setns``); the socket stays
+bound to the namespace and can be used from any thread afterwards.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CLONE_NEWNET = 0x40000000
+DEFAULT_SUBNET = "172.31.81.0/24"
+
+
+class LabNetError(RuntimeError):
+    pass
+
+
+def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise LabNetError(f"{' '.join(cmd)}: {res.stderr.strip()}")
+    return res
+
+
+def mac_for(index: int) -> str:
+    return f"52:54:00:81:00:{index + 1:02x}"
+
+
+@dataclass
+class LabNet:
+    """Context manager: ``with LabNet(["pve-1", ...], logdir) as net: net.tap("pve-1")``."""
+
+    vms: list[str]
+    logdir: Path
+    subnet: str = DEFAULT_SUBNET
+    name: str = field(default_factory=lambda: f"pvelab-{os.getpid()}")
+    bridge: str = "br-lab"
+    dnsmasq: subprocess.Popen | None = None
+
+    def __post_init__(self):
+        net = ipaddress.IPv4Network(self.subnet)
+        hosts = list(net.hosts())
+        self.gateway = str(hosts[0])
+        self.prefix = net.prefixlen
+        self.addresses = {vm: str(hosts[10 + i]) for i, vm in enumerate(self.vms)}
+        self.macs = {vm: mac_for(i) for i, vm in enumerate(self.vms)}
+        self.taps = {vm: f"tap{i}" for i, vm in enumerate(self.vms)}
+        self._range = (str(hosts[100]), str(hosts[150]))
+
+    # -------------------------------------------------------------- lifecycle
+    def __enter__(self) -> "LabNet":
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    def up(self) -> None:
+        if self.name in _ip("ip", "netns", "list").stdout.split():
+            raise LabNetError(f"network namespace {self.name} already exists")
+        _ip("ip", "netns", "add", self.name)
+        ns = self.name
+        _ip("ip", "link", "set", "lo", "up", ns=ns)
+        _ip("ip", "link", "add", self.bridge, "type", "bridge", ns=ns)
+        _ip("ip", "addr", "add", f"{self.gateway}/{self.prefix}", "dev", self.bridge, ns=ns)
+        _ip("ip", "link", "set", self.bridge, "up", ns=ns)
+        for vm in self.vms:
+            tap = self.taps[vm]
+            _ip("ip", "tuntap", "add", "dev", tap, "mode", "tap", ns=ns)
+            _ip("ip", "link", "set", tap, "master", self.bridge, ns=ns)
+            _ip("ip", "link", "set", tap, "up", ns=ns)
+        leases = self.logdir / "dnsmasq.leases"
+        leases.unlink(missing_ok=True)
+        args = ["ip", "netns", "exec", ns, "dnsmasq", "--keep-in-foreground", "--port=0",
+                f"--interface={self.bridge}", "--bind-interfaces", "--no-resolv", "--no-hosts",
+                f"--dhcp-range={self._range[0]},{self._range[1]},{ipaddress.IPv4Network(self.subnet).netmask},1h",
+                f"--dhcp-option=option:router,{self.gateway}",
+                f"--dhcp-leasefile={leases}", "--log-dhcp", "--dhcp-authoritative",
+                f"--log-facility={self.logdir / 'dnsmasq.log'}", f"--pid-file={self.logdir / 'dnsmasq.pid'}"]
+        for vm in self.vms:
+            args.append(f"--dhcp-host={self.macs[vm]},{self.addresses[vm]},{vm}")
+        self.dnsmasq = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(0.3)
+        if self.dnsmasq.poll() is not None:
+            raise LabNetError(f"dnsmasq failed to start: {self.dnsmasq.stderr.read().decode().strip()}")
+
+    def down(self) -> None:
+        if self.dnsmasq and self.dnsmasq.poll() is None:
+            self.dnsmasq.send_signal(signal.SIGTERM)
+            try:
+                self.dnsmasq.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.dnsmasq.kill()
+        if self.name in _ip("ip", "netns", "list", check=False).stdout.split():
+            # leftover processes in the namespace (a QEMU that ignored SIGTERM) die with it
+            pids = _ip("ip", "netns", "pids", self.name, check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            _ip("ip", "netns", "del", self.name, check=False)
+
+    # -------------------------------------------------------------- use
+    def exec_args(self) -> list[str]:
+        """Prefix that runs a command inside the namespace."""
+        return ["ip", "netns", "exec", self.name]
+
+    def leases(self) -> dict[str, str]:
+        """MAC -> IP from dnsmasq's lease file (what DHCP really handed out)."""
+        out = {}
+        try:
+            for line in (self.logdir / "dnsmasq.leases").read_text().splitlines():
+                parts = line.split()
+                if len(parts) >= 3:
+                    out[parts[1]] = parts[2]
+        except OSError:
+            pass
+        return out
+
+    def connect(self, host: str, port: int, timeout: float = 5.0) -> socket.socket:
+        return connect_in_ns(self.name, host, port, timeout)
+
+
+def connect_in_ns(ns: str, host: str, port: int, timeout: float = 5.0) -> socket.socket:
+    """A TCP socket connected from inside network namespace ``ns``."""
+    result: dict = {}
+
+    def worker():
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        try:
+            with open(f"/run/netns/{ns}") as fh:
+                if libc.setns(fh.fileno(), CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns({ns}) failed")
+            sock = socket.create_connection((host, port), timeout=timeout)
+            result["sock"] = sock
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+
+    t = threading.Thread(target=worker, daemon=True)
+    t.start()
+    t.join(timeout + 5)
+    if "error" in result:
+        raise result["error"]
+    if "sock" not in result:
+        raise TimeoutError(f"connect to {host}:{port} in {ns} timed out")
+    return result["sock"]

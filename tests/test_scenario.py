@@ -1,0 +1,136 @@
+"""The scenario runner's logic against real local sockets and commands (no VMs)."""
+
+import json
+import socket
+import subprocess
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from pvelab.lab import Assertion, CustomTest, Scenario
+from pvelab.render import compat_config
+from pvelab.scenario import run_scenario, summary, to_junit, write_reports
+
+
+def local(vm, command):
+    res = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=30)
+    return res.returncode, res.stdout + res.stderr
+
+
+@pytest.fixture
+def service(lab, compat_modules):
+    compat, pve_compat, _ = compat_modules
+    cfg = json.loads(json.dumps(compat_config(lab, lab.node("pve-1"))))
+    cfg.update(listen="127.0.0.1", http_port=0, tcp_ports=[0], udp_ports=[])
+    svc = compat.Service(pve_compat.build(cfg)).start()
+    yield svc
+    svc.stop()
+
+
+def scenario_for(api, tcp):
+    return Scenario("local-validation", (
+        CustomTest("ports", (Assertion("port_listening", "pve-1", port=api),
+                             Assertion("port_listening", "pve-1", port=tcp))),
+        CustomTest("quorate", (Assertion(
+            "command_output", "pve-1",
+            # (jq 1.6 exits 0 on empty input, so curl's failure is checked on its own here)
+            command=f"body=$(curl -fsS http://127.0.0.1:{api}/api2/json/cluster/status) && "
+                    "echo \"$body\" | jq -e '.data[] | select(.type == \"cluster\") | .quorate == 1' "
+                    ">/dev/null && echo quorate",
+            expected_output="quorate"),)),
+        CustomTest("http", (Assertion("http_responds", "pve-1", url=f"http://127.0.0.1:{api}/api2/json/version",
+                                      expected_status=200),)),
+    ))
+
+
+def test_all_pass_against_running_service(service):
+    api = service.servers[0].port
+    tcp = service.servers[1].port
+    report = run_scenario(scenario_for(api, tcp), local, timeout=5, interval=0.2)
+    assert report.passed, summary(report)
+    assert [t.passed for t in report.tests] == [True, True, True]
+    assert all(a.attempts == 1 for t in report.tests for a in t.assertions)
+    assert "quorate" in report.tests[1].assertions[0].last_output
+    assert summary(report).splitlines()[-1] == "3 passed, 0 failed"
+
+
+def test_gate_fails_when_service_is_stopped(service):
+    api = service.servers[0].port
+    tcp = service.servers[1].port
+    scenario = scenario_for(api, tcp)
+    service.stop()
+    report = run_scenario(scenario, local, timeout=1.0, interval=0.3)
+    assert not report.passed
+    assert [t.passed for t in report.tests] == [False, False, False]
+    a = report.tests[1].assertions[0]
+    assert a.attempts >= 2 and a.last_status != 0 and 0.5 <= a.seconds < 1.5
+    assert summary(report).splitlines()[-1] == "0 passed, 3 failed"
+
+
+def test_expected_word_must_appear(service):
+    api = service.servers[0].port
+    sc = Scenario("s", (CustomTest("t", (Assertion("command_output", "pve-1",
+                                                   command=f"curl -fsS http://127.0.0.1:{api}/api2/json/version",
+                                                   expected_output="no-such-word"),)),))
+    report = run_scenario(sc, local, timeout=0.5, interval=0.2)
+    assert not report.passed and '"repoid":"pve-1"' in report.tests[0].assertions[0].last_output
+
+
+def test_exit_status_matters_even_with_the_word():
+    sc = Scenario("s", (CustomTest("t", (Assertion("command_output", "x", command="echo quorate; exit 3",
+                                                   expected_output="quorate"),)),))
+    assert not run_scenario(sc, local, timeout=0.3, interval=0.1).passed
+
+
+def test_a_late_service_is_waited_for(lab, compat_modules):
+    compat, pve_compat, _ = compat_modules
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = json.loads(json.dumps(compat_config(lab, lab.node("pve-1"))))
+    cfg.update(listen="127.0.0.1", http_port=port, tcp_ports=[], udp_ports=[])
+    sc = Scenario("s", (CustomTest("t", (Assertion("port_listening", "pve-1", port=port),)),))
+    import threading
+    holder = {}
+    timer = threading.Timer(1.0, lambda: holder.setdefault("svc", compat.Service(pve_compat.build(cfg)).start()))
+    timer.start()
+    try:
+        report = run_scenario(sc, local, timeout=10, interval=0.3)
+    finally:
+        timer.join()
+        holder["svc"].stop()
+    assert report.passed and report.tests[0].assertions[0].attempts > 1
+
+
+def test_executor_exception_is_a_failed_attempt():
+    def broken(vm, command):
+        raise ConnectionError("ssh lost")
+    sc = Scenario("s", (CustomTest("t", (Assertion("port_listening", "pve-1", port=1),)),))
+    r = run_scenario(sc, broken, timeout=0.2, interval=0.1)
+    assert not r.passed and "ssh lost" in r.tests[0].assertions[0].last_output
+
+
+def test_reports(service, tmp_path):
+    api = service.servers[0].port
+    report = run_scenario(scenario_for(api, service.servers[1].port), local, timeout=5, interval=0.2,
+                          context={"accel": "tcg"})
+    js, xml = write_reports(report, tmp_path)
+    data = json.loads(js.read_text())
+    assert data["summary"] == {"passed": 3, "failed": 0} and data["context"]["accel"] == "tcg"
+    assert data["tests"][0]["assertions"][0]["attempts"] == 1
+    suite = ET.parse(xml).getroot()
+    assert suite.tag == "testsuite" and suite.get("tests") == "4" and suite.get("failures") == "0"
+    assert {c.get("classname") for c in suite.iter("testcase")} == {"ports", "quorate", "http"}
+
+
+def test_junit_marks_failures():
+    sc = Scenario("s", (CustomTest("t", (Assertion("command_output", "x", command="false",
+                                                   expected_output="y"),)),))
+    root = ET.fromstring(to_junit(run_scenario(sc, local, timeout=0.1, interval=0.1)))
+    assert root.get("failures") == "1" and root.find("testcase/failure") is not None
+
+
+def test_lab_scenario_is_the_one_run(lab):
+    # the runner takes the Scenario from the lab model: 6 tests, 23 assertions
+    assert len(lab.scenario.custom_tests) == 6
+    assert sum(len(t.assertions) for t in lab.scenario.custom_tests) == 23
