@@ -57,8 +57,13 @@ def _say(msg: str) -> None:
 
 def boot_test(lab: Lab, names: list[str] | None = None, media: str = "qcow2",
               firmware: str = "bios", accel: str = "auto", outdir: Path | None = None,
-              timeout: float = 180.0, keep_going_check=None) -> Report:
-    """Boot the selected nodes together, run the scenario, write reports; return the report."""
+              timeout: float = 180.0, after=None) -> Report:
+    """Boot the selected nodes together, run the scenario, write reports; return the report.
+
+    ``after(machines, report)``, if given, runs while the VMs are still up (tests use it
+    to break a node and show the gate failing); what it returns lands in
+    ``report.context["after"]``.
+    """
     if media not in ("qcow2", "iso"):
         raise BootTestError(f"--media: {media!r}: must be qcow2 or iso")
     if firmware not in ("bios", "uefi"):
@@ -105,8 +110,8 @@ def boot_test(lab: Lab, names: list[str] | None = None, media: str = "qcow2",
 
             _say("running scenario " + lab.scenario.name)
             report = run_scenario(lab.scenario, execute, timeout=timeout, context=context)
-            if keep_going_check:
-                keep_going_check(machines, report)
+            if after:
+                report.context["after"] = after(machines, report)
     finally:
         signal.signal(signal.SIGTERM, previous)
     report.context["wall_seconds"] = round(time.monotonic() - t0, 1)

@@ -1,0 +1,72 @@
+"""Boot tests: the four built nodes booted together under QEMU, the scenario run on them.
+
+These are the gate for everything published. They take minutes under TCG.
+"""
+
+import json
+import os
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from pvelab.boottest import boot_test
+from pvelab.build import build
+from pvelab.paths import build_root
+from pvelab.scenario import run_scenario
+
+pytestmark = [pytest.mark.boot,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, taps)")]
+
+
+@pytest.fixture(scope="module")
+def built(lab):
+    return {r.node: r for r in build(lab)}
+
+
+def break_pve3(machines, report):
+    """Stop pve-compat on pve-3 and run the same scenario again: the gate must fail."""
+    status, out = machines["pve-3"].sudo("systemctl stop pve-compat.service")
+    assert status == 0, out
+    from pvelab.lab import load_lab
+    from pvelab.paths import DEFAULT_LAB
+    broken = run_scenario(load_lab(DEFAULT_LAB).scenario,
+                          lambda vm, cmd: machines[vm].execute(cmd, timeout=30),
+                          timeout=6, interval=2)
+    return broken.to_dict()
+
+
+def test_qcow2_lab_passes_and_gate_can_fail(built, lab):
+    out = build_root() / "boot-test"
+    report = boot_test(lab, media="qcow2", firmware="bios", accel="auto", outdir=out, after=break_pve3)
+    assert report.passed, [(t.name, [a.last_output for a in t.assertions if not a.passed])
+                           for t in report.tests if not t.passed]
+    assert [t.name for t in report.tests] == [t.name for t in lab.scenario.custom_tests]
+    ctx = report.context
+    # real DHCP: one distinct lease per VM from dnsmasq, none in the lab subnet
+    leases = ctx["dhcp_leases"]
+    assert len(set(leases.values())) == 4 and not any(ip.startswith("10.81.0.") for ip in leases.values())
+    # host keys made on first boot, different per machine
+    assert len(set(ctx["host_keys"].values())) == 4
+    # reports on disk
+    data = json.loads((out / "report.json").read_text())
+    assert data["summary"] == {"passed": 6, "failed": 0} and data["context"]["wall_seconds"] > 0
+    assert ET.parse(out / "junit.xml").getroot().get("failures") == "0"
+    for name in ("pve-1", "pve-2", "pve-3", "pbs-witness"):
+        assert "login:" in (out / f"{name}.console.log").read_text(errors="replace")
+    # the gate fails when a compat service is down
+    broken = ctx["after"]
+    assert broken["passed"] is False
+    failed = {t["name"]: [a["on_vm"] for a in t["assertions"] if not a["passed"]]
+              for t in broken["tests"] if not t["passed"]}
+    assert "Cluster ports listen" in failed and set(failed["Cluster ports listen"]) == {"pve-3"}
+    assert "Mesh reachability" in failed  # pve-1 can no longer reach pve-3:8006
+    assert all(set(vms) <= {"pve-1", "pve-3"} for vms in failed.values()), failed
+
+
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+def test_iso_lab_passes(built, lab, firmware):
+    out = build_root() / f"boot-test-iso-{firmware}"
+    report = boot_test(lab, media="iso", firmware=firmware, accel="auto", outdir=out)
+    assert report.passed, [(t.name, [a.last_output for a in t.assertions if not a.passed])
+                           for t in report.tests if not t.passed]
+    assert report.context["media"] == "iso" and report.context["firmware"] == firmware
