@@ -5,6 +5,8 @@
     invoke build [--node pve-1]      qcow2 + ISO + manifest per node in build/<node>/
     invoke boot-test [--media iso --firmware uefi]   boot all four, run the scenario
     invoke boot --node pve-1         one node on this terminal
+    invoke publish [--dest DIR] [--keep N]   gated, atomic release of tested artefacts
+    invoke nightly [--dest DIR]      build + boot-test (qcow2, ISO BIOS/UEFI) + publish
 """
 
 import functools
@@ -29,13 +31,15 @@ def friendly(fn):
         from pvelab.lab import LabError
         from pvelab.labnet import LabNetError
         from pvelab.machine import MachineError
+        from pvelab.publish import PublishError
         from pvelab.run import StepError
         try:
             return fn(*args, **kwargs)
-        except (LabError, PreflightError, StepError, BootTestError, MachineError, LabNetError) as exc:
+        except (LabError, PreflightError, StepError, BootTestError, MachineError, LabNetError,
+                PublishError) as exc:
             raise Exit(f"error: {exc}", code=2)
         except KeyboardInterrupt:
-            raise Exit("interrupted: no artefact was replaced", code=130)
+            raise Exit("interrupted: stopped and cleaned up (no artefact was replaced)", code=130)
     return wrapper
 
 
@@ -90,3 +94,36 @@ def boot(c, node, media="qcow2", firmware="bios", accel="auto", lab=str(DEFAULT_
     """Boot one node with its serial console on this terminal (quit: Ctrl-a x)."""
     from pvelab.boottest import boot_one
     raise Exit(code=boot_one(_lab(lab), node, media, firmware, accel))
+
+
+@task(help={"dest": "release root (local folder, NFS or object-store mount)",
+            "keep": "keep only the newest N releases", "lab": "lab definition file",
+            "gpg_key": "sign SHA256SUMS with this GPG key (or set PVELAB_GPG_KEY)"})
+@friendly
+def publish(c, dest=None, keep=None, lab=str(DEFAULT_LAB), gpg_key=None):
+    """Publish what is built and boot-tested as DEST/<lab>/<timestamp>/ (gated, atomic)."""
+    import os
+    from pvelab.publish import DEFAULT_DEST, publish as run
+    rel = run(_lab(lab), dest or DEFAULT_DEST, keep=int(keep) if keep else None,
+              gpg_key=gpg_key or os.environ.get("PVELAB_GPG_KEY"))
+    print(f"published {rel.path} ({len(rel.files)} artefacts)")
+
+
+@task(help={"dest": "release root", "keep": "keep only the newest N releases",
+            "lab": "lab definition file", "accel": "auto, kvm or tcg",
+            "gpg_key": "sign SHA256SUMS with this GPG key (or set PVELAB_GPG_KEY)"})
+@friendly
+def nightly(c, dest=None, keep=None, lab=str(DEFAULT_LAB), accel="auto", gpg_key=None):
+    """Build all nodes, boot-test qcow2 (BIOS) and ISO (BIOS and UEFI), then publish."""
+    import os
+    from pvelab.boottest import boot_test as run_boot
+    from pvelab.build import build as run_build
+    from pvelab.publish import DEFAULT_DEST, publish as run_publish
+    model = _lab(lab)
+    run_build(model)
+    for media, firmware in (("qcow2", "bios"), ("iso", "bios"), ("iso", "uefi")):
+        if not run_boot(model, media=media, firmware=firmware, accel=accel).passed:
+            raise Exit(f"nightly: boot test {media}/{firmware} FAILED; nothing published", code=1)
+    rel = run_publish(model, dest or DEFAULT_DEST, keep=int(keep) if keep else None,
+                      gpg_key=gpg_key or os.environ.get("PVELAB_GPG_KEY"))
+    print(f"published {rel.path} ({len(rel.files)} artefacts)")

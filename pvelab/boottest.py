@@ -40,6 +40,12 @@ def artefact(node: Node, media: str) -> Path:
     return path
 
 
+def report_dir(media: str, firmware: str) -> Path:
+    """build/boot-test/ for the default qcow2+BIOS run, build/boot-test/<media>-<firmware>/ else."""
+    root = build_root() / "boot-test"
+    return root if (media, firmware) == ("qcow2", "bios") else root / f"{media}-{firmware}"
+
+
 def kernel_from_iso(iso: Path, dest: Path) -> Path:
     """The node's own kernel (for the KVM probe), read out of its ISO."""
     cd = pycdlib.PyCdlib()
@@ -72,7 +78,7 @@ def boot_test(lab: Lab, names: list[str] | None = None, media: str = "qcow2",
         raise BootTestError("--firmware uefi boots the ISO (--media iso); the qcow2 is a BIOS/MBR disk")
     nodes = lab.select(names)
     files = {n.name: artefact(n, media) for n in nodes}
-    outdir = outdir or build_root() / "boot-test"
+    outdir = outdir or report_dir(media, firmware)
     outdir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
 

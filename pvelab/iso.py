@@ -75,15 +75,16 @@ def make_efiboot(work: Path, label: str, steps: Steps) -> Path:
     if not GRUB_EFI_DIR.is_dir():
         raise StepError(f"{GRUB_EFI_DIR} missing: install grub-efi-amd64-bin (scripts/host-setup)")
     embedded = work / "grub-embedded.cfg"
+    # prefix stays in GRUB's memdisk, where its modules are; only the menu comes from the ISO
     embedded.write_text(f"search --no-floppy --set=root --label {label}\n"
-                        "set prefix=($root)/boot/grub\n"
-                        "configfile /boot/grub/grub.cfg\n")
+                        "configfile ($root)/boot/grub/grub.cfg\n")
     efi = work / "BOOTX64.EFI"
     steps.run(["grub-mkstandalone", "--format=x86_64-efi", f"--output={efi}",
                "--locales=", "--fonts=", "--themes=",
                "--install-modules=linux normal iso9660 search search_label configfile "
-               "serial terminal part_msdos part_gpt fat echo test all_video",
-               "--modules=iso9660 search search_label part_msdos part_gpt fat",
+               "serial terminal part_msdos part_gpt fat echo test all_video gzio efi_gop",
+               "--modules=iso9660 search search_label part_msdos part_gpt fat configfile normal "
+               "linux serial terminal",
                f"boot/grub/grub.cfg={embedded}"])
     img = work / "efiboot.img"
     img.unlink(missing_ok=True)

@@ -37,7 +37,7 @@ def break_pve3(machines, report):
 
 def test_qcow2_lab_passes_and_gate_can_fail(built, lab):
     out = build_root() / "boot-test"
-    report = boot_test(lab, media="qcow2", firmware="bios", accel="auto", outdir=out, after=break_pve3)
+    report = boot_test(lab, media="qcow2", firmware="bios", accel="auto", after=break_pve3)
     assert report.passed, [(t.name, [a.last_output for a in t.assertions if not a.passed])
                            for t in report.tests if not t.passed]
     assert [t.name for t in report.tests] == [t.name for t in lab.scenario.custom_tests]
@@ -65,8 +65,7 @@ def test_qcow2_lab_passes_and_gate_can_fail(built, lab):
 
 @pytest.mark.parametrize("firmware", ["bios", "uefi"])
 def test_iso_lab_passes(built, lab, firmware):
-    out = build_root() / f"boot-test-iso-{firmware}"
-    report = boot_test(lab, media="iso", firmware=firmware, accel="auto", outdir=out)
+    report = boot_test(lab, media="iso", firmware=firmware, accel="auto")
     assert report.passed, [(t.name, [a.last_output for a in t.assertions if not a.passed])
                            for t in report.tests if not t.passed]
     assert report.context["media"] == "iso" and report.context["firmware"] == firmware

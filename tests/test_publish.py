@@ -1,0 +1,214 @@
+"""Publishing: layout, checksums, manifest, gate, atomicity under failure and kill, retention, SVG."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from pvelab.boottest import report_dir
+from pvelab.paths import ROOT, node_dir
+from pvelab.publish import PublishError, publish
+from pvelab.topology import topology_svg
+
+
+def _sha(p):
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def built(lab):
+    """Small stand-ins for built artefacts, their build manifests and passing boot tests."""
+    shas = {}
+    for n in lab.nodes:
+        d = node_dir(n.name)
+        d.mkdir(parents=True)
+        arts = {}
+        for kind in ("qcow2", "iso"):
+            p = d / f"{n.name}.{kind}"
+            p.write_bytes(f"{kind} of {n.name}\n".encode() * 1000)
+            arts[p.name] = {"size": p.stat().st_size, "sha256": _sha(p)}
+            shas[(n.name, kind)] = _sha(p)
+        (d / "manifest.json").write_text(json.dumps({
+            "node": n.name, "artefacts": arts, "git_commit": "abc123", "kernel": "6.12.0-test",
+            "tools": {"diskimage-builder": "3.43.0", "pycdlib": "1.22.0"},
+            "base": {"key": "k", "elements": ["debian-minimal", "pvelab-base"]},
+            "build_seconds": {"qcow2": 1.0}}))
+    for media, firmware in (("qcow2", "bios"), ("iso", "bios"), ("iso", "uefi")):
+        write_report(lab, media, firmware, shas, passed=True)
+    return shas
+
+
+def write_report(lab, media, firmware, shas, passed):
+    out = report_dir(media, firmware)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"scenario": lab.scenario.name, "passed": passed, "seconds": 1.0,
+              "tests": [{"name": t.name, "passed": passed, "seconds": 0.1, "assertions": []}
+                        for t in lab.scenario.custom_tests],
+              "context": {"media": media, "firmware": firmware, "accel": "tcg", "wall_seconds": 200.0,
+                          "ssh_ready_seconds": {"pve-1": 150.0},
+                          "artefacts": {n.name: {"sha256": shas[(n.name, media)]} for n in lab.nodes}}}
+    (out / "report.json").write_text(json.dumps(report))
+    (out / "junit.xml").write_text('<?xml version="1.0"?><testsuite name="x" tests="0"/>')
+
+
+def test_release_layout_checksums_manifest(lab, built, tmp_path):
+    rel = publish(lab, tmp_path / "rel", now=time.mktime((2026, 11, 24, 3, 0, 0, 0, 0, 0)))
+    labdir = tmp_path / "rel" / lab.name
+    assert rel.path.parent == labdir and len(rel.name) == 16 and rel.name[8] == "T"
+    names = sorted(p.relative_to(rel.path).as_posix() for p in rel.path.rglob("*") if p.is_file())
+    for n in lab.nodes:
+        assert f"{n.name}.qcow2" in names and f"{n.name}.iso" in names
+    for f in ("SHA256SUMS", "manifest.json", "README.md", "topology.svg",
+              "boot-test/qcow2-bios.junit.xml", "boot-test/iso-uefi.report.json"):
+        assert f in names
+    res = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=rel.path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count(": OK") == len(names) - 1
+    m = json.loads((rel.path / "manifest.json").read_text())
+    assert m["lab"] == lab.name and m["release"] == rel.name and m["git_commit"] == "abc123"
+    assert [n["name"] for n in m["nodes"]] == ["pve-1", "pve-2", "pve-3", "pbs-witness"]
+    pve1 = m["nodes"][0]
+    assert pve1["role"] == "pve-host" and pve1["alias"] == "10.81.0.11/24"
+    assert pve1["files"]["iso"]["sha256"] == built[("pve-1", "iso")]
+    assert set(pve1["files"]["iso"]["boot_tests"]) == {"iso-bios", "iso-uefi"}
+    assert m["versions"]["diskimage-builder"] == "3.43.0" and m["versions"]["kernel"] == "6.12.0-test"
+    assert "QEMU" in m["versions"]["qemu"]
+    assert m["boot_tests"]["qcow2-bios"]["tests"]["Mesh reachability"] == "pass"
+    assert m["elements"] == ["debian-minimal", "pvelab-base"]
+    assert (labdir / "latest").resolve() == rel.path and (labdir / "LATEST").read_text().strip() == rel.name
+    readme = (rel.path / "README.md").read_text()
+    for needle in ("BMC virtual media", "UEFI", "USB", "ops", "pve-cluster-ops", "pvecm create pve-cluster",
+                   "pvecm add 10.81.0.11", "pvecm qdevice setup 10.81.0.20", "ha-manager add vm:200",
+                   "real fencing", "pvecm expected 1", "not a Proxmox installation"):
+        assert needle in readme, needle
+
+
+def test_gate_refuses_tampered_artefact(lab, built, tmp_path):
+    p = node_dir("pve-2") / "pve-2.iso"
+    p.write_bytes(p.read_bytes() + b"x")
+    with pytest.raises(PublishError, match=r"pve-2: pve-2\.iso sha256 .* does not match"):
+        publish(lab, tmp_path / "rel")
+    assert not (tmp_path / "rel" / lab.name / "latest").exists()
+
+
+def test_gate_refuses_untested_and_failed(lab, built, tmp_path):
+    os.remove(report_dir("iso", "bios") / "report.json")
+    os.remove(report_dir("iso", "uefi") / "report.json")
+    with pytest.raises(PublishError, match=r"pve-1: pve-1\.iso: no boot test ran on this exact file"):
+        publish(lab, tmp_path / "rel")
+    write_report(lab, "iso", "bios", built, passed=False)
+    with pytest.raises(PublishError, match=r"pve-3\.iso: its boot test \(iso-bios\) did not pass"):
+        publish(lab, tmp_path / "rel")
+
+
+def test_gate_refuses_report_for_other_bytes(lab, built, tmp_path):
+    other = dict(built)
+    other[("pbs-witness", "qcow2")] = "0" * 64
+    write_report(lab, "qcow2", "bios", other, passed=True)
+    with pytest.raises(PublishError, match=r"pbs-witness: pbs-witness\.qcow2: no boot test"):
+        publish(lab, tmp_path / "rel")
+
+
+def test_gate_refuses_missing(lab, built, tmp_path):
+    os.remove(node_dir("pve-3") / "pve-3.qcow2")
+    with pytest.raises(PublishError, match=r"pve-3: .*pve-3\.qcow2 missing"):
+        publish(lab, tmp_path / "rel")
+
+
+@pytest.mark.parametrize("step", ["copy", "metadata", "rename"])
+def test_injected_failure_leaves_no_partial_release(lab, built, tmp_path, monkeypatch, step):
+    first = publish(lab, tmp_path / "rel")
+    monkeypatch.setenv("PVELAB_PUBLISH_FAIL_AT", step)
+    with pytest.raises(PublishError, match="injected"):
+        publish(lab, tmp_path / "rel")
+    labdir = tmp_path / "rel" / lab.name
+    assert sorted(p.name for p in labdir.iterdir() if not p.name.startswith(".")) == \
+        sorted([first.name, "latest", "LATEST"])
+    assert (labdir / "latest").resolve() == first.path
+    monkeypatch.delenv("PVELAB_PUBLISH_FAIL_AT")
+    time.sleep(1.1)
+    second = publish(lab, tmp_path / "rel")  # re-run is safe
+    assert (labdir / "latest").resolve() == second.path
+
+
+@pytest.mark.parametrize("step", ["copy", "rename", "latest"])
+def test_kill_minus_9_midway(lab, built, tmp_path, step):
+    dest = tmp_path / "rel"
+    first = publish(lab, dest)
+    time.sleep(1.1)
+    marker = tmp_path / "paused"
+    env = dict(os.environ, PVELAB_PUBLISH_PAUSE_AT=step, PVELAB_PUBLISH_PAUSE_MARKER=str(marker))
+    code = ("from pvelab.lab import load_lab; from pvelab.publish import publish; "
+            f"publish(load_lab({str(lab.path)!r}), {str(dest)!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, "publish ended before reaching the pause"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    labdir = dest / lab.name
+    visible = sorted(p.name for p in labdir.iterdir() if not p.name.startswith("."))
+    if step == "latest":  # the release was complete; only the pointer had not moved yet
+        assert len(visible) == 4 and (labdir / "latest").resolve() == first.path
+        newest = max(p for p in labdir.iterdir() if p.name[0].isdigit())
+        assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=newest).returncode == 0
+    else:
+        assert visible == sorted([first.name, "latest", "LATEST"])
+        assert (labdir / "latest").resolve() == first.path
+    time.sleep(1.1)
+    rel = publish(lab, dest)
+    assert (labdir / "latest").resolve() == rel.path
+    assert not list(labdir.glob(".tmp-*"))
+
+
+def test_retention_keeps_newest(lab, built, tmp_path):
+    made = []
+    for i in range(4):
+        made.append(publish(lab, tmp_path / "rel", keep=2).name)
+        time.sleep(1.05)
+    labdir = tmp_path / "rel" / lab.name
+    left = sorted(p.name for p in labdir.iterdir() if p.name[0].isdigit())
+    assert left == sorted(made)[-2:]
+    assert (labdir / "latest").resolve().name == made[-1]
+    with pytest.raises(PublishError, match="--keep"):
+        publish(lab, tmp_path / "rel", keep=0)
+
+
+def test_topology_svg(lab):
+    root = ET.fromstring(topology_svg(lab))
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    nodes = root.findall(".//s:g[@class='node']", ns)
+    assert [g.get("id") for g in nodes] == ["node-pve-1", "node-pve-2", "node-pve-3", "node-pbs-witness"]
+    assert all(len(g.findall("s:rect", ns)) == 1 for g in nodes)
+    r = nodes[3].find("s:rect", ns)
+    assert float(r.get("x")) + float(r.get("width")) / 2 == 350 and float(r.get("y")) + float(r.get("height")) / 2 == 280
+    labels = [t.text for t in root.findall(".//s:g[@id='links']/s:text", ns)]
+    assert labels.count("8006/5404/5405") == 3 and labels.count("5403") == 3
+    assert len(root.findall(".//s:g[@id='links']/s:line", ns)) == len(lab.connections)
+
+
+def test_gpg_signature(lab, built, tmp_path, monkeypatch):
+    if subprocess.run(["which", "gpg"], capture_output=True).returncode != 0:
+        pytest.skip("gpg not installed")
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    monkeypatch.setenv("GNUPGHOME", str(home))
+    subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", "pvelab-test@example.invalid",
+                    "ed25519", "sign", "1d"], check=True, capture_output=True)
+    rel = publish(lab, tmp_path / "rel", gpg_key="pvelab-test@example.invalid")
+    res = subprocess.run(["gpg", "--verify", str(rel.path / "SHA256SUMS.asc"), str(rel.path / "SHA256SUMS")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
