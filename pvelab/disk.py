@@ -67,11 +67,14 @@ def copy_sparse(src: Path, dst: Path) -> None:
 
 
 def squash(tree: Path, out: Path, steps: Steps, fast: bool = False) -> None:
-    """mksquashfs with zstd; the base layer is compressed harder than the tiny node layers."""
+    """mksquashfs with zstd; the base layer is compressed harder than the tiny node layers.
+
+    /boot is left out: the live ISO carries the kernel and initrd in /live already.
+    """
     level = "3" if fast else "19"
     steps.run(["mksquashfs", str(tree), str(out), "-noappend", "-comp", "zstd",
                "-Xcompression-level", level, "-no-progress", "-quiet",
-               "-wildcards", "-e", "boot/grub/*", "lost+found"])
+               "-wildcards", "-e", "boot/*", "lost+found"])
 
 
 def remove_quietly(*paths: Path) -> None:

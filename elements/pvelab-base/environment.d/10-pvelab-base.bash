@@ -4,3 +4,6 @@ export DIB_APT_MINIMAL_CREATE_INTERFACES=${DIB_APT_MINIMAL_CREATE_INTERFACES:-0}
 export DIB_PVELAB_USER=${DIB_PVELAB_USER:-ops}
 export DIB_PVELAB_GROUPS=${DIB_PVELAB_GROUPS:-sudo}
 export DIB_PVELAB_DNS=${DIB_PVELAB_DNS:-"1.1.1.1 8.8.8.8"}
+# Quiet kernel on the consoles (systemd still reports each unit): printing every
+# kernel line costs seconds under emulation.
+export DIB_BOOTLOADER_DEFAULT_CMDLINE=${DIB_BOOTLOADER_DEFAULT_CMDLINE:-"nofb nomodeset gfxpayload=text quiet systemd.show_status=1"}
