@@ -7,6 +7,7 @@
     invoke boot --node pve-1         one node on this terminal
     invoke publish [--dest DIR] [--keep N]   gated, atomic release of tested artefacts
     invoke nightly [--dest DIR]      build + boot-test (qcow2, ISO BIOS/UEFI) + publish
+    invoke bench                     stock DIB vs pvelab: times, sizes, ratios
 """
 
 import functools
@@ -127,3 +128,12 @@ def nightly(c, dest=None, keep=None, lab=str(DEFAULT_LAB), accel="auto", gpg_key
     rel = run_publish(model, dest or DEFAULT_DEST, keep=int(keep) if keep else None,
                       gpg_key=gpg_key or os.environ.get("PVELAB_GPG_KEY"))
     print(f"published {rel.path} ({len(rel.files)} artefacts)")
+
+
+@task
+def bench(c):
+    """Stock DIB vs pvelab side by side: build times, boot to SSH, sizes; ratios + JSON."""
+    import subprocess
+    import sys
+    from pvelab.paths import ROOT
+    raise Exit(code=subprocess.call([sys.executable, str(ROOT / "bench" / "bench.py")]))

@@ -127,9 +127,12 @@ class Machine:
 
     def qemu_args(self, interactive: bool = False) -> list[str]:
         w = self.workdir
-        args = [QEMU, "-name", self.name, "-m", str(self.ram_mb), "-smp", "1",
-                "-accel", self.accel, "-no-reboot", "-display", "none",
-                "-device", "virtio-rng-pci", "-pidfile", str(w / f"{self.name}.pid")]
+        # -nodefaults: no VGA, floppy, parallel port or default NIC; fewer devices for the
+        # guest to probe (udev coldplug is a large part of an emulated boot)
+        args = [QEMU, "-name", self.name, "-machine", "pc,usb=off", "-nodefaults",
+                "-m", str(self.ram_mb), "-smp", "1", "-accel", self.accel, "-no-reboot",
+                "-display", "none", "-device", "virtio-rng-pci",
+                "-pidfile", str(w / f"{self.name}.pid")]
         args += ["-cpu", "host"] if self.accel == "kvm" else []
         if self.media_kind == "qcow2":
             overlay = w / f"{self.name}.overlay.qcow2"

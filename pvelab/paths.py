@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ELEMENTS = ROOT / "elements"
-OVERLAYS = ROOT / "overlays"
+OVERLAYS = Path(os.environ.get("PVELAB_OVERLAYS_DIR", ROOT / "overlays"))  # benchmarks point it at a copy
 LABS = ROOT / "labs"
 DEFAULT_LAB = LABS / "proxmox-3node-cluster.yaml"
 

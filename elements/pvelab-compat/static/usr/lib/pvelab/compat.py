@@ -141,16 +141,16 @@ def json_route(obj, status=200):
     return (status, "application/json;charset=UTF-8", dumps(obj).encode())
 
 
-class TCPListener:
-    """Accepts TCP connections and closes them: proves a port listens (no protocol)."""
+class _Socket:
+    """A bound socket served by a loop in a thread, stoppable like socketserver servers."""
 
-    def __init__(self, host, port, name="tcp"):
+    kind = socket.SOCK_STREAM
+
+    def __init__(self, host, port, name):
         self.name = name
-        self.accepted = 0
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock = socket.socket(socket.AF_INET, self.kind)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
-        self.sock.listen(256)
         self.sock.settimeout(0.5)
         self._stop = threading.Event()
 
@@ -158,15 +158,26 @@ class TCPListener:
     def port(self):
         return self.sock.getsockname()[1]
 
+    def shutdown(self):
+        self._stop.set()
+
+    def server_close(self):
+        self.sock.close()
+
+
+class TCPListener(_Socket):
+    """Accepts TCP connections and closes them: proves a port listens (no protocol)."""
+
+    def __init__(self, host, port, name="tcp"):
+        super().__init__(host, port, name)
+        self.accepted = 0
+        self.sock.listen(256)
+
     def serve_forever(self):
         while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    break
+            except OSError:  # timeout (poll the stop flag) or closed
                 continue
             self.accepted += 1
             try:
@@ -175,40 +186,21 @@ class TCPListener:
                 pass
             conn.close()
 
-    def shutdown(self):
-        self._stop.set()
 
-    def server_close(self):
-        self.sock.close()
-
-
-class UDPSink:
+class UDPSink(_Socket):
     """Binds a UDP port and discards datagrams (knet speaks UDP on 5405)."""
 
-    def __init__(self, host, port, name="udp"):
-        self.name = name
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.settimeout(0.5)
-        self._stop = threading.Event()
+    kind = socket.SOCK_DGRAM
 
-    @property
-    def port(self):
-        return self.sock.getsockname()[1]
+    def __init__(self, host, port, name="udp"):
+        super().__init__(host, port, name)
 
     def serve_forever(self):
         while not self._stop.is_set():
             try:
                 self.sock.recvfrom(65535)
-            except (socket.timeout, OSError):
+            except OSError:
                 continue
-
-    def shutdown(self):
-        self._stop.set()
-
-    def server_close(self):
-        self.sock.close()
 
 
 class Service:

@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""pvelab benchmark: stock diskimage-builder vs pvelab, side by side, in one run.
+
+Prints every figure and every ratio of issue #6 and writes build/bench/bench.json.
+Nothing here is asserted: targets are reported as met or missed.
+
+    .venv/bin/invoke bench            (or: .venv/bin/python bench/bench.py)
+
+Stock baseline: ``disk-image-create debian-minimal vm openssh-server devuser
+dhcp-all-interfaces`` with the spec's packages, DIB's defaults otherwise (mirrors come
+from the host's apt sources; on hosts without device-mapper DIB gets the same
+single-partition layout through pvelab's loop-partition plugin, or it cannot run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pvelab import dib_blockdev  # noqa: E402
+from pvelab.hostapt import dib_mirror_env  # noqa: E402
+from pvelab.lab import load_lab  # noqa: E402
+from pvelab.labnet import LabNet  # noqa: E402
+from pvelab.machine import Machine  # noqa: E402
+from pvelab.paths import DEFAULT_LAB  # noqa: E402
+
+VENV_BIN = Path(sys.executable).parent
+OUT = ROOT / "build" / "bench"
+STOCK_ELEMENTS = ["debian-minimal", "vm", "openssh-server", "devuser", "dhcp-all-interfaces"]
+TARGETS = {  # metric: (limit, description)
+    "cold_build_ratio": (1.5, "cold build of all four (qcow2+ISO) / one stock cold build"),
+    "rebuild_ratio": (0.3, "rebuild of one node after a template edit / one stock cached build"),
+    "boot_ratio": (0.5, "boot to SSH under TCG, pvelab node / stock image"),
+    "four_nodes_scenario_s": (180.0, "all four booted and the scenario green, TCG, wall s"),
+    "qcow2_ratio": (0.8, "qcow2 size / stock qcow2"),
+    "iso_mb": (200.0, "ISO size, MB"),
+}
+
+
+def say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def timed(cmd: list[str], env: dict, log: Path) -> float:
+    say("$ " + " ".join(cmd[:6]) + (" ..." if len(cmd) > 6 else ""))
+    t0 = time.monotonic()
+    with open(log, "ab") as fh:
+        res = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+    took = time.monotonic() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"bench: command failed ({res.returncode}); see {log}")
+    say(f"   {took:.1f}s")
+    return took
+
+
+def stock_build(lab, cache: Path, out: Path, log: Path) -> float:
+    env = dict(os.environ)
+    env.update(dib_mirror_env())
+    env.update({
+        "PATH": f"{VENV_BIN}:{env.get('PATH', '')}",
+        "DIB_RELEASE": lab.release,
+        "DIB_IMAGE_CACHE": str(cache),
+        "DIB_DEV_USER_USERNAME": lab.user.name,
+        "DIB_DEV_USER_PASSWORD": lab.user.password,
+        "DIB_DEV_USER_PWDLESS_SUDO": "yes",
+    })
+    if dib_blockdev.needs_loop_partitions():
+        env["DIB_BLOCK_DEVICE_CONFIG"] = dib_blockdev.block_device_config("pvelab_partitioning")
+    packages = sorted({p for n in lab.nodes for p in n.packages})
+    return timed(["disk-image-create", "-a", "amd64", "-t", "qcow2", "-o", str(out), "--no-tmpfs",
+                  "-p", ",".join(packages), *STOCK_ELEMENTS], env, log)
+
+
+def pvelab(args: list[str], env_extra: dict, log: Path) -> float:
+    env = dict(os.environ, **env_extra)
+    return timed([str(VENV_BIN / "invoke"), *args], env, log)
+
+
+def ssh_banner_seconds(lab, image: Path, name: str, ram: int, workdir: Path, timeout: float = 600) -> float:
+    """Boot one VM under TCG on the lab network; seconds until port 22 sends an SSH banner."""
+    with LabNet([name], workdir) as net:
+        m = Machine(name, ram, image, "qcow2", "bios", "tcg", workdir, net)
+        try:
+            m.start()
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if not m.is_running():
+                    raise SystemExit(f"bench: {name} VM exited; see {m.console_log}")
+                try:
+                    sock = net.connect(net.addresses[name], 22, timeout=3)
+                    sock.settimeout(10)
+                    banner = sock.recv(64)
+                    sock.close()
+                    if banner.startswith(b"SSH-"):
+                        return time.monotonic() - m.started_at
+                except OSError:
+                    pass
+                time.sleep(1)
+            raise SystemExit(f"bench: {name}: no SSH banner within {timeout}s")
+        finally:
+            m.stop()
+
+
+def main() -> int:
+    lab = load_lab(DEFAULT_LAB)
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir(parents=True)
+    log = OUT / "bench.log"
+    figures: dict[str, float] = {}
+
+    # --- stock DIB, cold then cached
+    stock_cache = OUT / "stock-cache"
+    figures["stock_cold_s"] = stock_build(lab, stock_cache, OUT / "stock" / "stock", log)
+    figures["stock_cached_s"] = stock_build(lab, stock_cache, OUT / "stock" / "stock", log)
+    stock_qcow2 = OUT / "stock" / "stock.qcow2"
+    figures["stock_qcow2_mib"] = stock_qcow2.stat().st_size / 2 ** 20
+
+    # --- pvelab, cold (empty caches), all four nodes
+    pbuild = OUT / "pvelab-build"
+    env = {"PVELAB_BUILD_DIR": str(pbuild), "PVELAB_CACHE_DIR": str(OUT / "pvelab-cache")}
+    figures["pvelab_cold_all_s"] = pvelab(["build"], env, log)
+
+    # --- one template edited: rebuild that node
+    overlays = OUT / "overlays"
+    shutil.copytree(ROOT / "overlays", overlays)
+    tpl = overlays / "pve-host" / "etc" / "pve" / "storage.cfg.j2"
+    tpl.write_text("# storage edited by the benchmark\n" + tpl.read_text())
+    figures["pvelab_rebuild_one_s"] = pvelab(["build", "--node", "pve-1"],
+                                             dict(env, PVELAB_OVERLAYS_DIR=str(overlays)), log)
+    # restore the real template's output so the boot test below runs the real lab
+    pvelab(["build", "--node", "pve-1"], env, log)
+
+    pve1 = pbuild / "pve-1" / "pve-1.qcow2"
+    figures["pvelab_qcow2_mib"] = pve1.stat().st_size / 2 ** 20
+    figures["pvelab_iso_mb"] = (pbuild / "pve-1" / "pve-1.iso").stat().st_size / 1e6
+
+    # --- boot to SSH, one VM at a time, TCG
+    node = lab.node("pve-1")
+    figures["stock_boot_ssh_s"] = ssh_banner_seconds(lab, stock_qcow2, "stock", node.ram_mb, OUT / "boot-stock")
+    figures["pvelab_boot_ssh_s"] = ssh_banner_seconds(lab, pve1, "pve-1", node.ram_mb, OUT / "boot-pvelab")
+
+    # --- all four + scenario
+    t0 = time.monotonic()
+    pvelab(["boot-test", "--accel", "tcg"], env, log)
+    figures["four_nodes_scenario_s"] = time.monotonic() - t0
+
+    ratios = {
+        "cold_build_ratio": figures["pvelab_cold_all_s"] / figures["stock_cold_s"],
+        "rebuild_ratio": figures["pvelab_rebuild_one_s"] / figures["stock_cached_s"],
+        "boot_ratio": figures["pvelab_boot_ssh_s"] / figures["stock_boot_ssh_s"],
+        "four_nodes_scenario_s": figures["four_nodes_scenario_s"],
+        "qcow2_ratio": figures["pvelab_qcow2_mib"] / figures["stock_qcow2_mib"],
+        "iso_mb": figures["pvelab_iso_mb"],
+    }
+    print("\nfigures:")
+    for k, v in figures.items():
+        print(f"  {k:24s} {v:10.1f}")
+    print("\nratios and targets:")
+    met = 0
+    for k, v in ratios.items():
+        limit, what = TARGETS[k]
+        ok = v <= limit
+        met += ok
+        print(f"  {'MET ' if ok else 'MISS'} {k:22s} {v:8.2f}  (target <= {limit}; {what})")
+    print(f"\n{met} of {len(ratios)} targets met")
+    result = {"figures": figures, "ratios": ratios,
+              "targets": {k: v[0] for k, v in TARGETS.items()},
+              "met": {k: ratios[k] <= TARGETS[k][0] for k in ratios},
+              "host": {"cores": os.cpu_count(), "hostname": socket.gethostname()}}
+    (OUT / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"JSON: {OUT / 'bench.json'}; log: {log}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
