@@ -114,11 +114,30 @@ def git_commit() -> str:
     return (res.stdout.strip() or "unknown") + ("-dirty" if dirty else "")
 
 
+def release_leftovers(work: Path) -> None:
+    """Unmount and detach what a killed build (SIGKILL, power loss) left under ``work``."""
+    work = work.resolve()
+    try:
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        mounts = []
+    for mnt in sorted((m for m in mounts if m.startswith(str(work) + "/")), reverse=True):
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+    res = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+                         capture_output=True, text=True)
+    for line in res.stdout.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[1].strip().startswith(str(work) + "/"):
+            subprocess.run(["partx", "--delete", parts[0]], capture_output=True)
+            subprocess.run(["losetup", "--detach", parts[0]], capture_output=True)
+
+
 def build_node(lab: Lab, node: Node, base: image.Base, live: image.LiveParts,
                steps: Steps) -> NodeBuild:
     t0 = time.monotonic()
     ndir = node_dir(node.name)
     work = ndir / ".work"
+    release_leftovers(work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     raw = work / "disk.raw"

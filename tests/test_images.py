@@ -190,3 +190,43 @@ def test_iso_squashfs_layers(built, lab, name, tmp_path):
     assert re.search(r"^drwx------ 0/0 .* squashfs-root/root$", layer, re.M) or \
         "squashfs-root/root" not in layer
     assert "squashfs-root/etc/fstab" in layer
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+def test_interrupted_build_keeps_the_last_good_artefacts(built, lab, sig):
+    import signal as signals
+    import sys
+    import time
+    from pvelab.paths import ROOT
+    ndir = node_dir("pve-2")
+    before = {p.name: _sha(p) for p in (ndir / "pve-2.qcow2", ndir / "pve-2.iso")}
+    log = ndir / "build.log"
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "build", "--node", "pve-2"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while "== qcow2" not in (log.read_text() if log.exists() else ""):
+        assert proc.poll() is None and time.monotonic() < deadline, "build ended before the qcow2 stage"
+        time.sleep(0.05)
+    proc.send_signal(getattr(signals, sig))
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    after = {p.name: _sha(p) for p in (ndir / "pve-2.qcow2", ndir / "pve-2.iso")}
+    assert after == before  # the previous good artefacts are untouched
+    manifest = json.loads((ndir / "manifest.json").read_text())
+    assert manifest["artefacts"]["pve-2.qcow2"]["sha256"] == after["pve-2.qcow2"]
+    if sig == "SIGINT":  # clean interruption: nothing left behind
+        assert not (ndir / ".work").exists()
+        assert str(ndir) not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    # the next build cleans up whatever a killed one left and succeeds
+    rebuilt = build(lab, ["pve-2"])[0]
+    assert rebuilt.qcow2.exists() and not (ndir / ".work").exists()
+    assert str(ndir) not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+
+
+def _sha(p):
+    import hashlib
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

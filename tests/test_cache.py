@@ -1,0 +1,55 @@
+"""Base-image cache keys: what must rebuild the base, and what must not."""
+
+import shutil
+
+from pvelab import image
+from pvelab.lab import load_lab
+
+
+def key(lab):
+    return image.base_key(image.base_inputs(lab))
+
+
+def test_key_is_stable(lab):
+    assert key(lab) == key(lab)
+
+
+def test_package_list_changes_the_key(lab, raw_lab, write_lab):
+    for n in raw_lab["nodes"]:
+        n["packages"] = n["packages"] + ["htop"]
+    assert key(load_lab(write_lab(raw_lab))) != key(lab)
+
+
+def test_user_changes_the_key(lab, raw_lab, write_lab):
+    raw_lab["lab"]["user"]["password"] = "another-password"
+    assert key(load_lab(write_lab(raw_lab, "a.yaml"))) != key(lab)
+
+
+def test_dns_changes_the_key(lab, raw_lab, write_lab):
+    raw_lab["lab"]["dns_servers"] = ["9.9.9.9"]
+    assert key(load_lab(write_lab(raw_lab))) != key(lab)
+
+
+def test_element_edit_changes_the_key(lab, tmp_path, monkeypatch):
+    copy = tmp_path / "elements"
+    shutil.copytree(image.ELEMENTS, copy)
+    monkeypatch.setattr(image, "ELEMENTS", copy)
+    before = key(lab)
+    script = copy / "pvelab-base" / "install.d" / "60-pvelab-system"
+    script.write_text(script.read_text() + "\n# edited\n")
+    assert key(lab) != before
+    script.chmod(0o644)  # the executable bit matters to DIB, so to the key
+    edited = key(lab)
+    script.chmod(0o755)
+    assert key(lab) != edited
+
+
+def test_template_and_node_identity_do_not_change_the_key(lab, raw_lab, write_lab):
+    # overlays, aliases, names, RAM and disk are per-node: the shared base stays cached
+    raw_lab["nodes"][0]["alias"] = "10.81.0.31/24"
+    raw_lab["nodes"][1]["ram_mb"] = 8192
+    raw_lab["nodes"][3]["disk_gb"] = 20
+    raw_lab["lab"]["storage"][0]["properties"]["sparse"] = 0
+    assert key(load_lab(write_lab(raw_lab))) == key(lab)
+    inputs = image.base_inputs(lab)
+    assert not any(k.startswith("overlays") for k in inputs["element_files"])
