@@ -76,7 +76,7 @@ def stock_build(lab, cache: Path, out: Path, log: Path) -> float:
     if dib_blockdev.needs_loop_partitions():
         env["DIB_BLOCK_DEVICE_CONFIG"] = dib_blockdev.block_device_config("pvelab_partitioning")
     packages = sorted({p for n in lab.nodes for p in n.packages})
-    return timed(["disk-image-create", "-a", "amd64", "-t", "qcow2", "-o", str(out), "--no-tmpfs",
+    return timed(["disk-image-create", "-a", "amd64", "-t", "qcow2", "-o", str(out),
                   "-p", ",".join(packages), *STOCK_ELEMENTS], env, log)
 
 

@@ -71,7 +71,7 @@ def squash(tree: Path, out: Path, steps: Steps, fast: bool = False) -> None:
 
     /boot is left out: the live ISO carries the kernel and initrd in /live already.
     """
-    level = "3" if fast else "19"
+    level = "3" if fast else "15"  # 15: nearly 19's size in about half its time
     steps.run(["mksquashfs", str(tree), str(out), "-noappend", "-comp", "zstd",
                "-Xcompression-level", level, "-no-progress", "-quiet",
                "-wildcards", "-e", "boot/*", "lost+found"])

@@ -29,7 +29,7 @@ from .run import Steps, StepError
 BASE_ELEMENTS = ("debian-minimal", "vm", "pvelab-base", "pvelab-compat", "pve-compat",
                  "qdevice-compat")
 BASE_IMAGE_GB = 2          # raw base size; each node grows it to its own disk size
-BASE_FORMAT = 1            # bump when the way the base is made changes
+BASE_FORMAT = 2            # bump when the way the base or its live squashfs is made changes
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def build_base(lab: Lab, steps: Steps, force: bool = False) -> Base:
         work.mkdir()
         with steps.stage(f"base image (DIB, key {key})"):
             cmd = ["disk-image-create", "-a", "amd64", "-t", "raw", "--image-size",
-                   str(BASE_IMAGE_GB), "-o", str(work / "base"), "--no-tmpfs",
+                   str(BASE_IMAGE_GB), "-o", str(work / "base"),
                    "-p", ",".join(inputs["packages"]), *BASE_ELEMENTS]
             steps.run(cmd, env=dib_env(lab))
         info = dict(inputs, key=key, dib_log=str(steps.log_path))

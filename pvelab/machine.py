@@ -103,7 +103,7 @@ class Machine:
     name: str
     ram_mb: int
     media: Path                    # qcow2 (copy-on-write overlay is made) or ISO
-    media_kind: str                # "qcow2" | "iso"
+    media_kind: str                # "qcow2" | "iso" (as a CD) | "usb" (the ISO as a USB stick)
     firmware: str                  # "bios" | "uefi"
     accel: str                     # "kvm" | "tcg"
     workdir: Path
@@ -140,6 +140,10 @@ class Machine:
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
                             str(self.media.resolve()), str(overlay)], check=True)
             args += ["-drive", f"file={overlay},if=virtio,format=qcow2,cache=unsafe"]
+        elif self.media_kind == "usb":  # the hybrid ISO written to a USB stick
+            args += ["-device", "qemu-xhci,id=xhci",
+                     "-drive", f"if=none,id=stick,format=raw,readonly=on,file={self.media.resolve()}",
+                     "-device", "usb-storage,bus=xhci.0,drive=stick,bootindex=0"]
         else:
             args += ["-drive", f"file={self.media.resolve()},media=cdrom,readonly=on,if=ide,index=0",
                      "-boot", "d"]

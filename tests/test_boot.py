@@ -69,3 +69,25 @@ def test_iso_lab_passes(built, lab, firmware):
     assert report.passed, [(t.name, [a.last_output for a in t.assertions if not a.passed])
                            for t in report.tests if not t.passed]
     assert report.context["media"] == "iso" and report.context["firmware"] == firmware
+
+
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+def test_iso_boots_from_usb_stick(built, lab, firmware, tmp_path):
+    """The hybrid ISO as a USB stick (isohybrid MBR for BIOS, GPT/EFI partition for UEFI)."""
+    from pvelab.boottest import kernel_from_iso
+    from pvelab.labnet import LabNet
+    from pvelab.machine import Machine, resolve_accel
+    node = lab.node("pbs-witness")
+    accel, _ = resolve_accel("auto", kernel_from_iso(built[node.name].iso, tmp_path / "vmlinuz"))
+    with LabNet([node.name], tmp_path) as net:
+        m = Machine(node.name, node.ram_mb, built[node.name].iso, "usb", firmware, accel, tmp_path, net,
+                    user=lab.user.name, password=lab.user.password)
+        try:
+            m.start()
+            m.wait_for_ssh(900)
+            assert m.succeed("hostname").strip() == node.name
+            m.wait_for_unit("qdevice-compat.service")
+            m.wait_for_open_port(5403)
+            assert "boot=live" in m.succeed("cat /proc/cmdline")
+        finally:
+            m.stop()
