@@ -208,7 +208,10 @@ def test_gpg_signature(lab, built, tmp_path, monkeypatch):
     monkeypatch.setenv("GNUPGHOME", str(home))
     subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", "pvelab-test@example.invalid",
                     "ed25519", "sign", "1d"], check=True, capture_output=True)
-    rel = publish(lab, tmp_path / "rel", gpg_key="pvelab-test@example.invalid")
-    res = subprocess.run(["gpg", "--verify", str(rel.path / "SHA256SUMS.asc"), str(rel.path / "SHA256SUMS")],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    try:
+        rel = publish(lab, tmp_path / "rel", gpg_key="pvelab-test@example.invalid")
+        res = subprocess.run(["gpg", "--verify", str(rel.path / "SHA256SUMS.asc"),
+                              str(rel.path / "SHA256SUMS")], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+    finally:  # gpg leaves an agent running for this home: stop it
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], capture_output=True)
