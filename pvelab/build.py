@@ -79,7 +79,7 @@ def sha256(path: Path) -> str:
 
 
 def _dpkg_packages(root: Path) -> dict[str, str]:
-    out, name = {}, None
+    out = {}
     status = (root / "var/lib/dpkg/status").read_text(errors="replace")
     for stanza in status.split("\n\n"):
         fields = dict(line.split(": ", 1) for line in stanza.splitlines()

@@ -55,7 +55,6 @@ def probe_kvm(kernel: Path, timeout: float = 30.0) -> tuple[bool, str]:
                                  "-append", "console=ttyS0 panic=-1 loglevel=4"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        output = b""
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
             text = console.read_bytes() if console.exists() else b""

@@ -168,6 +168,13 @@ def test_worker_limit_is_bounded(lab, compat_modules, monkeypatch):
         assert http(api.port, "/api2/json/version")[0] == 200
 
 
+def wait_accepted(listener, count, timeout=5.0):
+    """The accept loop runs in its own thread: give it a moment to count the connections."""
+    deadline = time.monotonic() + timeout
+    while listener.accepted < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_corosync_ports_accept_tcp_and_udp(pve):
     tcp = [s for s in pve.servers if s.name.startswith("tcp-")]
     assert len(tcp) == 2
@@ -175,9 +182,7 @@ def test_corosync_ports_accept_tcp_and_udp(pve):
         for _ in range(20):
             with socket.create_connection(("127.0.0.1", srv.port), timeout=2):
                 pass
-        deadline = time.monotonic() + 5
-        while srv.accepted < 20 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_accepted(srv, 20)
         assert srv.accepted == 20
     udp = next(s for s in pve.servers if s.name.startswith("udp-"))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -190,9 +195,7 @@ def test_qdevice_port_and_metrics(witness):
     for _ in range(3):
         with socket.create_connection(("127.0.0.1", qnetd.port), timeout=2):
             pass
-    deadline = time.monotonic() + 5
-    while qnetd.accepted < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_accepted(qnetd, 3)
     status, headers, body = http(metrics.port, "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
     lines = body.decode().splitlines()
