@@ -132,10 +132,6 @@ def _fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
-def _write(path: Path, text: str) -> None:
-    path.write_text(text)
-
-
 def release_manifest(lab: Lab, name: str, checked: dict) -> dict:
     nodes = []
     first = None
@@ -232,20 +228,18 @@ def publish(lab: Lab, dest: str | Path = DEFAULT_DEST, keep: int | None = None,
             for fname in ("report.json", "junit.xml"):
                 shutil.copyfile(src / fname, reports_dir / f"{key}.{fname}")
         manifest = release_manifest(lab, name, checked)
-        _write(stage / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-        _write(stage / "topology.svg", topology_svg(lab))
-        _write(stage / "README.md", _readme(lab, manifest))
+        (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (stage / "topology.svg").write_text(topology_svg(lab))
+        (stage / "README.md").write_text(_readme(lab, manifest))
         _checkpoint("metadata")
-        sums = []
-        for f in sorted(p for p in stage.rglob("*") if p.is_file()):
-            rel = f.relative_to(stage).as_posix()
-            if rel != "SHA256SUMS":
-                sums.append(f"{sha256(f)}  {rel}")
-        _write(stage / "SHA256SUMS", "\n".join(sums) + "\n")
-        for node in lab.nodes:  # the staged copies are what the manifest says
+        # one pass over the staged files: SHA256SUMS, and proof the copies are what was gated
+        digests = {p.relative_to(stage).as_posix(): sha256(p)
+                   for p in sorted(stage.rglob("*")) if p.is_file()}
+        for node in lab.nodes:
             for f in checked["nodes"][node.name]["files"].values():
-                if sha256(stage / f["name"]) != f["sha256"]:
+                if digests[f["name"]] != f["sha256"]:
                     raise PublishError(f"{f['name']}: copy in {stage} does not match its checksum")
+        (stage / "SHA256SUMS").write_text("".join(f"{d}  {rel}\n" for rel, d in digests.items()))
         if gpg_key:
             subprocess.run(["gpg", "--batch", "--yes", "--local-user", gpg_key, "--armor",
                             "--detach-sign", "--output", str(stage / "SHA256SUMS.asc"),
