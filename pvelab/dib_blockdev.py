@@ -90,7 +90,9 @@ class LoopPartitioning(Partitioning):
             self._create_gpt()
         exec_sudo(["sync"])
         # Ask the kernel for the loop device's partitions (no kpartx/device-mapper).
-        exec_sudo(["partx", "-a", "-v", self.device_path])
+        # --update, not --add: a partition left on this loop device by a killed run
+        # would make --add fail with "busy"; --update replaces it.
+        exec_sudo(["partx", "-u", "-v", self.device_path])
         # The parent recorded /dev/mapper/loopXpN; the kernel gives /dev/loopXpN.
         for part in self.partitions:
             entry = self.state['blockdev'][part.get_name()]

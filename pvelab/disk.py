@@ -17,14 +17,14 @@ def loop_partition(image: Path, steps: Steps, read_only: bool = False):
     """Attach a disk image and yield its first partition's device (/dev/loopXp1).
 
     ``losetup --partscan`` is not honoured everywhere (not on this project's CI
-    sandbox); ``partx --add`` asks the kernel for the partitions explicitly.
+    sandbox); ``partx --update`` asks the kernel for the partitions explicitly and
+    also replaces a stale loopXpN that a killed run left on the same loop device.
     """
     args = ["losetup", "--find", "--show"] + (["--read-only"] if read_only else [])
     dev = steps.capture(args + [str(image)]).strip()
     part = f"{dev}p1"
     try:
-        if not os.path.exists(part):
-            steps.capture(["partx", "--add", dev])
+        steps.capture(["partx", "--update", dev])
         deadline = time.monotonic() + 10
         while not os.path.exists(part):
             if time.monotonic() > deadline:

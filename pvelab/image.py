@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from importlib import metadata
@@ -29,7 +30,7 @@ from .run import Steps, StepError
 BASE_ELEMENTS = ("debian-minimal", "vm", "pvelab-base", "pvelab-compat", "pve-compat",
                  "qdevice-compat")
 BASE_IMAGE_GB = 2          # raw base size; each node grows it to its own disk size
-BASE_FORMAT = 2            # bump when the way the base or its live squashfs is made changes
+BASE_FORMAT = 3            # bump when the way the base or its live squashfs is made changes
 
 
 @dataclass(frozen=True)
@@ -127,13 +128,42 @@ def build_base(lab: Lab, steps: Steps, force: bool = False) -> Base:
                    str(BASE_IMAGE_GB), "-o", str(work / "base"),
                    "-p", ",".join(inputs["packages"]), *BASE_ELEMENTS]
             steps.run(cmd, env=dib_env(lab))
-        info = dict(inputs, key=key, dib_log=str(steps.log_path))
+        with steps.stage("base: kernel + live initramfs out of the disk image"):
+            version = _export_live_boot(work, steps)
+        info = dict(inputs, key=key, kernel_version=version, dib_log=str(steps.log_path))
         (work / "base.json").write_text(json.dumps(info, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(work, final)
         _prune(root, keep=final)
         return Base(key, final, inputs)
+
+
+def _export_live_boot(work: Path, steps: Steps) -> str:
+    """Copy the kernel and move the live ISO's initramfs out of the fresh base image.
+
+    install.d/70-pvelab-initramfs leaves the live initramfs (with live-boot) in
+    /boot/pvelab-live; disks boot their own lean one, so it leaves the image, and
+    fstrim hands its blocks back so no qcow2 carries the freed bytes.
+    """
+    raw, mnt = work / "base.raw", work / "mnt"
+    with loop_partition(raw, steps) as part, mounted(part, mnt, steps):
+        live = sorted((mnt / "boot" / "pvelab-live").glob("initrd.img-*"))
+        if not live:
+            raise StepError(f"{raw}: no /boot/pvelab-live/initrd.img-* "
+                            "(made by elements/pvelab-base/install.d/70-pvelab-initramfs)")
+        version = live[-1].name[len("initrd.img-"):]
+        kernel = mnt / "boot" / f"vmlinuz-{version}"
+        if not kernel.is_file():
+            raise StepError(f"{raw}: live initramfs for {version} but no /boot/{kernel.name}")
+        shutil.copyfile(kernel, work / "vmlinuz")
+        shutil.copyfile(live[-1], work / "initrd.img")
+        shutil.rmtree(mnt / "boot" / "pvelab-live")
+        os.sync()  # freed blocks can be discarded only once the deletion is committed
+        res = subprocess.run(["fstrim", "--verbose", str(mnt)], capture_output=True, text=True)
+        steps.log(f"fstrim {mnt}: exit {res.returncode} {res.stdout.strip()} {res.stderr.strip()}")
+    mnt.rmdir()
+    return version
 
 
 def _prune(root: Path, keep: Path, generations: int = 2) -> None:
@@ -155,26 +185,20 @@ class LiveParts:
 
 
 def live_parts(base: Base, steps: Steps) -> LiveParts:
-    """Extract kernel + initrd and squash the base root once per base (cached beside it)."""
+    """Squash the base root once per base (cached beside it); kernel + live initrd are there."""
     d = base.dir
     done = d / "live.json"
     if not done.exists():
         with open(base.dir.parent / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not done.exists():
-                with steps.stage("base squashfs + kernel for the live ISO"):
+                with steps.stage("base squashfs for the live ISO"):
                     mnt = d / "mnt"
                     with loop_partition(base.raw, steps, read_only=True) as part, \
                             mounted(part, mnt, steps, read_only=True):
-                        kernels = sorted((mnt / "boot").glob("vmlinuz-*"))
-                        if not kernels:
-                            raise StepError(f"{base.raw}: no kernel in /boot")
-                        version = kernels[-1].name[len("vmlinuz-"):]
-                        shutil.copyfile(kernels[-1], d / "vmlinuz")
-                        shutil.copyfile(mnt / "boot" / f"initrd.img-{version}", d / "initrd.img")
                         squash(mnt, d / "filesystem.squashfs.tmp", steps)
                     mnt.rmdir()
                     os.replace(d / "filesystem.squashfs.tmp", d / "filesystem.squashfs")
-                    done.write_text(json.dumps({"kernel_version": version}) + "\n")
+                    done.write_text(json.dumps({"kernel_version": base.info["kernel_version"]}) + "\n")
     version = json.loads(done.read_text())["kernel_version"]
     return LiveParts(d / "vmlinuz", d / "initrd.img", d / "filesystem.squashfs", version)

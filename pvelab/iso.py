@@ -34,7 +34,8 @@ LDLINUX_C32 = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
 GRUB_EFI_DIR = Path("/usr/lib/grub/x86_64-efi")
 EFI_IMG_KB = 8192
 
-LIVE_CMDLINE = "boot=live live-media-path=/live console=tty0 console=ttyS0,115200 nomodeset"
+LIVE_CMDLINE = ("boot=live live-media-path=/live console=tty0 console=ttyS0,115200 nomodeset "
+                "quiet systemd.show_status=1")
 
 
 def volume_label(node: str) -> str:

@@ -132,7 +132,9 @@ class Machine:
                 "-m", str(self.ram_mb), "-smp", "1", "-accel", self.accel, "-no-reboot",
                 "-display", "none", "-device", "virtio-rng-pci",
                 "-pidfile", str(w / f"{self.name}.pid")]
-        args += ["-cpu", "host"] if self.accel == "kvm" else []
+        # Under TCG: QEMU's default CPU without SVM. The lab never runs nested guests, and
+        # an SVM flag makes the guest load kvm_amd (and ccp, irqbypass) on every boot.
+        args += ["-cpu", "host"] if self.accel == "kvm" else ["-cpu", "qemu64,-svm"]
         if self.media_kind == "qcow2":
             overlay = w / f"{self.name}.overlay.qcow2"
             overlay.unlink(missing_ok=True)

@@ -1,4 +1,7 @@
-# pvelab-base defaults (overridable by the caller's environment)
+# pvelab-base defaults (overridable by the caller's environment).
+# Named 05-: DIB sources every element's environment.d in one sorted list, and the
+# bootloader element's 10-bootloader-default-cmdline sets its own default for
+# DIB_BOOTLOADER_DEFAULT_CMDLINE with ${VAR:-...}; ours must come first to count.
 export DIB_GRUB_TIMEOUT=${DIB_GRUB_TIMEOUT:-0}
 export DIB_APT_MINIMAL_CREATE_INTERFACES=${DIB_APT_MINIMAL_CREATE_INTERFACES:-0}
 export DIB_PVELAB_USER=${DIB_PVELAB_USER:-ops}
