@@ -77,13 +77,15 @@ def build(c, node=None, lab=str(DEFAULT_LAB), rebuild_base=False):
 @task(name="boot-test", iterable=["node"],
       help={"node": "node to boot (repeatable; default all)", "media": "qcow2 or iso",
             "firmware": "bios or uefi (uefi with --media iso)", "accel": "auto, kvm or tcg",
-            "lab": "lab definition file", "timeout": "seconds each assertion may take to pass"})
+            "lab": "lab definition file", "timeout": "seconds each assertion may take to pass",
+            "analyze": "also record systemd-analyze time/blame of every guest in report.json"})
 @friendly
 def boot_test(c, node=None, media="qcow2", firmware="bios", accel="auto", lab=str(DEFAULT_LAB),
-              timeout=180):
+              timeout=180, analyze=False):
     """Boot the built nodes together under QEMU and run the lab's validation scenario."""
     from pvelab.boottest import boot_test as run
-    report = run(_lab(lab), node, media=media, firmware=firmware, accel=accel, timeout=float(timeout))
+    report = run(_lab(lab), node, media=media, firmware=firmware, accel=accel, timeout=float(timeout),
+                 analyze=analyze)
     if not report.passed:
         raise Exit("boot test FAILED", code=1)
 
@@ -130,10 +132,11 @@ def nightly(c, dest=None, keep=None, lab=str(DEFAULT_LAB), accel="auto", gpg_key
     print(f"published {rel.path} ({len(rel.files)} artefacts)")
 
 
-@task
-def bench(c):
+@task(help={"boots": "boots of each image for the boot-to-SSH figure (median; default 3)"})
+def bench(c, boots=3):
     """Stock DIB vs pvelab side by side: build times, boot to SSH, sizes; ratios + JSON."""
     import subprocess
     import sys
     from pvelab.paths import ROOT
-    raise Exit(code=subprocess.call([sys.executable, str(ROOT / "bench" / "bench.py")]))
+    raise Exit(code=subprocess.call([sys.executable, str(ROOT / "bench" / "bench.py"),
+                                     "--boots", str(int(boots))]))

@@ -57,14 +57,20 @@ def kernel_from_iso(iso: Path, dest: Path) -> Path:
     return dest
 
 
+_T0 = [time.monotonic()]
+
+
 def _say(msg: str) -> None:
-    print(f"[boot-test] {msg}", file=sys.stderr, flush=True)
+    print(f"[boot-test {time.monotonic() - _T0[0]:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def boot_test(lab: Lab, names: list[str] | None = None, media: str = "qcow2",
               firmware: str = "bios", accel: str = "auto", outdir: Path | None = None,
-              timeout: float = 180.0, after=None) -> Report:
+              timeout: float = 180.0, after=None, analyze: bool = False) -> Report:
     """Boot the selected nodes together, run the scenario, write reports; return the report.
+
+    ``analyze`` adds each guest's ``systemd-analyze time``/``blame`` to the report (after
+    the verdict; it costs ~15 s of emulated CPU per guest, so it is opt-in).
 
     ``after(machines, report)``, if given, runs while the VMs are still up (tests use it
     to break a node and show the gate failing); what it returns lands in
@@ -80,7 +86,7 @@ def boot_test(lab: Lab, names: list[str] | None = None, media: str = "qcow2",
     files = {n.name: artefact(n, media) for n in nodes}
     outdir = outdir or report_dir(media, firmware)
     outdir.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
+    t0 = _T0[0] = time.monotonic()
 
     with tempfile.TemporaryDirectory(prefix="pvelab-boot-") as tmp:
         probe_kernel = kernel_from_iso(artefact(nodes[0], "iso"), Path(tmp) / "vmlinuz")
@@ -109,15 +115,26 @@ def boot_test(lab: Lab, names: list[str] | None = None, media: str = "qcow2",
             context["ssh_ready_seconds"] = boot_seconds
             context["dhcp_leases"] = net.leases()
             context["host_keys"] = {name: m.host_key for name, m in machines.items()}
-            context["boot_analysis"] = {name: _analyze(m) for name, m in machines.items()}
 
             def execute(vm: str, command: str) -> tuple[int, str]:
                 return machines[vm].execute(command, timeout=60)
 
             _say("running scenario " + lab.scenario.name)
             report = run_scenario(lab.scenario, execute, timeout=timeout, context=context)
+            _say(f"scenario done: {'passed' if report.passed else 'FAILED'}")
+            failed = _on_all(machines, "systemctl --failed --no-legend --plain")
+            report.context["failed_units"] = failed
+            for name, units in failed.items():
+                if units:
+                    _say(f"{name}: failed units: {' '.join(l.split()[0] for l in units.splitlines())}")
+            if analyze:  # diagnostics after the verdict, all VMs at once
+                _say("reading systemd-analyze from the guests")
+                report.context["boot_analysis"] = {
+                    name: dict(zip(("time", "blame"), (p.strip() for p in text.split("--- blame", 1))))
+                    for name, text in _on_all(machines, ANALYZE).items()}
             if after:
                 report.context["after"] = after(machines, report)
+            _say("stopping the VMs and the lab network")
     finally:
         signal.signal(signal.SIGTERM, previous)
     report.context["wall_seconds"] = round(time.monotonic() - t0, 1)
@@ -149,16 +166,25 @@ def _wait_all_ssh(machines: dict[str, Machine], timeout: float) -> dict[str, flo
     return results
 
 
-def _analyze(m: Machine) -> dict:
-    """systemd-analyze figures from the guest (where boot time goes)."""
-    out = {}
-    for key, cmd in (("time", "systemd-analyze time"), ("blame", "systemd-analyze blame | head -n 12")):
+ANALYZE = "systemd-analyze time; echo '--- blame'; systemd-analyze blame | head -n 12"
+
+
+def _on_all(machines: dict[str, Machine], command: str) -> dict[str, str]:
+    """Run one command on every VM at once; name -> output (or the error)."""
+    out: dict[str, str] = {}
+
+    def run(m: Machine):
         try:
-            status, text = m.execute(cmd, timeout=60)
-            out[key] = text.strip()
+            out[m.name] = m.execute(command, timeout=60)[1].strip()
         except MachineError as exc:
-            out[key] = str(exc)
-    return out
+            out[m.name] = f"error: {exc}"
+
+    threads = [threading.Thread(target=run, args=(m,), daemon=True) for m in machines.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {name: out.get(name, "") for name in machines}
 
 
 def boot_one(lab: Lab, name: str, media: str, firmware: str, accel: str) -> int:

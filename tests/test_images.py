@@ -152,6 +152,55 @@ def test_identity_hygiene(roots, name):
     assert "console=ttyS0" in grub and re.search(r"set timeout=0\b", grub)
 
 
+def initrd_names(path: Path) -> list[str]:
+    """File names in an initramfs: concatenated newc cpio archives, each plain or gzip."""
+    import gzip
+    data, names = path.read_bytes(), []
+    while data := data.lstrip(b"\0"):
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)  # the compressed main archive ends the file
+            continue
+        assert data[:6] == b"070701", f"{path}: not a newc cpio/gzip segment: {data[:8]!r}"
+        off = 0
+        while True:
+            size, namesize = int(data[off + 54:off + 62], 16), int(data[off + 94:off + 102], 16)
+            name = data[off + 110:off + 110 + namesize - 1].decode()
+            off = (off + 110 + namesize + 3) & ~3
+            off = (off + size + 3) & ~3
+            if name == "TRAILER!!!":
+                break
+            names.append(name)
+        data = data[off:]
+    return names
+
+
+def test_lean_disk_boot_and_live_initramfs(roots, built, tmp_path):
+    """Disks boot a lean initramfs with a quiet kernel; only the ISO's has live-boot."""
+    root = roots["pve-1"]
+    grub = (root / "boot/grub/grub.cfg").read_text()
+    linux = [l for l in grub.splitlines() if l.strip().startswith("linux")]
+    assert linux and " quiet" in linux[0], linux  # the default entry (recovery stays verbose)
+    disk = sorted((root / "boot").glob("initrd.img-*"))
+    assert len(disk) == 1 and not (root / "boot/pvelab-live").exists()
+    names = initrd_names(disk[0])
+    assert any(n.endswith("/virtio_blk.ko.xz") for n in names)
+    assert any(n.endswith("/ext4.ko.xz") for n in names)
+    assert not any("live" in n.split("/")[-1] or "/live/" in n for n in names), "live-boot in disk initrd"
+    assert "usr/lib/udev/hwdb.bin" not in names
+    pkgs = installed(root)
+    assert "live-boot" not in pkgs and "live-boot-initramfs-tools" not in pkgs
+    # what the first boot would redo is stamped done; no generator or unit we masked runs
+    assert (root / "etc/.updated").is_file() and (root / "var/.updated").is_file()
+    for gen in ("systemd-ssh-generator", "systemd-gpt-auto-generator"):
+        assert os.readlink(root / "etc/systemd/system-generators" / gen) == "/dev/null"
+    assert os.readlink(root / "etc/systemd/system/sys-kernel-debug.mount") == "/dev/null"
+    assert "ExecStartPre=\n" in (root / "etc/systemd/system/ssh.service.d/10-pvelab.conf").read_text()
+    # the ISO boots live-boot's initramfs
+    _xorriso(built["pve-1"].iso, "-osirrox", "on", "-extract", "/live/initrd.img", str(tmp_path / "i"))
+    live = initrd_names(tmp_path / "i")
+    assert "usr/bin/live-boot" in live and any(n.endswith("/squashfs.ko.xz") for n in live)
+
+
 def _xorriso(iso, *args):
     res = subprocess.run(["xorriso", "-indev", str(iso), *args], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
