@@ -186,9 +186,9 @@ def test_lean_disk_boot_and_live_initramfs(roots, built, tmp_path):
     assert any(n.endswith("/virtio_blk.ko.xz") for n in names)
     assert any(n.endswith("/ext4.ko.xz") for n in names)
     assert not any("live" in n.split("/")[-1] or "/live/" in n for n in names), "live-boot in disk initrd"
-    assert "usr/lib/udev/hwdb.bin" not in names
+    assert "usr/lib/udev/hwdb.bin" not in names and "usr/sbin/iscsistart" not in names
     pkgs = installed(root)
-    assert "live-boot" not in pkgs and "live-boot-initramfs-tools" not in pkgs
+    assert not pkgs & {"live-boot", "live-boot-initramfs-tools", "open-iscsi"}
     # what the first boot would redo is stamped done; no generator or unit we masked runs
     assert (root / "etc/.updated").is_file() and (root / "var/.updated").is_file()
     for gen in ("systemd-ssh-generator", "systemd-gpt-auto-generator"):
@@ -279,3 +279,27 @@ def _sha(p):
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def test_loop_partition_replaces_a_stale_partition(tmp_path):
+    """A loopXp1 left behind by a killed run must not be mounted with stale geometry."""
+    steps = Steps("stale", tmp_path / "log")
+    old, new = tmp_path / "old.raw", tmp_path / "new.raw"
+    for img, size_mb, start in ((old, 16, 2048), (new, 24, 4096)):
+        with open(img, "wb") as fh:
+            fh.truncate(size_mb * 2 ** 20)
+        subprocess.run(["sfdisk", "-q", str(img)], input=f"{start},,L\n", text=True, check=True)
+    # leave a partition on a loop device without deleting it (what a SIGKILL can do)
+    dev = subprocess.run(["losetup", "--find", "--show", str(old)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    subprocess.run(["partx", "--add", dev], check=True)
+    subprocess.run(["losetup", "--detach", dev], check=True)
+    try:
+        with loop_partition(new, steps) as part:
+            assert part == f"{dev}p1", "losetup --find chose another loop device"
+            name = Path(part).name
+            sysfs = Path(f"/sys/class/block/{name}")
+            assert int((sysfs / "start").read_text()) == 4096
+            assert int((sysfs / "size").read_text()) == 24 * 2048 - 4096
+    finally:
+        subprocess.run(["partx", "--delete", dev], capture_output=True)
