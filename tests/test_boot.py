@@ -51,10 +51,10 @@ def test_qcow2_lab_passes_and_gate_can_fail(built, lab):
     data = json.loads((out / "report.json").read_text())
     assert data["summary"] == {"passed": 6, "failed": 0} and data["context"]["wall_seconds"] > 0
     assert ET.parse(out / "junit.xml").getroot().get("failures") == "0"
-    for name in ("pve-1", "pve-2", "pve-3", "pbs-witness"):
-        # lean boot, nothing broken by it: no failed unit on any node
+    # lean boot, nothing broken by it: no failed unit on any node
     assert ctx["failed_units"] == {n: "" for n in ("pve-1", "pve-2", "pve-3", "pbs-witness")}, ctx["failed_units"]
-    # the serial console was captured (systemd reports units there; the getty prompt may
+    for name in ("pve-1", "pve-2", "pve-3", "pbs-witness"):
+        # the serial console was captured (systemd reports units there; the getty prompt may
         # come after SSH on a loaded host, so it is not required)
         console = (out / f"{name}.console.log").read_text(errors="replace")
         assert "Starting" in console or "Started" in console, name
