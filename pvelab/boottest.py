@@ -146,24 +146,34 @@ def boot_test(lab: Lab, names: list[str] | None = None, media: str = "qcow2",
 
 
 def _wait_all_ssh(machines: dict[str, Machine], timeout: float) -> dict[str, float]:
-    results: dict[str, float] = {}
+    def wait(m: Machine) -> float:
+        seconds = round(m.wait_for_ssh(timeout), 1)
+        _say(f"{m.name}: SSH up after {seconds}s at {m.address}")
+        return seconds
+
+    results, errors = _parallel(machines, wait)
+    if errors:
+        raise BootTestError("; ".join(errors.values()))
+    return results
+
+
+def _parallel(machines: dict[str, Machine], fn) -> tuple[dict, dict[str, str]]:
+    """fn(machine) on every VM at once: (name -> result, name -> MachineError text)."""
+    results: dict = {}
     errors: dict[str, str] = {}
 
-    def wait(m: Machine):
+    def run(m: Machine):
         try:
-            results[m.name] = round(m.wait_for_ssh(timeout), 1)
-            _say(f"{m.name}: SSH up after {results[m.name]}s at {m.address}")
+            results[m.name] = fn(m)
         except MachineError as exc:
             errors[m.name] = str(exc)
 
-    threads = [threading.Thread(target=wait, args=(m,), daemon=True) for m in machines.values()]
+    threads = [threading.Thread(target=run, args=(m,), daemon=True) for m in machines.values()]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    if errors:
-        raise BootTestError("; ".join(errors.values()))
-    return results
+    return results, errors
 
 
 ANALYZE = "systemd-analyze time; echo '--- blame'; systemd-analyze blame | head -n 12"
@@ -171,20 +181,9 @@ ANALYZE = "systemd-analyze time; echo '--- blame'; systemd-analyze blame | head 
 
 def _on_all(machines: dict[str, Machine], command: str) -> dict[str, str]:
     """Run one command on every VM at once; name -> output (or the error)."""
-    out: dict[str, str] = {}
-
-    def run(m: Machine):
-        try:
-            out[m.name] = m.execute(command, timeout=60)[1].strip()
-        except MachineError as exc:
-            out[m.name] = f"error: {exc}"
-
-    threads = [threading.Thread(target=run, args=(m,), daemon=True) for m in machines.values()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {name: out.get(name, "") for name in machines}
+    results, errors = _parallel(machines, lambda m: m.execute(command, timeout=60)[1].strip())
+    return {name: results[name] if name in results else f"error: {errors.get(name, '')}"
+            for name in machines}
 
 
 def boot_one(lab: Lab, name: str, media: str, firmware: str, accel: str) -> int:

@@ -187,18 +187,16 @@ class LiveParts:
 def live_parts(base: Base, steps: Steps) -> LiveParts:
     """Squash the base root once per base (cached beside it); kernel + live initrd are there."""
     d = base.dir
-    done = d / "live.json"
-    if not done.exists():
+    squashfs = d / "filesystem.squashfs"  # renamed into place only when complete
+    if not squashfs.exists():
         with open(base.dir.parent / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if not done.exists():
+            if not squashfs.exists():
                 with steps.stage("base squashfs for the live ISO"):
                     mnt = d / "mnt"
                     with loop_partition(base.raw, steps, read_only=True) as part, \
                             mounted(part, mnt, steps, read_only=True):
                         squash(mnt, d / "filesystem.squashfs.tmp", steps)
                     mnt.rmdir()
-                    os.replace(d / "filesystem.squashfs.tmp", d / "filesystem.squashfs")
-                    done.write_text(json.dumps({"kernel_version": base.info["kernel_version"]}) + "\n")
-    version = json.loads(done.read_text())["kernel_version"]
-    return LiveParts(d / "vmlinuz", d / "initrd.img", d / "filesystem.squashfs", version)
+                    os.replace(d / "filesystem.squashfs.tmp", squashfs)
+    return LiveParts(d / "vmlinuz", d / "initrd.img", squashfs, base.info["kernel_version"])
