@@ -192,16 +192,19 @@ class Machine:
 
     # -------------------------------------------------------------- SSH
     def wait_for_ssh(self, timeout: float) -> float:
-        """Poll until an SSH login as the lab user works; keep that one connection."""
+        """Poll until an SSH login as the lab user works; keep that one connection.
+
+        Short connect timeouts and pauses: until the guest has its address a connect
+        waits out ARP, and the time SSH came up is measured to about a second."""
         deadline = time.monotonic() + timeout
         last = "no attempt"
         while time.monotonic() < deadline:
             self._check_alive()
             try:
-                sock = self.net.connect(self.address, 22, timeout=5)
+                sock = self.net.connect(self.address, 22, timeout=1)
             except OSError as exc:
                 last = f"tcp: {exc}"
-                time.sleep(2)
+                time.sleep(0.25)
                 continue
             try:
                 client = paramiko.SSHClient()
@@ -218,7 +221,7 @@ class Machine:
             except (paramiko.SSHException, OSError, EOFError) as exc:
                 last = f"ssh: {type(exc).__name__}: {exc}"
                 sock.close()
-                time.sleep(3)
+                time.sleep(1)
         raise MachineError(f"{self.name}: no SSH login within {timeout:.0f}s (last: {last}); "
                            f"console: {self.console_log}")
 

@@ -118,6 +118,10 @@ def test_units_enabled(roots, lab, name):
             "systemd-networkd-wait-online.service").is_symlink()
     unit = (roots[name] / f"usr/lib/systemd/system/{role_unit}").read_text()
     assert "DynamicUser=yes" in unit and "Restart=on-failure" in unit
+    # byte-compiled at build time: the DynamicUser service cannot write __pycache__
+    cache = roots[name] / "usr/lib/pvelab/__pycache__"
+    assert sorted(p.name.split(".")[0] for p in cache.glob("*.pyc")) == \
+        ["compat", "pve_compat", "qdevice_compat"]
 
 
 @pytest.mark.parametrize("name", NODES)
@@ -153,14 +157,17 @@ def test_identity_hygiene(roots, name):
 
 
 def initrd_names(path: Path) -> list[str]:
-    """File names in an initramfs: concatenated newc cpio archives, each plain or gzip."""
+    """File names in an initramfs: concatenated newc cpio archives, each plain, gzip or zstd."""
     import gzip
     data, names = path.read_bytes(), []
     while data := data.lstrip(b"\0"):
         if data[:2] == b"\x1f\x8b":
             data = gzip.decompress(data)  # the compressed main archive ends the file
             continue
-        assert data[:6] == b"070701", f"{path}: not a newc cpio/gzip segment: {data[:8]!r}"
+        if data[:4] == b"\x28\xb5\x2f\xfd":
+            data = subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=True).stdout
+            continue
+        assert data[:6] == b"070701", f"{path}: not a newc cpio/gzip/zstd segment: {data[:8]!r}"
         off = 0
         while True:
             size, namesize = int(data[off + 54:off + 62], 16), int(data[off + 94:off + 102], 16)
@@ -187,8 +194,14 @@ def test_lean_disk_boot_and_live_initramfs(roots, built, tmp_path):
     assert any(n.endswith("/ext4.ko.xz") for n in names)
     assert not any("live" in n.split("/")[-1] or "/live/" in n for n in names), "live-boot in disk initrd"
     assert "usr/lib/udev/hwdb.bin" not in names and "usr/sbin/iscsistart" not in names
+    # no udev in the disk's initramfs: drivers by modalias, /dev handed over at the end
+    assert "usr/lib/systemd/systemd-udevd" not in names and "usr/bin/udevadm" not in names
+    assert {"scripts/init-top/pvelab-coldplug", "scripts/local-block/pvelab-coldplug",
+            "scripts/init-bottom/pvelab-move-dev"} <= set(names)
+    assert b"\x28\xb5\x2f\xfd" in disk[0].read_bytes()[:4 << 20], "disk initramfs not zstd"
     pkgs = installed(root)
     assert not pkgs & {"live-boot", "live-boot-initramfs-tools", "open-iscsi"}
+    assert {"e2fsprogs", "zstd"} <= pkgs  # fsck.ext4 for the root; the initramfs compressor
     # what the first boot would redo is stamped done; no generator or unit we masked runs
     assert (root / "etc/.updated").is_file() and (root / "var/.updated").is_file()
     for gen in ("systemd-ssh-generator", "systemd-gpt-auto-generator"):
@@ -199,6 +212,7 @@ def test_lean_disk_boot_and_live_initramfs(roots, built, tmp_path):
     _xorriso(built["pve-1"].iso, "-osirrox", "on", "-extract", "/live/initrd.img", str(tmp_path / "i"))
     live = initrd_names(tmp_path / "i")
     assert "usr/bin/live-boot" in live and any(n.endswith("/squashfs.ko.xz") for n in live)
+    assert "usr/lib/systemd/systemd-udevd" in live and not any("pvelab-" in n for n in live)
 
 
 def _xorriso(iso, *args):
