@@ -1,13 +1,13 @@
 """Invoke tasks: a thin layer that parses arguments and calls pvelab.
 
-    invoke render [--node pve-1]     rendered overlays in build/<node>/overlay/
-    invoke recipes                   JSON recipes + scenario in build/recipes/
-    invoke build [--node pve-1]      qcow2 + ISO + manifest per node in build/<node>/
-    invoke boot-test [--media iso --firmware uefi]   boot all four, run the scenario
-    invoke boot --node pve-1         one node on this terminal
-    invoke publish [--dest DIR] [--keep N]   gated, atomic release of tested artefacts
-    invoke nightly [--dest DIR]      build + boot-test (qcow2, ISO BIOS/UEFI) + publish
-    invoke bench                     stock DIB vs pvelab: times, sizes, ratios
+invoke render [--node pve-1]     rendered overlays in build/<lab>/<node>/overlay/
+invoke recipes                   JSON recipes + scenario in build/<lab>/recipes/
+invoke build [--node pve-1]      qcow2 + ISO + manifest per node in build/<lab>/<node>/
+invoke boot-test [--media iso --firmware uefi]   boot all four, run the scenario
+invoke boot --node pve-1         one node on this terminal
+invoke publish [--dest DIR] [--keep N]   gated, atomic release of tested artefacts
+invoke nightly [--dest DIR]      build + boot-test (qcow2, ISO BIOS/UEFI) + publish
+invoke bench                     stock DIB vs pvelab: times, sizes, ratios
 """
 
 import functools
@@ -20,123 +20,189 @@ from pvelab.paths import DEFAULT_LAB
 
 def _lab(path):
     from pvelab.lab import load_lab
+
     return load_lab(path)
 
 
+def _keep(keep):
+    from pvelab.errors import PvelabError
+
+    if keep is None:
+        return None
+    try:
+        return int(keep)
+    except ValueError:
+        raise PvelabError(f"--keep: {keep!r}: must be a whole number") from None
+
+
 def friendly(fn):
-    """Known failures (bad lab file, missing host tool, failed step) exit 2 without a traceback."""
+    """Every expected failure is a PvelabError: one line, exit 2, no traceback."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from pvelab.boottest import BootTestError
-        from pvelab.build import PreflightError
-        from pvelab.lab import LabError
-        from pvelab.labnet import LabNetError
-        from pvelab.machine import MachineError
-        from pvelab.publish import PublishError
-        from pvelab.run import StepError
+        from pvelab.errors import PvelabError
+
         try:
             return fn(*args, **kwargs)
-        except (LabError, PreflightError, StepError, BootTestError, MachineError, LabNetError,
-                PublishError) as exc:
-            raise Exit(f"error: {exc}", code=2)
+        except PvelabError as exc:
+            raise Exit(f"error: {exc}", code=exc.exit_code) from None
         except KeyboardInterrupt:
-            raise Exit("interrupted: stopped and cleaned up (no artefact was replaced)", code=130)
+            raise Exit("interrupted: stopped and cleaned up (no artefact was replaced)", code=130) from None
+
     return wrapper
 
 
-@task(iterable=["node"], help={"node": "node to render (repeatable; default all)",
-                               "lab": "lab definition file"})
+@task(
+    iterable=["node"], help={"node": "node to render (repeatable; default all)", "lab": "lab definition file"}
+)
 @friendly
 def render(c, node=None, lab=str(DEFAULT_LAB)):
-    """Render the Jinja2 overlays of each node into build/<node>/overlay/."""
+    """Render the overlays of each node into build/<lab>/<node>/overlay/."""
     from pvelab.render import render_lab
-    for overlay in render_lab(_lab(lab), node):
-        print(f"{overlay.node}: {overlay.tree} (+ {overlay.manifest.name})")
+
+    for tree in render_lab(_lab(lab), node):
+        print(tree)
 
 
 @task(help={"lab": "lab definition file"})
 @friendly
 def recipes(c, lab=str(DEFAULT_LAB)):
-    """Write one JSON recipe per node and the scenario JSON into build/recipes/."""
+    """Write one JSON recipe per node and the scenario JSON into build/<lab>/recipes/."""
     from pvelab.recipes import export_recipes
+
     for path in export_recipes(_lab(lab)):
         print(path)
 
 
-@task(iterable=["node"], help={"node": "node to build (repeatable; default all)",
-                               "lab": "lab definition file",
-                               "rebuild_base": "rebuild the shared base even if cached"})
+@task(
+    iterable=["node"],
+    help={
+        "node": "node to build (repeatable; default all)",
+        "lab": "lab definition file",
+        "rebuild_base": "rebuild the shared base even if cached",
+    },
+)
 @friendly
 def build(c, node=None, lab=str(DEFAULT_LAB), rebuild_base=False):
-    """Build qcow2 + bootable ISO + manifest for each node into build/<node>/."""
+    """Build qcow2 + bootable ISO + manifest for each node into build/<lab>/<node>/."""
     from pvelab.build import build as run_build
+
     for result in run_build(_lab(lab), node, force_base=rebuild_base):
         print(f"{result.node}: {result.qcow2} {result.iso} ({result.seconds:.0f}s)")
 
 
-@task(name="boot-test", iterable=["node"],
-      help={"node": "node to boot (repeatable; default all)", "media": "qcow2 or iso",
-            "firmware": "bios or uefi (uefi with --media iso)", "accel": "auto, kvm or tcg",
-            "lab": "lab definition file", "timeout": "seconds each assertion may take to pass",
-            "analyze": "also record systemd-analyze time/blame of every guest in report.json"})
+@task(
+    name="boot-test",
+    iterable=["node"],
+    help={
+        "node": "node to boot (repeatable; default all)",
+        "media": "qcow2 or iso",
+        "firmware": "bios or uefi (uefi with --media iso)",
+        "accel": "auto, kvm or tcg",
+        "lab": "lab definition file",
+        "timeout": "seconds each assertion may take to pass",
+        "analyze": "also record systemd-analyze time/blame of every guest in report.json",
+    },
+)
 @friendly
-def boot_test(c, node=None, media="qcow2", firmware="bios", accel="auto", lab=str(DEFAULT_LAB),
-              timeout=180, analyze=False):
+def boot_test(
+    c,
+    node=None,
+    media="qcow2",
+    firmware="bios",
+    accel="auto",
+    lab=str(DEFAULT_LAB),
+    timeout=180,
+    analyze=False,
+):
     """Boot the built nodes together under QEMU and run the lab's validation scenario."""
     from pvelab.boottest import boot_test as run
-    report = run(_lab(lab), node, media=media, firmware=firmware, accel=accel, timeout=float(timeout),
-                 analyze=analyze)
+
+    report = run(
+        _lab(lab), node, media=media, firmware=firmware, accel=accel, timeout=float(timeout), analyze=analyze
+    )
     if not report.passed:
         raise Exit("boot test FAILED", code=1)
 
 
-@task(help={"node": "node to boot", "media": "qcow2 or iso", "firmware": "bios or uefi",
-            "accel": "auto, kvm or tcg", "lab": "lab definition file"})
+@task(
+    help={
+        "node": "node to boot",
+        "media": "qcow2 or iso",
+        "firmware": "bios or uefi",
+        "accel": "auto, kvm or tcg",
+        "lab": "lab definition file",
+    }
+)
 @friendly
 def boot(c, node, media="qcow2", firmware="bios", accel="auto", lab=str(DEFAULT_LAB)):
     """Boot one node with its serial console on this terminal (quit: Ctrl-a x)."""
     from pvelab.boottest import boot_one
+
     raise Exit(code=boot_one(_lab(lab), node, media, firmware, accel))
 
 
-@task(help={"dest": "release root (local folder, NFS or object-store mount)",
-            "keep": "keep only the newest N releases", "lab": "lab definition file",
-            "gpg_key": "sign SHA256SUMS with this GPG key (or set PVELAB_GPG_KEY)"})
+@task(
+    help={
+        "dest": "release root (local folder, NFS or object-store mount)",
+        "keep": "keep only the newest N releases",
+        "lab": "lab definition file",
+        "gpg_key": "sign SHA256SUMS with this GPG key (or set PVELAB_GPG_KEY)",
+        "artefacts": "comma-separated artefact kinds to publish (default: qcow2,iso)",
+    }
+)
 @friendly
-def publish(c, dest=None, keep=None, lab=str(DEFAULT_LAB), gpg_key=None):
+def publish(c, dest=None, keep=None, lab=str(DEFAULT_LAB), gpg_key=None, artefacts="qcow2,iso"):
     """Publish what is built and boot-tested as DEST/<lab>/<timestamp>/ (gated, atomic)."""
     import os
-    from pvelab.publish import DEFAULT_DEST, publish as run
-    rel = run(_lab(lab), dest or DEFAULT_DEST, keep=int(keep) if keep else None,
-              gpg_key=gpg_key or os.environ.get("PVELAB_GPG_KEY"))
+
+    from pvelab.publish import publish as run
+
+    rel = run(
+        _lab(lab),
+        dest,
+        keep=_keep(keep),
+        kinds=tuple(k for k in artefacts.split(",") if k),
+        gpg_key=gpg_key or os.environ.get("PVELAB_GPG_KEY"),
+    )
     print(f"published {rel.path} ({len(rel.files)} artefacts)")
 
 
-@task(help={"dest": "release root", "keep": "keep only the newest N releases",
-            "lab": "lab definition file", "accel": "auto, kvm or tcg",
-            "gpg_key": "sign SHA256SUMS with this GPG key (or set PVELAB_GPG_KEY)"})
+@task(
+    help={
+        "dest": "release root",
+        "keep": "keep only the newest N releases",
+        "lab": "lab definition file",
+        "accel": "auto, kvm or tcg",
+        "gpg_key": "sign SHA256SUMS with this GPG key (or set PVELAB_GPG_KEY)",
+    }
+)
 @friendly
 def nightly(c, dest=None, keep=None, lab=str(DEFAULT_LAB), accel="auto", gpg_key=None):
     """Build all nodes, boot-test qcow2 (BIOS) and ISO (BIOS and UEFI), then publish."""
     import os
+
     from pvelab.boottest import boot_test as run_boot
     from pvelab.build import build as run_build
-    from pvelab.publish import DEFAULT_DEST, publish as run_publish
+    from pvelab.publish import publish as run_publish
+
     model = _lab(lab)
     run_build(model)
     for media, firmware in (("qcow2", "bios"), ("iso", "bios"), ("iso", "uefi")):
         if not run_boot(model, media=media, firmware=firmware, accel=accel).passed:
             raise Exit(f"nightly: boot test {media}/{firmware} FAILED; nothing published", code=1)
-    rel = run_publish(model, dest or DEFAULT_DEST, keep=int(keep) if keep else None,
-                      gpg_key=gpg_key or os.environ.get("PVELAB_GPG_KEY"))
+    rel = run_publish(model, dest, keep=_keep(keep), gpg_key=gpg_key or os.environ.get("PVELAB_GPG_KEY"))
     print(f"published {rel.path} ({len(rel.files)} artefacts)")
 
 
 @task(help={"boots": "boots of each image for the boot-to-SSH figure (median; default 3)"})
+@friendly
 def bench(c, boots=3):
     """Stock DIB vs pvelab side by side: build times, boot to SSH, sizes; ratios + JSON."""
     import subprocess
-    import sys
+
     from pvelab.paths import ROOT
-    raise Exit(code=subprocess.call([sys.executable, str(ROOT / "bench" / "bench.py"),
-                                     "--boots", str(int(boots))]))
+
+    raise Exit(
+        code=subprocess.call([sys.executable, str(ROOT / "bench" / "bench.py"), "--boots", str(int(boots))])
+    )

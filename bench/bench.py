@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """pvelab benchmark: stock diskimage-builder vs pvelab, side by side, in one run.
 
-Prints every figure and every ratio of issue #6 and writes build/bench/bench.json.
+Prints every figure and every ratio of issue #6 and writes build/bench/bench.json
+(under PVELAB_BUILD_DIR when set).
 Nothing here is asserted: targets are reported as met or missed.
 
     .venv/bin/invoke bench            (or: .venv/bin/python bench/bench.py)
@@ -29,14 +30,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pvelab import dib_blockdev  # noqa: E402
+from pvelab.artefacts import Layout  # noqa: E402
 from pvelab.hostapt import dib_mirror_env  # noqa: E402
 from pvelab.lab import load_lab  # noqa: E402
 from pvelab.labnet import LabNet  # noqa: E402
 from pvelab.machine import Machine  # noqa: E402
-from pvelab.paths import DEFAULT_LAB  # noqa: E402
+from pvelab.media import MEDIA, Firmware  # noqa: E402
+from pvelab.paths import DEFAULT_LAB, build_root  # noqa: E402
+from pvelab.qemu import VmSpec, prepare  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
-OUT = ROOT / "build" / "bench"
+OUT = build_root() / "bench"
 STOCK_ELEMENTS = ["debian-minimal", "vm", "openssh-server", "devuser", "dhcp-all-interfaces"]
 TARGETS = {  # metric: (limit, description)
     "cold_build_ratio": (1.5, "cold build of all four (qcow2+ISO) / one stock cold build"),
@@ -67,19 +71,35 @@ def timed(cmd: list[str], env: dict, log: Path) -> float:
 def stock_build(lab, cache: Path, out: Path, log: Path) -> float:
     env = dict(os.environ)
     env.update(dib_mirror_env())
-    env.update({
-        "PATH": f"{VENV_BIN}:{env.get('PATH', '')}",
-        "DIB_RELEASE": lab.release,
-        "DIB_IMAGE_CACHE": str(cache),
-        "DIB_DEV_USER_USERNAME": lab.user.name,
-        "DIB_DEV_USER_PASSWORD": lab.user.password,
-        "DIB_DEV_USER_PWDLESS_SUDO": "yes",
-    })
+    env.update(
+        {
+            "PATH": f"{VENV_BIN}:{env.get('PATH', '')}",
+            "DIB_RELEASE": lab.release,
+            "DIB_IMAGE_CACHE": str(cache),
+            "DIB_DEV_USER_USERNAME": lab.user.name,
+            "DIB_DEV_USER_PASSWORD": lab.user.password,
+            "DIB_DEV_USER_PWDLESS_SUDO": "yes",
+        }
+    )
     if dib_blockdev.needs_loop_partitions():
         env["DIB_BLOCK_DEVICE_CONFIG"] = dib_blockdev.block_device_config("pvelab_partitioning")
     packages = sorted({p for n in lab.nodes for p in n.packages})
-    return timed(["disk-image-create", "-a", "amd64", "-t", "qcow2", "-o", str(out),
-                  "-p", ",".join(packages), *STOCK_ELEMENTS], env, log)
+    return timed(
+        [
+            "disk-image-create",
+            "-a",
+            "amd64",
+            "-t",
+            "qcow2",
+            "-o",
+            str(out),
+            "-p",
+            ",".join(packages),
+            *STOCK_ELEMENTS,
+        ],
+        env,
+        log,
+    )
 
 
 def pvelab(args: list[str], env_extra: dict, log: Path) -> float:
@@ -90,7 +110,10 @@ def pvelab(args: list[str], env_extra: dict, log: Path) -> float:
 def ssh_banner_seconds(lab, image: Path, name: str, ram: int, workdir: Path, timeout: float = 600) -> float:
     """Boot one VM under TCG on the lab network; seconds until port 22 sends an SSH banner."""
     with LabNet([name], workdir) as net:
-        m = Machine(name, ram, image, "qcow2", "bios", "tcg", workdir, net)
+        qcow2, bios = MEDIA["qcow2"], Firmware.BIOS
+        drive = prepare(qcow2, bios, image, workdir, name)
+        spec = VmSpec(name, ram, qcow2, bios, "tcg", drive, workdir, tap=net.taps[name], mac=net.macs[name])
+        m = Machine(spec, net)
         try:
             m.start()
             deadline = time.monotonic() + timeout
@@ -115,8 +138,9 @@ def ssh_banner_seconds(lab, image: Path, name: str, ram: int, workdir: Path, tim
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--boots", type=int, default=3,
-                        help="boots of each image for the boot-to-SSH figure (median)")
+    parser.add_argument(
+        "--boots", type=int, default=3, help="boots of each image for the boot-to-SSH figure (median)"
+    )
     boots = max(1, parser.parse_args(argv).boots)
     lab = load_lab(DEFAULT_LAB)
     shutil.rmtree(OUT, ignore_errors=True)
@@ -129,7 +153,7 @@ def main(argv: list[str]) -> int:
     figures["stock_cold_s"] = stock_build(lab, stock_cache, OUT / "stock" / "stock", log)
     figures["stock_cached_s"] = stock_build(lab, stock_cache, OUT / "stock" / "stock", log)
     stock_qcow2 = OUT / "stock" / "stock.qcow2"
-    figures["stock_qcow2_mib"] = stock_qcow2.stat().st_size / 2 ** 20
+    figures["stock_qcow2_mib"] = stock_qcow2.stat().st_size / 2**20
 
     # --- pvelab, cold (empty caches), all four nodes
     pbuild = OUT / "pvelab-build"
@@ -141,21 +165,26 @@ def main(argv: list[str]) -> int:
     shutil.copytree(ROOT / "overlays", overlays)
     tpl = overlays / "pve-host" / "etc" / "pve" / "storage.cfg.j2"
     tpl.write_text("# storage edited by the benchmark\n" + tpl.read_text())
-    figures["pvelab_rebuild_one_s"] = pvelab(["build", "--node", "pve-1"],
-                                             dict(env, PVELAB_OVERLAYS_DIR=str(overlays)), log)
+    figures["pvelab_rebuild_one_s"] = pvelab(
+        ["build", "--node", "pve-1"], dict(env, PVELAB_OVERLAYS_DIR=str(overlays)), log
+    )
     # restore the real template's output so the boot test below runs the real lab
     pvelab(["build", "--node", "pve-1"], env, log)
 
-    pve1 = pbuild / "pve-1" / "pve-1.qcow2"
-    figures["pvelab_qcow2_mib"] = pve1.stat().st_size / 2 ** 20
-    figures["pvelab_iso_mb"] = (pbuild / "pve-1" / "pve-1.iso").stat().st_size / 1e6
+    layout = Layout(lab.name)
+    pve1 = pbuild / lab.name / "pve-1" / "pve-1.qcow2"
+    assert layout.artefact("pve-1", "qcow2").relative_to(build_root()) == pve1.relative_to(pbuild)
+    figures["pvelab_qcow2_mib"] = pve1.stat().st_size / 2**20
+    figures["pvelab_iso_mb"] = pve1.with_suffix(".iso").stat().st_size / 1e6
 
     # --- boot to SSH, one VM at a time, TCG; alternating, median of several boots
     # (an emulated boot varies by +-10% run to run)
     node = lab.node("pve-1")
     samples: dict[str, list[float]] = {"stock": [], "pvelab": []}
     for i in range(boots):
-        samples["stock"].append(ssh_banner_seconds(lab, stock_qcow2, "stock", node.ram_mb, OUT / "boot-stock"))
+        samples["stock"].append(
+            ssh_banner_seconds(lab, stock_qcow2, "stock", node.ram_mb, OUT / "boot-stock")
+        )
         samples["pvelab"].append(ssh_banner_seconds(lab, pve1, "pve-1", node.ram_mb, OUT / "boot-pvelab"))
         say(f"boot {i + 1}/{boots}: stock {samples['stock'][-1]:.1f}s, pvelab {samples['pvelab'][-1]:.1f}s")
     figures["stock_boot_ssh_s"] = statistics.median(samples["stock"])
@@ -185,11 +214,14 @@ def main(argv: list[str]) -> int:
         met += ok
         print(f"  {'MET ' if ok else 'MISS'} {k:22s} {v:8.2f}  (target <= {limit}; {what})")
     print(f"\n{met} of {len(ratios)} targets met")
-    result = {"figures": figures, "ratios": ratios,
-              "targets": {k: v[0] for k, v in TARGETS.items()},
-              "met": {k: ratios[k] <= TARGETS[k][0] for k in ratios},
-              "boot_samples_s": samples,
-              "host": {"cores": os.cpu_count(), "hostname": socket.gethostname()}}
+    result = {
+        "figures": figures,
+        "ratios": ratios,
+        "targets": {k: v[0] for k, v in TARGETS.items()},
+        "met": {k: ratios[k] <= TARGETS[k][0] for k in ratios},
+        "boot_samples_s": samples,
+        "host": {"cores": os.cpu_count(), "hostname": socket.gethostname()},
+    }
     (OUT / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"JSON: {OUT / 'bench.json'}; log: {log}")
     return 0

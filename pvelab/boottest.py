@@ -1,49 +1,53 @@
 """`invoke boot-test`: boot the built nodes together and run the lab's scenario.
 
-Network namespace + bridge + dnsmasq (labnet), one QEMU per node on a throwaway
-overlay of its artefact (machine), the scenario from the lab file (scenario), then
-reports under ``build/boot-test/``: console logs, ``report.json``, ``junit.xml``.
-VMs, taps, dnsmasq and the namespace are removed on success, failure and Ctrl-C.
+:func:`booted_lab` is the shared harness (the rehearsal uses it too): a network
+namespace with a bridge and dnsmasq (labnet), one QEMU per node on a throwaway overlay
+of its artefact (qemu, machine), SSH to every guest. VMs, taps, dnsmasq and the
+namespace are removed on success, failure, Ctrl-C and SIGTERM. :func:`boot_test` runs
+the lab's scenario on it and writes the reports under
+``build/<lab>/boot-test/<media>-<firmware>/``: console logs, ``report.json``, ``junit.xml``.
 """
 
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pycdlib
 
-from .build import sha256
+from .artefacts import ArtefactRef, BootReport, Layout, sha256
+from .errors import PvelabError
 from .lab import Lab, Node
 from .labnet import LabNet
-from .machine import Machine, MachineError, resolve_accel
-from .paths import build_root, node_dir
-from .scenario import Report, run_scenario, summary, write_reports
+from .machine import Machine, MachineError
+from .media import Firmware, Medium, boot_combination
+from .qemu import VmSpec, prepare, qemu_command, resolve_accel
+from .scenario import run_scenario, summary, write_reports
 
-SSH_TIMEOUT_TCG = 900.0
-SSH_TIMEOUT_KVM = 240.0
+SSH_TIMEOUT = {"tcg": 900.0, "kvm": 240.0}
+ANALYZE = "systemd-analyze time; echo '--- blame'; systemd-analyze blame | head -n 12"
 
 
-class BootTestError(RuntimeError):
+class BootTestError(PvelabError):
     pass
 
 
-def artefact(node: Node, media: str) -> Path:
-    path = node_dir(node.name) / f"{node.name}.{media}"
+def artefact(lab: Lab, node: Node, kind: str) -> Path:
+    path = Layout(lab.name).artefact(node.name, kind)
     if not path.exists():
-        raise BootTestError(f"{path} is missing: run `invoke build --node {node.name}` first")
+        raise BootTestError(
+            f"{path} is missing: run `invoke build --lab {lab.path} --node {node.name}` first"
+        )
     return path
-
-
-def report_dir(media: str, firmware: str) -> Path:
-    """build/boot-test/ for the default qcow2+BIOS run, build/boot-test/<media>-<firmware>/ else."""
-    root = build_root() / "boot-test"
-    return root if (media, firmware) == ("qcow2", "bios") else root / f"{media}-{firmware}"
 
 
 def kernel_from_iso(iso: Path, dest: Path) -> Path:
@@ -57,112 +61,115 @@ def kernel_from_iso(iso: Path, dest: Path) -> Path:
     return dest
 
 
-_T0 = [time.monotonic()]
+class Progress:
+    """``[label 12.3s] message`` lines on stderr, timed from the start of the run."""
+
+    def __init__(self, label: str):
+        self.label, self.t0 = label, time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{self.label} {self.elapsed():6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def _say(msg: str) -> None:
-    print(f"[boot-test {time.monotonic() - _T0[0]:6.1f}s] {msg}", file=sys.stderr, flush=True)
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
-def boot_test(lab: Lab, names: list[str] | None = None, media: str = "qcow2",
-              firmware: str = "bios", accel: str = "auto", outdir: Path | None = None,
-              timeout: float = 180.0, after=None, analyze: bool = False) -> Report:
-    """Boot the selected nodes together, run the scenario, write reports; return the report.
-
-    ``analyze`` adds each guest's ``systemd-analyze time``/``blame`` to the report (after
-    the verdict; it costs ~15 s of emulated CPU per guest, so it is opt-in).
-
-    ``after(machines, report)``, if given, runs while the VMs are still up (tests use it
-    to break a node and show the gate failing); what it returns lands in
-    ``report.context["after"]``.
-    """
-    if media not in ("qcow2", "iso"):
-        raise BootTestError(f"--media: {media!r}: must be qcow2 or iso")
-    if firmware not in ("bios", "uefi"):
-        raise BootTestError(f"--firmware: {firmware!r}: must be bios or uefi")
-    if media == "qcow2" and firmware == "uefi":
-        raise BootTestError("--firmware uefi boots the ISO (--media iso); the qcow2 is a BIOS/MBR disk")
-    nodes = lab.select(names)
-    files = {n.name: artefact(n, media) for n in nodes}
-    outdir = outdir or report_dir(media, firmware)
-    outdir.mkdir(parents=True, exist_ok=True)
-    t0 = _T0[0] = time.monotonic()
-
-    with tempfile.TemporaryDirectory(prefix="pvelab-boot-") as tmp:
-        probe_kernel = kernel_from_iso(artefact(nodes[0], "iso"), Path(tmp) / "vmlinuz")
-        chosen, why = resolve_accel(accel, probe_kernel)
-    _say(f"accelerator: {chosen} ({why})")
-    context = {
-        "lab": lab.name, "media": media, "firmware": firmware, "accel": chosen, "accel_reason": why,
-        "artefacts": {name: {"path": str(p), "sha256": sha256(p)} for name, p in files.items()},
-    }
-
-    # SIGTERM (CI timeouts, kill) unwinds like Ctrl-C so everything is cleaned up.
-    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (CI timeouts, kill) unwinds like Ctrl-C, so everything is cleaned up."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        with ExitStack() as stack:
-            net = stack.enter_context(LabNet([n.name for n in nodes], outdir))
-            machines = {}
-            for n in nodes:
-                m = Machine(n.name, n.ram_mb, files[n.name], media, firmware, chosen, outdir, net,
-                            user=lab.user.name, password=lab.user.password)
-                stack.callback(m.stop)
-                machines[n.name] = m
-            for m in machines.values():
-                m.start()
-            _say(f"started {len(machines)} VM(s) ({media}, {firmware}); consoles in {outdir}")
-            boot_seconds = _wait_all_ssh(machines, SSH_TIMEOUT_KVM if chosen == "kvm" else SSH_TIMEOUT_TCG)
-            context["ssh_ready_seconds"] = boot_seconds
-            context["dhcp_leases"] = net.leases()
-            context["host_keys"] = {name: m.host_key for name, m in machines.items()}
-
-            def execute(vm: str, command: str) -> tuple[int, str]:
-                return machines[vm].execute(command, timeout=60)
-
-            _say("running scenario " + lab.scenario.name)
-            report = run_scenario(lab.scenario, execute, timeout=timeout, context=context)
-            _say(f"scenario done: {'passed' if report.passed else 'FAILED'}")
-            failed = _on_all(machines, "systemctl --failed --no-legend --plain")
-            report.context["failed_units"] = failed
-            for name, units in failed.items():
-                if units:
-                    _say(f"{name}: failed units: {' '.join(l.split()[0] for l in units.splitlines())}")
-            if analyze:  # diagnostics after the verdict, all VMs at once
-                _say("reading systemd-analyze from the guests")
-                report.context["boot_analysis"] = {
-                    name: dict(zip(("time", "blame"), (p.strip() for p in text.split("--- blame", 1))))
-                    for name, text in _on_all(machines, ANALYZE).items()}
-            if after:
-                report.context["after"] = after(machines, report)
-            _say("stopping the VMs and the lab network")
+        yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-    report.context["wall_seconds"] = round(time.monotonic() - t0, 1)
-    write_reports(report, outdir)
-    print(summary(report), flush=True)
-    print(f"boot test wall time: {report.context['wall_seconds']}s; reports: "
-          f"{outdir / 'report.json'}, {outdir / 'junit.xml'}", flush=True)
-    return report
 
 
-def _wait_all_ssh(machines: dict[str, Machine], timeout: float) -> dict[str, float]:
+def choose_accel(lab: Lab, node: Node, requested: str) -> tuple[str, str]:
+    with tempfile.TemporaryDirectory(prefix="pvelab-boot-") as tmp:
+        return resolve_accel(requested, kernel_from_iso(artefact(lab, node, "iso"), Path(tmp) / "vmlinuz"))
+
+
+@dataclass
+class BootedLab:
+    """The running lab: its network, one Machine per node, and when each got SSH."""
+
+    lab: Lab
+    net: LabNet
+    machines: dict[str, Machine]
+    accel: str
+    accel_reason: str
+    outdir: Path
+    say: Progress
+    ssh_ready_seconds: dict[str, float] = field(default_factory=dict)
+
+    def on_all(self, command: str, names: list[str] | None = None) -> dict[str, str]:
+        """Run one command on the given (default: all) VMs at once; name -> output or error."""
+        machines = {n: self.machines[n] for n in (names or self.machines)}
+        results, errors = parallel(machines, lambda m: m.execute(command, timeout=60)[1].strip())
+        return {n: results[n] if n in results else f"error: {errors.get(n, '')}" for n in machines}
+
+
+@contextmanager
+def booted_lab(
+    lab: Lab, nodes: tuple[Node, ...], medium: Medium, fw: Firmware, accel: str, outdir: Path, say: Progress
+) -> Iterator[BootedLab]:
+    """Boot ``nodes`` together on an isolated lab network; yield when every one has SSH."""
+    files = {n.name: artefact(lab, n, medium.artefact) for n in nodes}
+    chosen, why = choose_accel(lab, nodes[0], accel)
+    say(f"accelerator: {chosen} ({why})")
+    outdir.mkdir(parents=True, exist_ok=True)
+    with sigterm_unwinds(), ExitStack() as stack:
+        net = stack.enter_context(LabNet([n.name for n in nodes], outdir))
+        machines = {}
+        for n in nodes:
+            drive = prepare(medium, fw, files[n.name], outdir, n.name)
+            spec = VmSpec(
+                n.name,
+                n.ram_mb,
+                medium,
+                fw,
+                chosen,
+                drive,
+                outdir,
+                tap=net.taps[n.name],
+                mac=net.macs[n.name],
+            )
+            m = Machine(spec, net, user=lab.user.name, password=lab.user.password)
+            stack.callback(m.stop)
+            machines[n.name] = m
+        for m in machines.values():
+            m.start()
+        say(f"started {len(machines)} VM(s) ({medium.name}, {fw.value}); consoles in {outdir}")
+        booted = BootedLab(lab, net, machines, chosen, why, outdir, say)
+        booted.ssh_ready_seconds = wait_all_ssh(booted)
+        yield booted
+        say("stopping the VMs and the lab network")
+
+
+def wait_all_ssh(booted: BootedLab) -> dict[str, float]:
+    timeout = SSH_TIMEOUT.get(booted.accel, SSH_TIMEOUT["tcg"])
+
     def wait(m: Machine) -> float:
         seconds = round(m.wait_for_ssh(timeout), 1)
-        _say(f"{m.name}: SSH up after {seconds}s at {m.address}")
+        booted.say(f"{m.name}: SSH up after {seconds}s at {m.address}")
         return seconds
 
-    results, errors = _parallel(machines, wait)
+    results, errors = parallel(booted.machines, wait)
     if errors:
         raise BootTestError("; ".join(errors.values()))
     return results
 
 
-def _parallel(machines: dict[str, Machine], fn) -> tuple[dict, dict[str, str]]:
+def parallel(machines: dict[str, Machine], fn: Callable[[Machine], Any]) -> tuple[dict, dict[str, str]]:
     """fn(machine) on every VM at once: (name -> result, name -> MachineError text)."""
     results: dict = {}
     errors: dict[str, str] = {}
 
-    def run(m: Machine):
+    def run(m: Machine) -> None:
         try:
             results[m.name] = fn(m)
         except MachineError as exc:
@@ -176,25 +183,92 @@ def _parallel(machines: dict[str, Machine], fn) -> tuple[dict, dict[str, str]]:
     return results, errors
 
 
-ANALYZE = "systemd-analyze time; echo '--- blame'; systemd-analyze blame | head -n 12"
+After = Callable[[dict[str, Machine], BootReport], Any]
 
 
-def _on_all(machines: dict[str, Machine], command: str) -> dict[str, str]:
-    """Run one command on every VM at once; name -> output (or the error)."""
-    results, errors = _parallel(machines, lambda m: m.execute(command, timeout=60)[1].strip())
-    return {name: results[name] if name in results else f"error: {errors.get(name, '')}"
-            for name in machines}
+def boot_test(
+    lab: Lab,
+    names: list[str] | None = None,
+    media: str = "qcow2",
+    firmware: str = "bios",
+    accel: str = "auto",
+    outdir: Path | None = None,
+    timeout: float = 180.0,
+    after: After | None = None,
+    analyze: bool = False,
+) -> BootReport:
+    """Boot the selected nodes together, run the scenario, write reports; return the report.
+
+    ``analyze`` adds each guest's ``systemd-analyze time``/``blame`` (after the verdict;
+    ~15 s of emulated CPU per guest). ``after(machines, report)`` runs while the VMs are
+    still up (tests use it to break a node and show the gate failing).
+    """
+    medium, fw = boot_combination(media, firmware)
+    nodes = lab.select(names)
+    outdir = outdir or Layout(lab.name).boot_test_dir(medium.name, fw.value)
+    say = Progress("boot-test")
+    refs = {n.name: artefact(lab, n, medium.artefact) for n in nodes}
+    with booted_lab(lab, nodes, medium, fw, accel, outdir, say) as booted:
+        report = BootReport(
+            lab=lab.name,
+            lab_file=str(lab.path),
+            media=medium.name,
+            firmware=fw.value,
+            accel=booted.accel,
+            accel_reason=booted.accel_reason,
+            artefacts={k: ArtefactRef(str(p), sha256(p)) for k, p in refs.items()},
+            result=_scenario(booted, timeout),
+            ssh_ready_seconds=booted.ssh_ready_seconds,
+            dhcp_leases=booted.net.leases(),
+            host_keys={name: m.host_key for name, m in booted.machines.items()},
+        )
+        _diagnose(booted, report, analyze)
+        if after:
+            report.after = after(booted.machines, report)
+    report.wall_seconds = round(say.elapsed(), 1)
+    write_reports(report, outdir)
+    print(summary(report.result), flush=True)
+    print(
+        f"boot test wall time: {report.wall_seconds}s; reports: "
+        f"{outdir / 'report.json'}, {outdir / 'junit.xml'}",
+        flush=True,
+    )
+    return report
+
+
+def _scenario(booted: BootedLab, timeout: float):
+    booted.say("running scenario " + booted.lab.scenario.name)
+    result = run_scenario(
+        booted.lab.scenario, lambda vm, cmd: booted.machines[vm].execute(cmd, timeout=60), timeout=timeout
+    )
+    booted.say(f"scenario done: {'passed' if result.passed else 'FAILED'}")
+    return result
+
+
+def _diagnose(booted: BootedLab, report: BootReport, analyze: bool) -> None:
+    """Failed units on every VM (always) and systemd-analyze (opt-in), after the verdict."""
+    report.failed_units = booted.on_all("systemctl --failed --no-legend --plain")
+    for name, units in report.failed_units.items():
+        if units:
+            booted.say(f"{name}: failed units: {' '.join(u.split()[0] for u in units.splitlines())}")
+    if analyze:
+        booted.say("reading systemd-analyze from the guests")
+        report.boot_analysis = {
+            name: dict(zip(("time", "blame"), (p.strip() for p in text.split("--- blame", 1)), strict=False))
+            for name, text in booted.on_all(ANALYZE).items()
+        }
 
 
 def boot_one(lab: Lab, name: str, media: str, firmware: str, accel: str) -> int:
     """`invoke boot`: one node with its serial console on this terminal (Ctrl-a x quits)."""
-    import subprocess
-    node = lab.node(name)
-    path = artefact(node, media)
+    medium, fw = boot_combination(media, firmware)
+    node = lab.select([name])[0]
+    path = artefact(lab, node, medium.artefact)
+    chosen, why = choose_accel(lab, node, accel)
+    say = Progress("boot")
+    say(f"accelerator: {chosen} ({why}); network: QEMU user mode, restricted (no outside access)")
     with tempfile.TemporaryDirectory(prefix="pvelab-boot-") as tmp:
-        chosen, why = resolve_accel(accel, kernel_from_iso(artefact(node, "iso"), Path(tmp) / "vmlinuz"))
-        _say(f"accelerator: {chosen} ({why}); network: QEMU user mode, restricted (no outside access)")
-        m = Machine(name, node.ram_mb, path, media, firmware, chosen, Path(tmp))
-        args = m.qemu_args(interactive=True)
-        _say(f"login: {lab.user.name} / {lab.user.password}; quit with Ctrl-a x")
-        return subprocess.call(args)
+        drive = prepare(medium, fw, path, Path(tmp), name)
+        spec = VmSpec(name, node.ram_mb, medium, fw, chosen, drive, Path(tmp))
+        say(f"login: {lab.user.name} / {lab.user.password}; quit with Ctrl-a x")
+        return subprocess.call(qemu_command(spec, interactive=True))

@@ -1,15 +1,13 @@
 """`invoke build`: lab -> overlays -> shared base (DIB) -> per-node qcow2 + ISO + manifest.
 
-Artefacts are written under ``build/<node>/.work`` and moved into place with
+Artefacts are written under ``build/<lab>/<node>/.work`` and moved into place with
 ``os.replace`` only when both the qcow2 and the ISO are complete, so a failed or
-interrupted build never leaves a truncated artefact at ``build/<node>/<node>.qcow2`` /
-``.iso`` and never removes the previous good ones.
+interrupted build never leaves a truncated artefact at ``build/<lab>/<node>/<node>.qcow2``
+/ ``.iso`` and never removes the previous good ones.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -20,21 +18,36 @@ from importlib import metadata
 from pathlib import Path
 
 from . import image, iso
+from .artefacts import ArtefactInfo, BuildManifest, Layout, sha256
 from .disk import copy_sparse, grow_disk, loop_partition, mounted, resize_fs, squash
+from .errors import PvelabError
 from .lab import Lab, Node
 from .node import Entry, apply_entries, layer_entries
-from .paths import ROOT, build_root, node_dir
-from .render import render_files, render_node
-from .run import Steps, StepError
+from .paths import ROOT, build_root
+from .render import RenderedFile, render_files, render_node
+from .run import Steps
 
-HOST_TOOLS = ("disk-image-create", "debootstrap", "qemu-img", "mksquashfs", "sfdisk", "partx",
-              "losetup", "e2fsck", "resize2fs", "grub-mkstandalone", "mkfs.vfat", "mcopy",
-              "mmd", "sgdisk")
+HOST_TOOLS = (
+    "disk-image-create",
+    "debootstrap",
+    "qemu-img",
+    "mksquashfs",
+    "sfdisk",
+    "partx",
+    "losetup",
+    "e2fsck",
+    "resize2fs",
+    "grub-mkstandalone",
+    "mkfs.vfat",
+    "mcopy",
+    "mmd",
+    "sgdisk",
+)
 HOST_FILES = (iso.ISOLINUX_BIN, iso.LDLINUX_C32, iso.GRUB_EFI_DIR)
 LIVE_FSTAB = "# pvelab live system: / is live-boot's overlay; nothing to mount.\n"
 
 
-class PreflightError(RuntimeError):
+class PreflightError(PvelabError):
     pass
 
 
@@ -55,35 +68,30 @@ def preflight(lab: Lab, nodes: tuple[Node, ...]) -> None:
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     for tool in HOST_TOOLS:
         if shutil.which(tool, path=path) is None:
-            problems.append(f"host tool {tool!r} not found (run scripts/host-setup)")
+            problems.append(f"host tool {tool!r} not found (run scripts/setup)")
     for f in HOST_FILES:
         if not f.exists():
-            problems.append(f"{f} not found (run scripts/host-setup)")
+            problems.append(f"{f} not found (run scripts/setup)")
     for i, n in enumerate(lab.nodes):
         if n in nodes and n.disk_gb < image.BASE_IMAGE_GB:
-            problems.append(f"{lab.path}: nodes[{i}].disk_gb: {n.disk_gb}: smaller than the "
-                            f"{image.BASE_IMAGE_GB} GB base image")
+            problems.append(
+                f"{lab.path}: nodes[{i}].disk_gb: {n.disk_gb}: smaller than the "
+                f"{image.BASE_IMAGE_GB} GB base image"
+            )
     free = shutil.disk_usage(build_root() if build_root().exists() else ROOT).free
-    if free < 6 * 1024 ** 3:
-        problems.append(f"only {free // 1024 ** 2} MiB free under {build_root()}; need ~6 GiB")
+    if free < 6 * 1024**3:
+        problems.append(f"only {free // 1024**2} MiB free under {build_root()}; need ~6 GiB")
     if problems:
         raise PreflightError("cannot build:\n  - " + "\n  - ".join(problems))
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _dpkg_packages(root: Path) -> dict[str, str]:
     out = {}
     status = (root / "var/lib/dpkg/status").read_text(errors="replace")
     for stanza in status.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in stanza.splitlines()
-                      if ": " in line and not line.startswith(" "))
+        fields = dict(
+            line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line.startswith(" ")
+        )
         name = fields.get("Package")
         if name and fields.get("Status", "").endswith(" installed"):
             out[name] = fields.get("Version", "")
@@ -97,6 +105,7 @@ def tool_versions() -> dict[str, str]:
             return (res.stdout or res.stderr).strip().splitlines()[0]
         except (OSError, IndexError, subprocess.TimeoutExpired):
             return "unknown"
+
     return {
         "pvelab": metadata.version("pvelab"),
         "diskimage-builder": metadata.version("diskimage-builder"),
@@ -107,10 +116,12 @@ def tool_versions() -> dict[str, str]:
 
 
 def git_commit() -> str:
-    res = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                         text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
+    res = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     return (res.stdout.strip() or "unknown") + ("-dirty" if dirty else "")
 
 
@@ -123,8 +134,9 @@ def release_leftovers(work: Path) -> None:
         mounts = []
     for mnt in sorted((m for m in mounts if m.startswith(str(work) + "/")), reverse=True):
         subprocess.run(["umount", "-l", mnt], capture_output=True)
-    res = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        ["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"], capture_output=True, text=True
+    )
     for line in res.stdout.splitlines():
         parts = line.split(None, 1)
         if len(parts) == 2 and parts[1].strip().startswith(str(work) + "/"):
@@ -132,91 +144,142 @@ def release_leftovers(work: Path) -> None:
             subprocess.run(["losetup", "--detach", parts[0]], capture_output=True)
 
 
-def build_node(lab: Lab, node: Node, base: image.Base, live: image.LiveParts,
-               steps: Steps) -> NodeBuild:
+def build_node(lab: Lab, node: Node, base: image.Base, live: image.LiveParts, steps: Steps) -> NodeBuild:
     t0 = time.monotonic()
-    ndir = node_dir(node.name)
+    layout = Layout(lab.name)
+    ndir = layout.node_dir(node.name)
     work = ndir / ".work"
     release_leftovers(work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    raw = work / "disk.raw"
-    files = render_files(lab, node)
     try:
-        with steps.stage("disk: copy base, grow to %d GB" % node.disk_gb):
-            copy_sparse(base.raw, raw)
-            grow_disk(raw, node.disk_gb, steps)
-        with loop_partition(raw, steps) as part:
-            with steps.stage("root file system: resize"):
-                resize_fs(part, steps)
-            with mounted(part, work / "root", steps) as root:
-                with steps.stage("bake overlay + enable units"):
-                    entries = layer_entries(lab, node, root, files)
-                    apply_entries(entries, root, root)
-                    iso_layer = entries + [Entry("/etc/fstab", "file", content=LIVE_FSTAB.encode())]
-                    apply_entries(iso_layer, work / "layer", root)
-                    packages = _dpkg_packages(root)
-        with steps.stage("qcow2 (zstd-compressed)"):
-            qcow2 = work / f"{node.name}.qcow2"
-            steps.run(["qemu-img", "convert", "-p", "-f", "raw", "-O", "qcow2", "-c", "-o",
-                       "compression_type=zstd", str(raw), str(qcow2)])
-            raw.unlink()
-        with steps.stage("ISO (pycdlib, BIOS+UEFI hybrid)"):
-            layer_sq = work / f"{node.name}.squashfs"
-            squash(work / "layer", layer_sq, steps, fast=True)
-            iso_path = work / f"{node.name}.iso"
-            iso.build_iso(iso_path, node.name, live.kernel, live.initrd, live.squashfs,
-                          layer_sq, steps)
-            steps.log(iso.verify_gpt(iso_path))
+        files = render_files(lab, node)
+        qcow2, units, packages = _disk_stage(lab, node, base, files, work, steps)
+        iso_path = _iso_stage(node, live, work, steps)
         with steps.stage("manifest + checksums"):
-            artefacts = {}
-            for p in (qcow2, iso_path):
-                artefacts[p.name] = {"size": p.stat().st_size, "sha256": sha256(p)}
-            artefacts[qcow2.name]["virtual_size"] = node.disk_gb * 1024 ** 3
-            artefacts[iso_path.name]["volume_label"] = iso.volume_label(node.name)
-            manifest = {
-                "lab": lab.name,
-                "node": node.name,
-                "role": node.role,
-                "alias": str(node.alias),
-                "ram_mb": node.ram_mb,
-                "disk_gb": node.disk_gb,
-                "artefacts": artefacts,
-                "base": {"key": base.key, "elements": list(image.BASE_ELEMENTS)},
-                "overlay_files": [f.path for f in files],
-                "enabled_units": [e.path.rsplit("/", 1)[1] for e in entries if e.kind == "link"],
-                "packages": packages,
-                "kernel": live.kernel_version,
-                "tools": tool_versions(),
-                "git_commit": git_commit(),
-                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "build_seconds": dict(steps.timings),
-            }
-            (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            manifest = _manifest(
+                lab, node, base, live, [qcow2, iso_path], units, packages, [f.path for f in files], steps
+            )
+            (work / "manifest.json").write_text(manifest.to_json())
         # Everything is complete: move into place (same file system, atomic per file).
-        os.replace(qcow2, ndir / qcow2.name)
-        os.replace(iso_path, ndir / iso_path.name)
-        os.replace(work / "manifest.json", ndir / "manifest.json")
+        for kind, src in (("qcow2", qcow2), ("iso", iso_path)):
+            os.replace(src, layout.artefact(node.name, kind))
+        os.replace(work / "manifest.json", layout.manifest(node.name))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     took = time.monotonic() - t0
-    steps.say(f"built {ndir / (node.name + '.qcow2')} and .iso in {took:.1f}s")
-    return NodeBuild(node.name, ndir / f"{node.name}.qcow2", ndir / f"{node.name}.iso",
-                     ndir / "manifest.json", took)
+    steps.say(f"built {layout.artefact(node.name, 'qcow2')} and .iso in {took:.1f}s")
+    return NodeBuild(
+        node.name,
+        layout.artefact(node.name, "qcow2"),
+        layout.artefact(node.name, "iso"),
+        layout.manifest(node.name),
+        took,
+    )
+
+
+def _disk_stage(
+    lab: Lab, node: Node, base: image.Base, files: list[RenderedFile], work: Path, steps: Steps
+) -> tuple[Path, list[str], dict[str, str]]:
+    """The node's disk: base grown to its size, its layer baked in; also stages the ISO layer."""
+    raw = work / "disk.raw"
+    with steps.stage(f"disk: copy base, grow to {node.disk_gb} GB"):
+        copy_sparse(base.raw, raw)
+        grow_disk(raw, node.disk_gb, steps)
+    with loop_partition(raw, steps) as part:
+        with steps.stage("root file system: resize"):
+            resize_fs(part, steps)
+        with mounted(part, work / "root", steps) as root, steps.stage("bake overlay + enable units"):
+            entries = layer_entries(lab, node, root, files)
+            apply_entries(entries, root, root)
+            iso_layer = [*entries, Entry("/etc/fstab", "file", content=LIVE_FSTAB.encode())]
+            apply_entries(iso_layer, work / "layer", root)
+            packages = _dpkg_packages(root)
+    with steps.stage("qcow2 (zstd-compressed)"):
+        qcow2 = work / f"{node.name}.qcow2"
+        steps.run(
+            [
+                "qemu-img",
+                "convert",
+                "-p",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-c",
+                "-o",
+                "compression_type=zstd",
+                str(raw),
+                str(qcow2),
+            ]
+        )
+        raw.unlink()
+    units = [e.path.rsplit("/", 1)[1] for e in entries if e.kind == "link"]
+    return qcow2, units, packages
+
+
+def _iso_stage(node: Node, live: image.LiveParts, work: Path, steps: Steps) -> Path:
+    with steps.stage("ISO (pycdlib, BIOS+UEFI hybrid)"):
+        layer_sq = work / f"{node.name}.squashfs"
+        squash(work / "layer", layer_sq, steps, fast=True)
+        iso_path = work / f"{node.name}.iso"
+        iso.build_iso(iso_path, node.name, live.kernel, live.initrd, live.squashfs, layer_sq, steps)
+        steps.log(iso.verify_gpt(iso_path))
+    return iso_path
+
+
+def _manifest(
+    lab: Lab,
+    node: Node,
+    base: image.Base,
+    live: image.LiveParts,
+    files: list[Path],
+    units: list[str],
+    packages: dict[str, str],
+    overlay_files: list[str],
+    steps: Steps,
+) -> BuildManifest:
+    qcow2, iso_path = files
+    return BuildManifest(
+        lab=lab.name,
+        node=node.name,
+        role=node.role,
+        alias=str(node.alias),
+        ram_mb=node.ram_mb,
+        disk_gb=node.disk_gb,
+        artefacts={
+            qcow2.name: ArtefactInfo(
+                qcow2.stat().st_size, sha256(qcow2), virtual_size=node.disk_gb * 1024**3
+            ),
+            iso_path.name: ArtefactInfo(
+                iso_path.stat().st_size, sha256(iso_path), volume_label=iso.volume_label(node.name)
+            ),
+        },
+        base_key=base.key,
+        elements=list(image.BASE_ELEMENTS),
+        overlay_files=overlay_files,
+        enabled_units=units,
+        packages=packages,
+        kernel=live.kernel_version,
+        tools=tool_versions(),
+        git_commit=git_commit(),
+        built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        build_seconds=dict(steps.timings),
+    )
 
 
 def build(lab: Lab, names: list[str] | None = None, force_base: bool = False) -> list[NodeBuild]:
     nodes = lab.select(names)
     preflight(lab, nodes)
+    layout = Layout(lab.name)
     for n in nodes:
         render_node(lab, n)
-    base_steps = Steps("base", build_root() / "base.log")
+    base_steps = Steps("base", layout.base_log)
     base = image.build_base(lab, base_steps, force=force_base)
     live = image.live_parts(base, base_steps)
     results = []
     for n in nodes:
-        log = node_dir(n.name) / "build.log"
-        log.write_text(f"pvelab build of {n.name}; base {base.key} "
-                       f"(its DIB output: {base_steps.log_path})\n")
+        log = layout.build_log(n.name)
+        log.write_text(f"pvelab build of {n.name}; base {base.key} (its DIB output: {base_steps.log_path})\n")
         results.append(build_node(lab, n, base, live, Steps(n.name, log)))
     return results

@@ -79,12 +79,13 @@ class LoopPartitioning(Partitioning):
         self.number_of_partitions += 1
         if self.number_of_partitions > 1:
             return
-        self.image_path = self.state['blockdev'][self.base]['image']
-        self.device_path = self.state['blockdev'][self.base]['device']
+        self.image_path = self.state["blockdev"][self.base]["image"]
+        self.device_path = self.state["blockdev"][self.base]["device"]
         self.disk_size = self._size_of_block_dev(self.image_path)
-        logger.info("Creating partitions on [%s] [%s] (loop partitions, no device-mapper)",
-                    self.base, self.image_path)
-        if self.label == 'mbr':
+        logger.info(
+            "Creating partitions on [%s] [%s] (loop partitions, no device-mapper)", self.base, self.image_path
+        )
+        if self.label == "mbr":
             self._create_mbr()
         else:
             self._create_gpt()
@@ -95,11 +96,11 @@ class LoopPartitioning(Partitioning):
         exec_sudo(["partx", "-u", "-v", self.device_path])
         # The parent recorded /dev/mapper/loopXpN; the kernel gives /dev/loopXpN.
         for part in self.partitions:
-            entry = self.state['blockdev'][part.get_name()]
-            entry['device'] = entry['device'].replace("/dev/mapper/", "/dev/")
-            _wait_for(entry['device'])
+            entry = self.state["blockdev"][part.get_name()]
+            entry["device"] = entry["device"].replace("/dev/mapper/", "/dev/")
+            _wait_for(entry["device"])
 
     def umount(self):
         self.number_of_partitions -= 1
         if self.number_of_partitions == 0:
-            exec_sudo(["partx", "-d", "-v", self.state['blockdev'][self.base]['device']])
+            exec_sudo(["partx", "-d", "-v", self.state["blockdev"][self.base]["device"]])

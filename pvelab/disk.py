@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .run import Steps, StepError
+from .run import StepError, Steps
 
 
 @contextmanager
@@ -21,7 +20,7 @@ def loop_partition(image: Path, steps: Steps, read_only: bool = False):
     also replaces a stale loopXpN that a killed run left on the same loop device.
     """
     args = ["losetup", "--find", "--show"] + (["--read-only"] if read_only else [])
-    dev = steps.capture(args + [str(image)]).strip()
+    dev = steps.capture([*args, str(image)]).strip()
     part = f"{dev}p1"
     try:
         steps.capture(["partx", "--update", dev])
@@ -48,9 +47,9 @@ def mounted(device: str, mountpoint: Path, steps: Steps, read_only: bool = False
 
 def grow_disk(raw: Path, size_gb: int, steps: Steps) -> None:
     """Grow the raw disk to size_gb and its first (root) partition to the end."""
-    if raw.stat().st_size > size_gb * 1024 ** 3:
+    if raw.stat().st_size > size_gb * 1024**3:
         raise StepError(f"{raw}: base image is larger than the node's disk ({size_gb} GB)")
-    os.truncate(raw, size_gb * 1024 ** 3)
+    os.truncate(raw, size_gb * 1024**3)
     steps.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-N", "1", str(raw)], input=b", +\n")
 
 
@@ -72,14 +71,21 @@ def squash(tree: Path, out: Path, steps: Steps, fast: bool = False) -> None:
     /boot is left out: the live ISO carries the kernel and initrd in /live already.
     """
     level = "3" if fast else "15"  # 15: nearly 19's size in about half its time
-    steps.run(["mksquashfs", str(tree), str(out), "-noappend", "-comp", "zstd",
-               "-Xcompression-level", level, "-no-progress", "-quiet",
-               "-wildcards", "-e", "boot/*", "lost+found"])
-
-
-def remove_quietly(*paths: Path) -> None:
-    for p in paths:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
+    steps.run(
+        [
+            "mksquashfs",
+            str(tree),
+            str(out),
+            "-noappend",
+            "-comp",
+            "zstd",
+            "-Xcompression-level",
+            level,
+            "-no-progress",
+            "-quiet",
+            "-wildcards",
+            "-e",
+            "boot/*",
+            "lost+found",
+        ]
+    )

@@ -74,8 +74,18 @@ def host_sources(root: Path = Path("/")) -> list[Source]:
     return out
 
 
-_KNOWN_SUITES = ("bookworm", "trixie", "forky", "sid", "bullseye", "buster",
-                 "stable", "testing", "unstable", "oldstable")
+_KNOWN_SUITES = (
+    "bookworm",
+    "trixie",
+    "forky",
+    "sid",
+    "bullseye",
+    "buster",
+    "stable",
+    "testing",
+    "unstable",
+    "oldstable",
+)
 
 
 def debian_mirrors(root: Path = Path("/")) -> tuple[str | None, str | None]:

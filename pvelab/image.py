@@ -25,19 +25,17 @@ from .disk import loop_partition, mounted, squash
 from .hostapt import dib_mirror_env
 from .lab import Lab
 from .paths import ELEMENTS, cache_dir
-from .run import Steps, StepError
+from .run import StepError, Steps
 
-BASE_ELEMENTS = ("debian-minimal", "vm", "pvelab-base", "pvelab-compat", "pve-compat",
-                 "qdevice-compat")
-BASE_IMAGE_GB = 2          # raw base size; each node grows it to its own disk size
-BASE_FORMAT = 3            # bump when the way the base or its live squashfs is made changes
+BASE_ELEMENTS = ("debian-minimal", "vm", "pvelab-base", "pvelab-compat")
+BASE_IMAGE_GB = 2  # raw base size; each node grows it to its own disk size
+BASE_FORMAT = 4  # bump when the way the base or its live squashfs is made changes
 
 
 @dataclass(frozen=True)
 class Base:
     key: str
     dir: Path
-    inputs: dict
 
     @property
     def raw(self) -> Path:
@@ -78,8 +76,11 @@ def base_inputs(lab: Lab) -> dict:
         "arch": "amd64",
         "size_gb": BASE_IMAGE_GB,
         "dib": dib_version(),
-        "user": [lab.user.name, hashlib.sha256(lab.user.password.encode()).hexdigest(),
-                 list(lab.user.groups)],
+        "user": [
+            lab.user.name,
+            hashlib.sha256(lab.user.password.encode()).hexdigest(),
+            list(lab.user.groups),
+        ],
         "dns": list(lab.dns_servers),
     }
 
@@ -99,7 +100,6 @@ def dib_env(lab: Lab) -> dict[str, str]:
         "DIB_PVELAB_PASSWORD": lab.user.password,
         "DIB_PVELAB_GROUPS": " ".join(lab.user.groups),
         "DIB_PVELAB_DNS": " ".join(lab.dns_servers),
-        "DIB_GRUB_TIMEOUT": os.environ.get("DIB_GRUB_TIMEOUT", "0"),
         "DIB_DEBIAN_COMPONENTS": "main",
     }
     env.update(dib_mirror_env())
@@ -119,14 +119,25 @@ def build_base(lab: Lab, steps: Steps, force: bool = False) -> Base:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one base build at a time; others wait and reuse
         if final.is_dir() and (final / "base.json").exists() and not force:
             steps.say(f"base {key}: cached")
-            return Base(key, final, inputs)
+            return Base(key, final)
         work = root / f"{key}.tmp"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         with steps.stage(f"base image (DIB, key {key})"):
-            cmd = ["disk-image-create", "-a", "amd64", "-t", "raw", "--image-size",
-                   str(BASE_IMAGE_GB), "-o", str(work / "base"),
-                   "-p", ",".join(inputs["packages"]), *BASE_ELEMENTS]
+            cmd = [
+                "disk-image-create",
+                "-a",
+                "amd64",
+                "-t",
+                "raw",
+                "--image-size",
+                str(BASE_IMAGE_GB),
+                "-o",
+                str(work / "base"),
+                "-p",
+                ",".join(inputs["packages"]),
+                *BASE_ELEMENTS,
+            ]
             steps.run(cmd, env=dib_env(lab))
         with steps.stage("base: kernel + live initramfs out of the disk image"):
             version = _export_live_boot(work, steps)
@@ -136,7 +147,7 @@ def build_base(lab: Lab, steps: Steps, force: bool = False) -> Base:
             shutil.rmtree(final)
         os.replace(work, final)
         _prune(root, keep=final)
-        return Base(key, final, inputs)
+        return Base(key, final)
 
 
 def _export_live_boot(work: Path, steps: Steps) -> str:
@@ -150,9 +161,11 @@ def _export_live_boot(work: Path, steps: Steps) -> str:
     with loop_partition(raw, steps) as part, mounted(part, mnt, steps):
         live = sorted((mnt / "boot" / "pvelab-live").glob("initrd.img-*"))
         if not live:
-            raise StepError(f"{raw}: no /boot/pvelab-live/initrd.img-* "
-                            "(made by elements/pvelab-base/install.d/70-pvelab-initramfs)")
-        version = live[-1].name[len("initrd.img-"):]
+            raise StepError(
+                f"{raw}: no /boot/pvelab-live/initrd.img-* "
+                "(made by elements/pvelab-base/install.d/70-pvelab-initramfs)"
+            )
+        version = live[-1].name[len("initrd.img-") :]
         kernel = mnt / "boot" / f"vmlinuz-{version}"
         if not kernel.is_file():
             raise StepError(f"{raw}: live initramfs for {version} but no /boot/{kernel.name}")
@@ -168,8 +181,11 @@ def _export_live_boot(work: Path, steps: Steps) -> str:
 
 def _prune(root: Path, keep: Path, generations: int = 2) -> None:
     """Keep the newest few bases (a rollback is then instant); drop the rest."""
-    bases = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp")),
-                   key=lambda p: p.stat().st_mtime, reverse=True)
+    bases = sorted(
+        (p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp")),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     for old in bases[generations:]:
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)
@@ -178,6 +194,7 @@ def _prune(root: Path, keep: Path, generations: int = 2) -> None:
 @dataclass(frozen=True)
 class LiveParts:
     """What every node's ISO shares: kernel, initrd and the base squashfs."""
+
     kernel: Path
     initrd: Path
     squashfs: Path
@@ -194,8 +211,10 @@ def live_parts(base: Base, steps: Steps) -> LiveParts:
             if not squashfs.exists():
                 with steps.stage("base squashfs for the live ISO"):
                     mnt = d / "mnt"
-                    with loop_partition(base.raw, steps, read_only=True) as part, \
-                            mounted(part, mnt, steps, read_only=True):
+                    with (
+                        loop_partition(base.raw, steps, read_only=True) as part,
+                        mounted(part, mnt, steps, read_only=True),
+                    ):
                         squash(mnt, d / "filesystem.squashfs.tmp", steps)
                     mnt.rmdir()
                     os.replace(d / "filesystem.squashfs.tmp", squashfs)

@@ -17,7 +17,6 @@ GUIDs); :func:`fix_hybrid_gpt` rewrites both GPT copies consistently afterwards.
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 import subprocess
@@ -27,15 +26,16 @@ from pathlib import Path
 
 import pycdlib
 
-from .run import Steps, StepError
+from .run import StepError, Steps
 
 ISOLINUX_BIN = Path("/usr/lib/ISOLINUX/isolinux.bin")
 LDLINUX_C32 = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
 GRUB_EFI_DIR = Path("/usr/lib/grub/x86_64-efi")
 EFI_IMG_KB = 8192
 
-LIVE_CMDLINE = ("boot=live live-media-path=/live console=tty0 console=ttyS0,115200 nomodeset "
-                "quiet systemd.show_status=1")
+LIVE_CMDLINE = (
+    "boot=live live-media-path=/live console=tty0 console=ttyS0,115200 nomodeset quiet systemd.show_status=1"
+)
 
 
 def volume_label(node: str) -> str:
@@ -74,19 +74,28 @@ menuentry "{label} (pvelab live)" {{
 def make_efiboot(work: Path, label: str, steps: Steps) -> Path:
     """FAT image with a standalone GRUB that finds this ISO by its volume label."""
     if not GRUB_EFI_DIR.is_dir():
-        raise StepError(f"{GRUB_EFI_DIR} missing: install grub-efi-amd64-bin (scripts/host-setup)")
+        raise StepError(f"{GRUB_EFI_DIR} missing: install grub-efi-amd64-bin (scripts/setup)")
     embedded = work / "grub-embedded.cfg"
     # prefix stays in GRUB's memdisk, where its modules are; only the menu comes from the ISO
-    embedded.write_text(f"search --no-floppy --set=root --label {label}\n"
-                        "configfile ($root)/boot/grub/grub.cfg\n")
+    embedded.write_text(
+        f"search --no-floppy --set=root --label {label}\nconfigfile ($root)/boot/grub/grub.cfg\n"
+    )
     efi = work / "BOOTX64.EFI"
-    steps.run(["grub-mkstandalone", "--format=x86_64-efi", f"--output={efi}",
-               "--locales=", "--fonts=", "--themes=",
-               "--install-modules=linux normal iso9660 search search_label configfile "
-               "serial terminal part_msdos part_gpt fat echo test all_video gzio efi_gop",
-               "--modules=iso9660 search search_label part_msdos part_gpt fat configfile normal "
-               "linux serial terminal",
-               f"boot/grub/grub.cfg={embedded}"])
+    steps.run(
+        [
+            "grub-mkstandalone",
+            "--format=x86_64-efi",
+            f"--output={efi}",
+            "--locales=",
+            "--fonts=",
+            "--themes=",
+            "--install-modules=linux normal iso9660 search search_label configfile "
+            "serial terminal part_msdos part_gpt fat echo test all_video gzio efi_gop",
+            "--modules=iso9660 search search_label part_msdos part_gpt fat configfile normal "
+            "linux serial terminal",
+            f"boot/grub/grub.cfg={embedded}",
+        ]
+    )
     img = work / "efiboot.img"
     img.unlink(missing_ok=True)
     steps.run(["mkfs.vfat", "-C", "-n", "EFIBOOT", str(img), str(EFI_IMG_KB)])
@@ -95,8 +104,9 @@ def make_efiboot(work: Path, label: str, steps: Steps) -> Path:
     return img
 
 
-def build_iso(out: Path, node: str, kernel: Path, initrd: Path, base_squashfs: Path,
-              node_squashfs: Path, steps: Steps) -> None:
+def build_iso(
+    out: Path, node: str, kernel: Path, initrd: Path, base_squashfs: Path, node_squashfs: Path, steps: Steps
+) -> None:
     """Write the hybrid ISO to ``out`` (callers write aside and rename)."""
     label = volume_label(node)
     with tempfile.TemporaryDirectory(prefix="pvelab-iso-") as tmp:
@@ -108,15 +118,13 @@ def build_iso(out: Path, node: str, kernel: Path, initrd: Path, base_squashfs: P
         (work / "filesystem.module").write_text(f"filesystem.squashfs\n{layer}\n")
 
         iso = pycdlib.PyCdlib()
-        iso.new(interchange_level=3, rock_ridge="1.09", joliet=3, vol_ident=label,
-                app_ident_str="pvelab")
+        iso.new(interchange_level=3, rock_ridge="1.09", joliet=3, vol_ident=label, app_ident_str="pvelab")
         for d in ("/ISOLINUX", "/BOOT", "/BOOT/GRUB", "/LIVE", "/EFI", "/EFI/BOOT"):
             name = d.rsplit("/", 1)[1].lower()
             iso.add_directory(d, rr_name=name, joliet_path=d.lower())
 
         def add(local: Path, iso_path: str, rr_name: str) -> None:
-            iso.add_file(str(local), iso_path=iso_path + ";1", rr_name=rr_name,
-                         joliet_path=iso_path.lower())
+            iso.add_file(str(local), iso_path=iso_path + ";1", rr_name=rr_name, joliet_path=iso_path.lower())
 
         add(ISOLINUX_BIN, "/ISOLINUX/ISOLINUX.BIN", "isolinux.bin")
         add(LDLINUX_C32, "/ISOLINUX/LDLINUX.C32", "ldlinux.c32")
@@ -127,15 +135,23 @@ def build_iso(out: Path, node: str, kernel: Path, initrd: Path, base_squashfs: P
         add(kernel, "/LIVE/VMLINUZ", "vmlinuz")
         add(initrd, "/LIVE/INITRD.IMG", "initrd.img")
         add(base_squashfs, "/LIVE/FILESYSTEM.SQUASHFS", "filesystem.squashfs")
-        iso.add_file(str(node_squashfs), iso_path="/LIVE/NODE.SQUASHFS;1", rr_name=layer,
-                     joliet_path=f"/live/{layer}")
+        iso.add_file(
+            str(node_squashfs), iso_path="/LIVE/NODE.SQUASHFS;1", rr_name=layer, joliet_path=f"/live/{layer}"
+        )
         add(work / "filesystem.module", "/LIVE/FILESYSTEM.MODULE", "filesystem.module")
 
-        iso.add_eltorito("/ISOLINUX/ISOLINUX.BIN;1", bootcatfile="/ISOLINUX/BOOT.CAT;1",
-                         rr_bootcatname="boot.cat", joliet_bootcatfile="/isolinux/boot.cat",
-                         boot_load_size=4, boot_info_table=True, media_name="noemul")
-        iso.add_eltorito("/BOOT/EFIBOOT.IMG;1", efi=True, platform_id=0xEF,
-                         media_name="noemul", bootable=True)
+        iso.add_eltorito(
+            "/ISOLINUX/ISOLINUX.BIN;1",
+            bootcatfile="/ISOLINUX/BOOT.CAT;1",
+            rr_bootcatname="boot.cat",
+            joliet_bootcatfile="/isolinux/boot.cat",
+            boot_load_size=4,
+            boot_info_table=True,
+            media_name="noemul",
+        )
+        iso.add_eltorito(
+            "/BOOT/EFIBOOT.IMG;1", efi=True, platform_id=0xEF, media_name="noemul", bootable=True
+        )
         iso.add_isohybrid(efi=True)
         iso.write(str(out))
         iso.close()
@@ -146,8 +162,8 @@ def build_iso(out: Path, node: str, kernel: Path, initrd: Path, base_squashfs: P
 
 _HDR = struct.Struct("<8sIIIIQQQQ16sQIII")
 _ENTRY = struct.Struct("<16s16sQQQ72s")
-BASIC_DATA = bytes.fromhex("a2a0d0ebe5b9334487c068b6b72699c7")   # EBD0A0A2-B9E5-4433-87C0-68B6B72699C7
-ESP_TYPE = bytes.fromhex("28732ac11ff8d211ba4b00a0c93ec93b")     # C12A7328-F81F-11D2-BA4B-00A0C93EC93B
+BASIC_DATA = bytes.fromhex("a2a0d0ebe5b9334487c068b6b72699c7")  # EBD0A0A2-B9E5-4433-87C0-68B6B72699C7
+ESP_TYPE = bytes.fromhex("28732ac11ff8d211ba4b00a0c93ec93b")  # C12A7328-F81F-11D2-BA4B-00A0C93EC93B
 
 
 def _mbr_entry(active: bool, ptype: int, start: int, count: int) -> bytes:
@@ -175,8 +191,22 @@ def fix_hybrid_gpt(path: Path) -> None:
     last_lba = size // 512 - 1
     with open(path, "r+b") as fh:
         fh.seek(512)
-        (sig, rev, hsize, _crc, _res, _my, _alt, first_usable, _last, guid, entries_lba,
-         nparts, esize, _ecrc) = _HDR.unpack_from(fh.read(512))
+        (
+            sig,
+            rev,
+            hsize,
+            _crc,
+            _res,
+            _my,
+            _alt,
+            first_usable,
+            _last,
+            guid,
+            entries_lba,
+            nparts,
+            esize,
+            _ecrc,
+        ) = _HDR.unpack_from(fh.read(512))
         if sig != b"EFI PART" or esize != _ENTRY.size:
             raise StepError(f"{path}: no isohybrid GPT to repair")
         fh.seek(entries_lba * 512)
@@ -190,23 +220,49 @@ def fix_hybrid_gpt(path: Path) -> None:
         backup_entries_lba = last_lba - array_sectors
         last_usable = backup_entries_lba - 1
         entries = bytearray(nparts * esize)
-        _ENTRY.pack_into(entries, 0, BASIC_DATA, iso_guid, first_usable, efi_first - 1, 0,
-                         "ISOHybrid ISO".encode("utf-16-le"))
-        _ENTRY.pack_into(entries, esize, ESP_TYPE, efi_guid, efi_first, efi_last, 0,
-                         "EFI boot".encode("utf-16-le"))
+        _ENTRY.pack_into(
+            entries,
+            0,
+            BASIC_DATA,
+            iso_guid,
+            first_usable,
+            efi_first - 1,
+            0,
+            "ISOHybrid ISO".encode("utf-16-le"),
+        )
+        _ENTRY.pack_into(
+            entries, esize, ESP_TYPE, efi_guid, efi_first, efi_last, 0, "EFI boot".encode("utf-16-le")
+        )
         ecrc = zlib.crc32(entries) & 0xFFFFFFFF
 
         def header(my: int, alt: int, ent_lba: int) -> bytes:
-            raw = _HDR.pack(b"EFI PART", rev, hsize, 0, 0, my, alt, first_usable, last_usable,
-                            guid, ent_lba, nparts, esize, ecrc)
+            raw = _HDR.pack(
+                b"EFI PART",
+                rev,
+                hsize,
+                0,
+                0,
+                my,
+                alt,
+                first_usable,
+                last_usable,
+                guid,
+                ent_lba,
+                nparts,
+                esize,
+                ecrc,
+            )
             crc = zlib.crc32(raw[:hsize]) & 0xFFFFFFFF
             raw = raw[:16] + struct.pack("<I", crc) + raw[20:]
             return raw + b"\0" * (512 - len(raw))
 
         fh.seek(446)
-        fh.write(_mbr_entry(False, 0xEE, 1, efi_first - 1)
-                 + _mbr_entry(True, 0xEF, efi_first, efi_last - efi_first + 1)
-                 + b"\0" * 32 + b"\x55\xaa")
+        fh.write(
+            _mbr_entry(False, 0xEE, 1, efi_first - 1)
+            + _mbr_entry(True, 0xEF, efi_first, efi_last - efi_first + 1)
+            + b"\0" * 32
+            + b"\x55\xaa"
+        )
         fh.seek(512)
         fh.write(header(1, last_lba, entries_lba))
         fh.seek(entries_lba * 512)

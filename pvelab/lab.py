@@ -9,30 +9,47 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
-ROLES = ("pve-host", "qdevice-witness")
-ASSERTION_TYPES = ("port_listening", "command_output", "http_responds")
+from .assertions import ASSERTION_TYPES, Assertion
+from .errors import PvelabError
+from .roles import ROLES, Role
+
 FEATURES = ("headless", "ssh")
 STARTUP_AFTER = "network-online.target"
 RELEASES = ("trixie",)
 ARCHES = ("x86_64",)
 # Deployed at provisioning time from their own ISOs, never baked into an image.
 FORBIDDEN_PACKAGES = (
-    "pve-manager", "corosync", "pve-cluster", "pmxcfs", "proxmox-backup-server",
-    "ceph", "truenas-scale",
+    "pve-manager",
+    "corosync",
+    "pve-cluster",
+    "pmxcfs",
+    "proxmox-backup-server",
+    "ceph",
+    "truenas-scale",
 )
-FORBIDDEN_PREFIXES = ("pve-", "proxmox-", "corosync", "ceph", "libpve", "libcorosync",
-                      "pmxcfs", "truenas", "qemu-server", "libknet")
+FORBIDDEN_PREFIXES = (
+    "pve-",
+    "proxmox-",
+    "corosync",
+    "ceph",
+    "libpve",
+    "libcorosync",
+    "pmxcfs",
+    "truenas",
+    "qemu-server",
+    "libknet",
+)
 DISABLED_TEST_CONFIG = {"enabled": False, "tests": []}
 _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
-class LabError(ValueError):
+class LabError(PvelabError):
     """A lab file problem: names the file, the field path and the value."""
 
     def __init__(self, path: Path | str, field_path: str, value: Any, problem: str):
@@ -82,8 +99,13 @@ class Node:
         return str(self.alias.ip)
 
     @property
+    def role_def(self) -> Role:
+        return ROLES[self.role]
+
+    @property
     def is_pve(self) -> bool:
-        return self.role == "pve-host"
+        """A corosync cluster member (one vote)."""
+        return self.role_def.cluster_member
 
 
 @dataclass(frozen=True)
@@ -91,27 +113,6 @@ class Connection:
     source: str
     target: str
     ports: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Assertion:
-    type: str
-    on_vm: str
-    port: int | None = None
-    command: str | None = None
-    expected_output: str | None = None
-    url: str | None = None
-    expected_status: int = 200
-
-    def to_dict(self) -> dict:
-        d: dict[str, Any] = {"type": self.type, "on_vm": self.on_vm}
-        if self.type == "port_listening":
-            d["port"] = self.port
-        elif self.type == "command_output":
-            d.update(command=self.command, expected_output=self.expected_output)
-        else:
-            d.update(url=self.url, expected_status=self.expected_status)
-        return d
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,7 @@ class Scenario:
             "name": self.name,
             "tests": [],
             "custom_tests": [
-                {"name": t.name, "assertions": [a.to_dict() for a in t.assertions]}
-                for t in self.custom_tests
+                {"name": t.name, "assertions": [a.to_dict() for a in t.assertions]} for t in self.custom_tests
             ],
         }
 
@@ -151,7 +151,6 @@ class Lab:
     nodes: tuple[Node, ...]
     connections: tuple[Connection, ...]
     scenario: Scenario
-    raw: dict = field(repr=False, compare=False, default_factory=dict)
 
     def node(self, name: str) -> Node:
         for n in self.nodes:
@@ -165,7 +164,7 @@ class Lab:
 
     @property
     def witness(self) -> Node | None:
-        return next((n for n in self.nodes if n.role == "qdevice-witness"), None)
+        return next((n for n in self.nodes if n.role_def.qdevice_host), None)
 
     @property
     def expected_votes(self) -> int:
@@ -188,11 +187,13 @@ class Lab:
 
     def cluster_status(self) -> list[dict]:
         """The `/api2/json/cluster/status` data list every PVE node serves."""
-        data: list[dict] = [{"type": "cluster", "name": self.cluster_name,
-                             "nodes": len(self.pve_hosts), "quorate": 1}]
+        data: list[dict] = [
+            {"type": "cluster", "name": self.cluster_name, "nodes": len(self.pve_hosts), "quorate": 1}
+        ]
         for n in self.pve_hosts:
-            data.append({"type": "node", "name": n.name, "online": 1,
-                         "id": f"node/{n.name}", "nodeid": n.nodeid})
+            data.append(
+                {"type": "node", "name": n.name, "online": 1, "id": f"node/{n.name}", "nodeid": n.nodeid}
+            )
         return data
 
     def select(self, names: list[str] | tuple[str, ...] | None) -> tuple[Node, ...]:
@@ -202,12 +203,17 @@ class Lab:
         known = [n.name for n in self.nodes]
         for name in names:
             if name not in known:
-                raise LabError(self.path, "--node", name,
-                               f"no such node in lab {self.name!r} (nodes: {', '.join(known)})")
+                raise LabError(
+                    self.path,
+                    "--node",
+                    name,
+                    f"no such node in lab {self.name!r} (nodes: {', '.join(known)})",
+                )
         return tuple(self.node(name) for name in names)
 
 
 # --------------------------------------------------------------------------- parsing
+
 
 class _Reader:
     """Typed field access that turns every mistake into a LabError."""
@@ -215,7 +221,7 @@ class _Reader:
     def __init__(self, path: Path):
         self.path = path
 
-    def fail(self, where: str, value: Any, problem: str):
+    def fail(self, where: str, value: Any, problem: str) -> NoReturn:
         raise LabError(self.path, where, value, problem)
 
     def mapping(self, obj: Any, where: str, allowed: set[str] | None = None) -> dict:
@@ -224,8 +230,11 @@ class _Reader:
         if allowed is not None:
             for key in obj:
                 if key not in allowed:
-                    self.fail(f"{where}.{key}" if where else str(key), obj[key],
-                              f"unknown field (allowed: {', '.join(sorted(allowed))})")
+                    self.fail(
+                        f"{where}.{key}" if where else str(key),
+                        obj[key],
+                        f"unknown field (allowed: {', '.join(sorted(allowed))})",
+                    )
         return obj
 
     def get(self, obj: dict, key: str, where: str, kind: type | tuple, default: Any = ...):
@@ -280,10 +289,41 @@ def load_lab(path: str | Path) -> Lab:
 def parse_lab(raw: Any, path: Path) -> Lab:
     r = _Reader(path)
     top = r.mapping(raw, "", {"lab", "node_defaults", "nodes", "connections", "scenarios"})
-    lab = r.mapping(r.get(top, "lab", "", dict), "lab",
-                    {"name", "subnet", "release", "cluster_name", "dns_servers", "user",
-                     "startup", "qdevice", "storage"})
+    lab = r.mapping(
+        r.get(top, "lab", "", dict),
+        "lab",
+        {"name", "subnet", "release", "cluster_name", "dns_servers", "user", "startup", "qdevice", "storage"},
+    )
+    name, subnet, release, cluster_name = _parse_identity(r, lab)
+    qdevice = _parse_qdevice(r, lab) if "qdevice" in lab else None
+    nodes = _parse_nodes(r, top, subnet)
+    if qdevice is None and any(n.role_def.qdevice_host for n in nodes):
+        r.fail(
+            "lab.qdevice",
+            None,
+            "is required when a node runs the QDevice (role "
+            + ", ".join(k for k, v in ROLES.items() if v.qdevice_host)
+            + ")",
+        )
+    names = {n.name for n in nodes}
+    return Lab(
+        path=path,
+        name=name,
+        subnet=subnet,
+        release=release,
+        cluster_name=cluster_name,
+        dns_servers=_parse_dns(r, lab),
+        user=_parse_user(r, lab),
+        startup_after=_parse_startup(r, lab),
+        qdevice=qdevice,
+        storage=_parse_storage(r, lab),
+        nodes=nodes,
+        connections=_parse_connections(r, top, names),
+        scenario=_parse_scenario(r, top, names),
+    )
 
+
+def _parse_identity(r: _Reader, lab: dict) -> tuple[str, ipaddress.IPv4Network, str, str]:
     name = r.get(lab, "name", "lab", str)
     if not _HOSTNAME.match(name.replace("_", "-")):
         r.fail("lab.name", name, "must be a short name of letters, digits and dashes")
@@ -298,7 +338,10 @@ def parse_lab(raw: Any, path: Path) -> Lab:
     cluster_name = r.get(lab, "cluster_name", "lab", str)
     if not re.match(r"^[A-Za-z0-9-]{1,15}$", cluster_name):
         r.fail("lab.cluster_name", cluster_name, "must be 1-15 letters, digits or dashes")
+    return name, subnet, release, cluster_name
 
+
+def _parse_dns(r: _Reader, lab: dict) -> tuple[str, ...]:
     dns = r.str_list(lab, "dns_servers", "lab")
     for i, server in enumerate(dns):
         try:
@@ -307,37 +350,55 @@ def parse_lab(raw: Any, path: Path) -> Lab:
             r.fail(f"lab.dns_servers[{i}]", server, "is not an IP address")
     if not dns:
         r.fail("lab.dns_servers", [], "needs at least one DNS server")
+    return dns
 
+
+def _parse_user(r: _Reader, lab: dict) -> User:
     u = r.mapping(r.get(lab, "user", "lab", dict), "lab.user", {"name", "password", "groups"})
-    user = User(name=r.get(u, "name", "lab.user", str), password=r.get(u, "password", "lab.user", str),
-                groups=r.str_list(u, "groups", "lab.user", default=[]))
+    user = User(
+        name=r.get(u, "name", "lab.user", str),
+        password=r.get(u, "password", "lab.user", str),
+        groups=r.str_list(u, "groups", "lab.user", default=[]),
+    )
     if not re.match(r"^[a-z_][a-z0-9_-]{0,31}$", user.name) or user.name == "root":
         r.fail("lab.user.name", user.name, "must be a non-root POSIX user name")
     if not user.password:
         r.fail("lab.user.password", user.password, "must not be empty")
+    return user
 
+
+def _parse_startup(r: _Reader, lab: dict) -> str:
     startup = r.mapping(r.get(lab, "startup", "lab", dict), "lab.startup", {"after"})
     after = startup.get("after")
     if not isinstance(after, str) or after != STARTUP_AFTER:
         r.fail("lab.startup.after", after, f"must be the single string {STARTUP_AFTER!r}")
+    return after
 
-    qdevice = None
-    if "qdevice" in lab:
-        q = r.mapping(r.get(lab, "qdevice", "lab", dict), "lab.qdevice",
-                      {"model", "votes", "tls", "algorithm", "port"})
-        qdevice = QDevice(model=r.get(q, "model", "lab.qdevice", str),
-                          votes=r.positive_int(q, "votes", "lab.qdevice"),
-                          tls=str(r.get(q, "tls", "lab.qdevice", (str, bool))).lower()
-                          .replace("true", "on").replace("false", "off"),
-                          algorithm=r.get(q, "algorithm", "lab.qdevice", str),
-                          port=r.port(q.get("port", 5403), "lab.qdevice.port"))
-        if qdevice.model != "net":
-            r.fail("lab.qdevice.model", qdevice.model, "only model 'net' is supported")
-        if qdevice.algorithm not in ("ffsplit", "lms"):
-            r.fail("lab.qdevice.algorithm", qdevice.algorithm, "must be 'ffsplit' or 'lms'")
-        if qdevice.tls not in ("on", "off", "required"):
-            r.fail("lab.qdevice.tls", qdevice.tls, "must be on, off or required")
 
+def _parse_qdevice(r: _Reader, lab: dict) -> QDevice:
+    q = r.mapping(
+        r.get(lab, "qdevice", "lab", dict), "lab.qdevice", {"model", "votes", "tls", "algorithm", "port"}
+    )
+    qdevice = QDevice(
+        model=r.get(q, "model", "lab.qdevice", str),
+        votes=r.positive_int(q, "votes", "lab.qdevice"),
+        tls=str(r.get(q, "tls", "lab.qdevice", (str, bool)))
+        .lower()
+        .replace("true", "on")
+        .replace("false", "off"),
+        algorithm=r.get(q, "algorithm", "lab.qdevice", str),
+        port=r.port(q.get("port", 5403), "lab.qdevice.port"),
+    )
+    if qdevice.model != "net":
+        r.fail("lab.qdevice.model", qdevice.model, "only model 'net' is supported")
+    if qdevice.algorithm not in ("ffsplit", "lms"):
+        r.fail("lab.qdevice.algorithm", qdevice.algorithm, "must be 'ffsplit' or 'lms'")
+    if qdevice.tls not in ("on", "off", "required"):
+        r.fail("lab.qdevice.tls", qdevice.tls, "must be on, off or required")
+    return qdevice
+
+
+def _parse_storage(r: _Reader, lab: dict) -> tuple[Storage, ...]:
     storage = []
     for i, s in enumerate(r.get(lab, "storage", "lab", list, default=[])):
         where = f"lab.storage[{i}]"
@@ -346,14 +407,17 @@ def parse_lab(raw: Any, path: Path) -> Lab:
         for k, v in props.items():
             if isinstance(v, (dict, list)) or v is None:
                 r.fail(f"{where}.properties.{k}", v, "must be a scalar")
-        storage.append(Storage(type=r.get(s, "type", where, str), id=r.get(s, "id", where, str),
-                               properties=tuple((str(k), str(v)) for k, v in props.items())))
+        storage.append(
+            Storage(
+                type=r.get(s, "type", where, str),
+                id=r.get(s, "id", where, str),
+                properties=tuple((str(k), str(v)) for k, v in props.items()),
+            )
+        )
+    return tuple(storage)
 
-    nodes = _parse_nodes(r, top, subnet)
-    names = {n.name for n in nodes}
-    if qdevice is None and any(n.role == "qdevice-witness" for n in nodes):
-        r.fail("lab.qdevice", None, "is required when a node has role 'qdevice-witness'")
 
+def _parse_connections(r: _Reader, top: dict, names: set[str]) -> tuple[Connection, ...]:
     connections = []
     for i, c in enumerate(r.get(top, "connections", "", list, default=[])):
         where = f"connections[{i}]"
@@ -365,98 +429,148 @@ def parse_lab(raw: Any, path: Path) -> Lab:
                 r.fail(f"{where}.{key}", end, "names no node of this lab")
             ends.append(end)
         ports = r.get(c, "ports", where, list)
-        connections.append(Connection(ends[0], ends[1], tuple(
-            r.port(p, f"{where}.ports[{j}]") for j, p in enumerate(ports))))
+        connections.append(
+            Connection(ends[0], ends[1], tuple(r.port(p, f"{where}.ports[{j}]") for j, p in enumerate(ports)))
+        )
+    return tuple(connections)
 
-    scenario = _parse_scenario(r, top, names)
-    return Lab(path=path, name=name, subnet=subnet, release=release, cluster_name=cluster_name,
-               dns_servers=dns, user=user, startup_after=after, qdevice=qdevice,
-               storage=tuple(storage), nodes=nodes, connections=tuple(connections),
-               scenario=scenario, raw=top)
+
+_NODE_FIELDS = {
+    "name",
+    "role",
+    "arch",
+    "ram_mb",
+    "disk_gb",
+    "alias",
+    "diagram",
+    "features",
+    "packages",
+    "test_config",
+}
 
 
 def _parse_nodes(r: _Reader, top: dict, subnet: ipaddress.IPv4Network) -> tuple[Node, ...]:
-    raw_nodes = r.get(top, "nodes", "", list)
     nodes: list[Node] = []
     seen_names: dict[str, int] = {}
     seen_ips: dict[str, int] = {}
-    next_id = 1
-    allowed = {"name", "role", "arch", "ram_mb", "disk_gb", "alias", "diagram", "features",
-               "packages", "test_config"}
-    for i, n in enumerate(raw_nodes):
+    for i, n in enumerate(r.get(top, "nodes", "", list)):
         where = f"nodes[{i}]"
-        n = r.mapping(n, where, allowed)
+        n = r.mapping(n, where, _NODE_FIELDS)
         name = r.get(n, "name", where, str)
         if not _HOSTNAME.match(name) or len(name) > 16:
-            r.fail(f"{where}.name", name, "must be a host name of at most 16 characters "
-                   "(a-z, 0-9, dashes; it is also the ISO volume label)")
+            r.fail(
+                f"{where}.name",
+                name,
+                "must be a host name of at most 16 characters "
+                "(a-z, 0-9, dashes; it is also the ISO volume label)",
+            )
         if name in seen_names:
             r.fail(f"{where}.name", name, f"duplicate node name (also nodes[{seen_names[name]}])")
         seen_names[name] = i
-        role = r.get(n, "role", where, str)
-        if role not in ROLES:
-            r.fail(f"{where}.role", role, f"unknown role (known: {', '.join(ROLES)})")
-        arch = r.get(n, "arch", where, str)
-        if arch not in ARCHES:
-            r.fail(f"{where}.arch", arch, f"unsupported architecture (supported: {', '.join(ARCHES)})")
-        ram = r.positive_int(n, "ram_mb", where)
-        disk = r.positive_int(n, "disk_gb", where)
-        alias_text = r.get(n, "alias", where, str)
-        try:
-            if "/" not in alias_text:
-                raise ValueError("no prefix length")
-            alias = ipaddress.IPv4Interface(alias_text)
-        except ValueError as exc:
-            r.fail(f"{where}.alias", alias_text, f"is not an IPv4 address in CIDR form ({exc})")
-        if alias.ip not in subnet or alias.network != subnet:
-            r.fail(f"{where}.alias", alias_text, f"is outside the lab subnet {subnet}")
-        if alias.ip in (subnet.network_address, subnet.broadcast_address):
-            r.fail(f"{where}.alias", alias_text, "is the subnet's network or broadcast address")
+        alias = _parse_alias(r, n, where, subnet)
         if str(alias.ip) in seen_ips:
-            r.fail(f"{where}.alias", alias_text,
-                   f"duplicate alias address (also nodes[{seen_ips[str(alias.ip)]}])")
+            r.fail(
+                f"{where}.alias",
+                str(alias),
+                f"duplicate alias address (also nodes[{seen_ips[str(alias.ip)]}])",
+            )
         seen_ips[str(alias.ip)] = i
-        d = r.mapping(r.get(n, "diagram", where, dict), f"{where}.diagram", {"x", "y"})
-        diagram = (r.get(d, "x", f"{where}.diagram", int), r.get(d, "y", f"{where}.diagram", int))
-        features = r.str_list(n, "features", where, default=list(FEATURES))
-        for j, feat in enumerate(features):
-            if feat not in FEATURES:
-                r.fail(f"{where}.features[{j}]", feat, f"unknown feature (known: {', '.join(FEATURES)})")
-        packages = r.str_list(n, "packages", where, default=[])
-        for j, pkg in enumerate(packages):
-            if pkg in FORBIDDEN_PACKAGES or pkg.startswith(FORBIDDEN_PREFIXES):
-                r.fail(f"{where}.packages[{j}]", pkg,
-                       "is deployed at provisioning time and must never be installed at build time")
-            if not re.match(r"^[a-z0-9][a-z0-9+.-]+$", pkg):
-                r.fail(f"{where}.packages[{j}]", pkg, "is not a Debian package name")
-        test_config = n.get("test_config")
-        if test_config != DISABLED_TEST_CONFIG:
-            r.fail(f"{where}.test_config", test_config,
-                   'must be {"enabled": false, "tests": []} (per-node tests are disabled)')
-        nodeid = None
-        if role == "pve-host":
-            nodeid, next_id = next_id, next_id + 1
-        nodes.append(Node(name=name, role=role, arch=arch, ram_mb=ram, disk_gb=disk, alias=alias,
-                          diagram=diagram, features=features, packages=packages,
-                          test_config=dict(test_config), nodeid=nodeid))
-    pve = [n for n in nodes if n.is_pve]
-    witnesses = [n for n in nodes if n.role == "qdevice-witness"]
-    if witnesses and not pve:
-        r.fail(f"nodes[{seen_names[witnesses[0].name]}].role", witnesses[0].role,
-               "a qdevice-witness needs pve-host nodes to serve")
-    if len(pve) < 2:
-        r.fail("nodes", [n.name for n in pve], "a cluster needs at least two pve-host nodes")
-    if len(witnesses) > 1:
-        r.fail(f"nodes[{seen_names[witnesses[1].name]}].role", witnesses[1].role,
-               "corosync supports one QDevice: at most one qdevice-witness node")
+        nodeid = sum(1 for m in nodes if m.is_pve) + 1
+        nodes.append(_parse_node(r, n, where, name, alias, nodeid))
+    _check_roles(r, nodes)
     return tuple(nodes)
+
+
+def _parse_alias(r: _Reader, n: dict, where: str, subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Interface:
+    alias_text = r.get(n, "alias", where, str)
+    try:
+        if "/" not in alias_text:
+            raise ValueError("no prefix length")
+        alias = ipaddress.IPv4Interface(alias_text)
+    except ValueError as exc:
+        r.fail(f"{where}.alias", alias_text, f"is not an IPv4 address in CIDR form ({exc})")
+    if alias.ip not in subnet or alias.network != subnet:
+        r.fail(f"{where}.alias", alias_text, f"is outside the lab subnet {subnet}")
+    if alias.ip in (subnet.network_address, subnet.broadcast_address):
+        r.fail(f"{where}.alias", alias_text, "is the subnet's network or broadcast address")
+    return alias
+
+
+def _parse_node(
+    r: _Reader, n: dict, where: str, name: str, alias: ipaddress.IPv4Interface, nodeid: int
+) -> Node:
+    role = r.get(n, "role", where, str)
+    if role not in ROLES:
+        r.fail(f"{where}.role", role, f"unknown role (known: {', '.join(ROLES)})")
+    arch = r.get(n, "arch", where, str)
+    if arch not in ARCHES:
+        r.fail(f"{where}.arch", arch, f"unsupported architecture (supported: {', '.join(ARCHES)})")
+    d = r.mapping(r.get(n, "diagram", where, dict), f"{where}.diagram", {"x", "y"})
+    diagram = (r.get(d, "x", f"{where}.diagram", int), r.get(d, "y", f"{where}.diagram", int))
+    features = r.str_list(n, "features", where, default=list(FEATURES))
+    for j, feat in enumerate(features):
+        if feat not in FEATURES:
+            r.fail(f"{where}.features[{j}]", feat, f"unknown feature (known: {', '.join(FEATURES)})")
+    packages = r.str_list(n, "packages", where, default=[])
+    for j, pkg in enumerate(packages):
+        if pkg in FORBIDDEN_PACKAGES or pkg.startswith(FORBIDDEN_PREFIXES):
+            r.fail(
+                f"{where}.packages[{j}]",
+                pkg,
+                "is deployed at provisioning time and must never be installed at build time",
+            )
+        if not re.match(r"^[a-z0-9][a-z0-9+.-]+$", pkg):
+            r.fail(f"{where}.packages[{j}]", pkg, "is not a Debian package name")
+    test_config = n.get("test_config")
+    if test_config != DISABLED_TEST_CONFIG:
+        r.fail(
+            f"{where}.test_config",
+            test_config,
+            'must be {"enabled": false, "tests": []} (per-node tests are disabled)',
+        )
+    return Node(
+        name=name,
+        role=role,
+        arch=arch,
+        ram_mb=r.positive_int(n, "ram_mb", where),
+        disk_gb=r.positive_int(n, "disk_gb", where),
+        alias=alias,
+        diagram=diagram,
+        features=features,
+        packages=packages,
+        test_config=dict(test_config),
+        nodeid=nodeid if ROLES[role].cluster_member else None,
+    )
+
+
+def _check_roles(r: _Reader, nodes: list[Node]) -> None:
+    index = {n.name: i for i, n in enumerate(nodes)}
+    members = [n for n in nodes if n.is_pve]
+    witnesses = [n for n in nodes if n.role_def.qdevice_host]
+    if witnesses and not members:
+        r.fail(
+            f"nodes[{index[witnesses[0].name]}].role",
+            witnesses[0].role,
+            "a QDevice witness needs cluster members to serve",
+        )
+    if len(members) < 2:
+        r.fail("nodes", [n.name for n in members], "a cluster needs at least two pve-host nodes")
+    if len(witnesses) > 1:
+        r.fail(
+            f"nodes[{index[witnesses[1].name]}].role",
+            witnesses[1].role,
+            "corosync supports one QDevice: at most one qdevice-witness node",
+        )
 
 
 def _parse_scenario(r: _Reader, top: dict, names: set[str]) -> Scenario:
     scenarios = r.get(top, "scenarios", "", list)
     if len(scenarios) != 1:
-        r.fail("scenarios", [s.get("name") if isinstance(s, dict) else s for s in scenarios],
-               "exactly one group scenario is allowed")
+        r.fail(
+            "scenarios",
+            [s.get("name") if isinstance(s, dict) else s for s in scenarios],
+            "exactly one group scenario is allowed",
+        )
     s = r.mapping(scenarios[0], "scenarios[0]", {"name", "tests", "custom_tests"})
     sname = r.get(s, "name", "scenarios[0]", str)
     if s.get("tests", []) != []:
@@ -465,31 +579,34 @@ def _parse_scenario(r: _Reader, top: dict, names: set[str]) -> Scenario:
     for i, t in enumerate(r.get(s, "custom_tests", "scenarios[0]", list)):
         where = f"scenarios[0].custom_tests[{i}]"
         t = r.mapping(t, where, {"name", "assertions"})
-        tname = r.get(t, "name", where, str)
-        assertions = []
         raw_assertions = r.get(t, "assertions", where, list)
         if not raw_assertions:
             r.fail(f"{where}.assertions", [], "needs at least one assertion")
-        for j, a in enumerate(raw_assertions):
-            aw = f"{where}.assertions[{j}]"
-            a = r.mapping(a, aw, {"type", "on_vm", "port", "command", "expected_output", "url",
-                                  "expected_status"})
-            atype = r.get(a, "type", aw, str)
-            if atype not in ASSERTION_TYPES:
-                r.fail(f"{aw}.type", atype, f"unsupported assertion type (allowed: {', '.join(ASSERTION_TYPES)})")
-            if "on_vm" not in a:
-                r.fail(f"{aw}.on_vm", None, "is required: every assertion names the VM it runs on")
-            on_vm = r.get(a, "on_vm", aw, str)
-            if on_vm not in names:
-                r.fail(f"{aw}.on_vm", on_vm, "names no node of this lab")
-            if atype == "port_listening":
-                assertions.append(Assertion(atype, on_vm, port=r.port(a.get("port"), f"{aw}.port")))
-            elif atype == "command_output":
-                assertions.append(Assertion(atype, on_vm, command=r.get(a, "command", aw, str),
-                                            expected_output=r.get(a, "expected_output", aw, str)))
-            else:
-                status = r.get(a, "expected_status", aw, int, default=200)
-                assertions.append(Assertion(atype, on_vm, url=r.get(a, "url", aw, str),
-                                            expected_status=status))
-        tests.append(CustomTest(tname, tuple(assertions)))
+        assertions = tuple(
+            _parse_assertion(r, a, f"{where}.assertions[{j}]", names) for j, a in enumerate(raw_assertions)
+        )
+        tests.append(CustomTest(r.get(t, "name", where, str), assertions))
     return Scenario(sname, tuple(tests))
+
+
+def _parse_assertion(r: _Reader, a: Any, aw: str, names: set[str]) -> Assertion:
+    a = r.mapping(a, aw)
+    atype = r.get(a, "type", aw, str)
+    if atype not in ASSERTION_TYPES:
+        r.fail(f"{aw}.type", atype, f"unsupported assertion type (allowed: {', '.join(ASSERTION_TYPES)})")
+    kind = ASSERTION_TYPES[atype]
+    r.mapping(a, aw, {"type", "on_vm"} | {f.name for f in kind.fields})
+    if "on_vm" not in a:
+        r.fail(f"{aw}.on_vm", None, "is required: every assertion names the VM it runs on")
+    on_vm = r.get(a, "on_vm", aw, str)
+    if on_vm not in names:
+        r.fail(f"{aw}.on_vm", on_vm, "names no node of this lab")
+    values: dict[str, Any] = {}
+    for f in kind.fields:
+        if f.name == "port":
+            values["port"] = r.port(a.get("port"), f"{aw}.port")
+        elif f.required:
+            values[f.name] = r.get(a, f.name, aw, f.kind)
+        else:
+            values[f.name] = r.get(a, f.name, aw, f.kind, default=f.default)
+    return Assertion(atype, on_vm, **values)

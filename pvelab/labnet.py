@@ -24,11 +24,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import PvelabError
+
 CLONE_NEWNET = 0x40000000
 DEFAULT_SUBNET = "172.31.81.0/24"
 
 
-class LabNetError(RuntimeError):
+class LabNetError(PvelabError):
     pass
 
 
@@ -66,7 +68,7 @@ class LabNet:
         self._range = (str(hosts[100]), str(hosts[150]))
 
     # -------------------------------------------------------------- lifecycle
-    def __enter__(self) -> "LabNet":
+    def __enter__(self) -> LabNet:
         self.logdir.mkdir(parents=True, exist_ok=True)
         try:
             self.up()
@@ -94,18 +96,33 @@ class LabNet:
             _ip("ip", "link", "set", tap, "up", ns=ns)
         leases = self.logdir / "dnsmasq.leases"
         leases.unlink(missing_ok=True)
-        args = ["ip", "netns", "exec", ns, "dnsmasq", "--keep-in-foreground", "--port=0",
-                f"--interface={self.bridge}", "--bind-interfaces", "--no-resolv", "--no-hosts",
-                f"--dhcp-range={self._range[0]},{self._range[1]},{ipaddress.IPv4Network(self.subnet).netmask},1h",
-                f"--dhcp-option=option:router,{self.gateway}",
-                f"--dhcp-leasefile={leases}", "--log-dhcp", "--dhcp-authoritative",
-                f"--log-facility={self.logdir / 'dnsmasq.log'}", f"--pid-file={self.logdir / 'dnsmasq.pid'}"]
+        args = [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--port=0",
+            f"--interface={self.bridge}",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            f"--dhcp-range={self._range[0]},{self._range[1]},{ipaddress.IPv4Network(self.subnet).netmask},1h",
+            f"--dhcp-option=option:router,{self.gateway}",
+            f"--dhcp-leasefile={leases}",
+            "--log-dhcp",
+            "--dhcp-authoritative",
+            f"--log-facility={self.logdir / 'dnsmasq.log'}",
+            f"--pid-file={self.logdir / 'dnsmasq.pid'}",
+        ]
         for vm in self.vms:
             args.append(f"--dhcp-host={self.macs[vm]},{self.addresses[vm]},{vm}")
         self.dnsmasq = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.3)
         if self.dnsmasq.poll() is not None:
-            raise LabNetError(f"dnsmasq failed to start: {self.dnsmasq.stderr.read().decode().strip()}")
+            err = self.dnsmasq.stderr.read().decode().strip() if self.dnsmasq.stderr else ""
+            raise LabNetError(f"dnsmasq failed to start: {err}")
 
     def down(self) -> None:
         if self.dnsmasq and self.dnsmasq.poll() is None:

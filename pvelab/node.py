@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .lab import Lab, Node
 from .render import RenderedFile, enabled_units, node_dirs, render_files
-from .run import Steps, StepError
+from .run import StepError
 
 UNIT_DIRS = ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
 
@@ -25,13 +25,14 @@ UNIT_DIRS = ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system
 @dataclass(frozen=True)
 class Entry:
     """One path of the node layer: a file (with content), a directory or a symlink."""
+
     path: str
-    kind: str                 # "file" | "dir" | "link"
+    kind: str  # "file" | "dir" | "link"
     mode: int = 0o644
     owner: str = "root"
     group: str = "root"
     content: bytes = b""
-    target: str = ""          # symlink target
+    target: str = ""  # symlink target
 
 
 def _ids(root: Path, name: str, table: str) -> int:
@@ -44,15 +45,16 @@ def _ids(root: Path, name: str, table: str) -> int:
 
 def _wanted_by(unit_text: str) -> list[str]:
     parser = configparser.ConfigParser(strict=False, interpolation=None)
-    parser.optionxform = str
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keep key case
     parser.read_string(unit_text)
     if not parser.has_option("Install", "WantedBy"):
         return []
     return parser.get("Install", "WantedBy").split()
 
 
-def layer_entries(lab: Lab, node: Node, image_root: Path,
-                  files: list[RenderedFile] | None = None) -> list[Entry]:
+def layer_entries(
+    lab: Lab, node: Node, image_root: Path, files: list[RenderedFile] | None = None
+) -> list[Entry]:
     """The node layer for ``node``; ``image_root`` is the base file tree (for unit lookup)."""
     files = files if files is not None else render_files(lab, node)
     entries = [Entry(f.path, "file", f.mode, f.owner, f.group, f.content.encode()) for f in files]
@@ -70,13 +72,13 @@ def layer_entries(lab: Lab, node: Node, image_root: Path,
                 break
         if unit_path is None:
             raise StepError(f"{node.name}: unit {unit} is neither in the overlay nor in the image")
-        targets = _wanted_by(by_path[unit_path].content.decode() if text_file is None
-                             else text_file.read_text())
+        targets = _wanted_by(
+            by_path[unit_path].content.decode() if text_file is None else text_file.read_text()
+        )
         if not targets:
             raise StepError(f"{node.name}: unit {unit} has no [Install] WantedBy=")
         for target in targets:
-            entries.append(Entry(f"/etc/systemd/system/{target}.wants/{unit}", "link",
-                                 target=unit_path))
+            entries.append(Entry(f"/etc/systemd/system/{target}.wants/{unit}", "link", target=unit_path))
     return entries
 
 

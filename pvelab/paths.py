@@ -17,9 +17,5 @@ def build_root() -> Path:
     return Path(os.environ.get("PVELAB_BUILD_DIR", ROOT / "build"))
 
 
-def node_dir(node: str) -> Path:
-    return build_root() / node
-
-
 def cache_dir() -> Path:
     return Path(os.environ.get("PVELAB_CACHE_DIR", build_root() / "cache"))

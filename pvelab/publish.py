@@ -1,13 +1,14 @@
 """`invoke publish`: gated, atomic releases of the built and boot-tested artefacts.
 
-Layout: ``DEST/<lab>/<YYYYMMDD>T<HHMMSS>Z/`` with each node's qcow2 and ISO,
+Layout: ``DEST/<lab>/<YYYYMMDD>T<HHMMSS>Z/`` (default: ``build/<lab>/releases/<timestamp>/``) with each node's qcow2 and ISO,
 ``SHA256SUMS`` (+ ``SHA256SUMS.asc`` when a GPG key is configured), ``manifest.json``,
 the boot-test reports, ``topology.svg`` and a ``README.md`` for the provisioning team.
 ``DEST/<lab>/latest`` (a symlink, plus a ``LATEST`` file for mounts without symlinks)
 names the newest complete release.
 
 Gate: every artefact must exist, match the sha256 in its build manifest, and have
-passed a boot test run on exactly that file (matched by sha256). Atomicity: the
+passed a boot test of this lab and its scenario run on exactly that file (matched by
+sha256). Atomicity: the
 release is assembled in a hidden ``.tmp-*`` directory beside the releases and
 appears with one rename; ``latest`` moves only afterwards; retention runs last and
 never removes the newest release. A publish killed at any point leaves the previous
@@ -26,17 +27,15 @@ from pathlib import Path
 
 import jinja2
 
-from .boottest import report_dir
-from .build import sha256
+from .artefacts import BootReport, BuildManifest, Layout, RecordError, sha256
+from .errors import PvelabError
 from .lab import Lab
-from .paths import ROOT, build_root, node_dir
+from .media import ARTEFACT_KINDS, MEDIA
+from .paths import ROOT
 from .topology import topology_svg
 
-DEFAULT_DEST = "build/releases"
-REPORT_KINDS = (("qcow2", "bios"), ("iso", "bios"), ("iso", "uefi"))
 
-
-class PublishError(RuntimeError):
+class PublishError(PvelabError):
     pass
 
 
@@ -59,52 +58,88 @@ def _checkpoint(step: str) -> None:
         time.sleep(3600)
 
 
-def _load_reports() -> dict[str, dict]:
+def _load_reports(lab: Lab) -> dict[str, BootReport]:
+    """Every boot report of this lab, keyed ``<media>-<firmware>``."""
     reports = {}
-    for media, firmware in REPORT_KINDS:
-        path = report_dir(media, firmware) / "report.json"
-        if path.exists():
-            reports[f"{media}-{firmware}"] = json.loads(path.read_text())
+    root = Layout(lab.name).root / "boot-test"
+    for path in sorted(root.glob("*/report.json")):
+        reports[path.parent.name] = BootReport.from_json(path)
     return reports
 
 
-def gate(lab: Lab) -> dict:
-    """Check every artefact; return what the release needs. Raise PublishError naming each problem."""
+def _check_artefact(
+    lab: Lab, node: str, kind: str, manifest: BuildManifest, reports: dict[str, BootReport]
+) -> tuple[dict | None, str | None]:
+    """(what the release needs of one artefact, None) or (None, the problem)."""
+    path = Layout(lab.name).artefact(node, kind)
+    if not path.exists():
+        return None, f"{node}: {path} missing"
+    info = manifest.artefacts.get(path.name)
+    got = sha256(path)
+    if info is None or got != info.sha256:
+        want = info.sha256[:12] if info else "none"
+        return None, (
+            f"{node}: {path.name} sha256 {got[:12]}... does not match its build "
+            f"manifest ({want}...): modified after the build"
+        )
+    on_these_bytes = {
+        k: r
+        for k, r in reports.items()
+        if MEDIA[r.media].artefact == kind
+        and r.artefacts.get(node) is not None
+        and r.artefacts[node].sha256 == got
+    }
+    passed_by = [k for k, r in on_these_bytes.items() if r.passed]
+    if not passed_by:
+        why = (
+            f"its boot test ({', '.join(on_these_bytes)}) did not pass"
+            if on_these_bytes
+            else f"no boot test ran on this exact file (run `invoke boot-test --lab {lab.path}"
+            f"{' --media iso' if kind == 'iso' else ''}`)"
+        )
+        return None, f"{node}: {path.name}: {why}"
+    return {
+        "path": path,
+        "name": path.name,
+        "size": path.stat().st_size,
+        "sha256": got,
+        "boot_tests": passed_by,
+    }, None
+
+
+def gate(lab: Lab, kinds: tuple[str, ...] = ARTEFACT_KINDS) -> dict:
+    """Check every artefact of ``kinds``; return what the release needs.
+
+    Raises PublishError naming each problem."""
     problems: list[str] = []
-    reports = _load_reports()
-    nodes = {}
+    try:
+        reports = _load_reports(lab)
+    except RecordError as exc:
+        raise PublishError(f"refusing to publish: {exc}") from None
+    for key, r in reports.items():
+        if r.lab != lab.name or r.result.scenario != lab.scenario.name:
+            problems.append(
+                f"boot-test/{key}: report is of lab {r.lab!r}, scenario "
+                f"{r.result.scenario!r}, not {lab.name!r}/{lab.scenario.name!r}"
+            )
+    nodes: dict[str, dict] = {}
     for node in lab.nodes:
-        ndir = node_dir(node.name)
-        mpath = ndir / "manifest.json"
+        mpath = Layout(lab.name).manifest(node.name)
         if not mpath.exists():
             problems.append(f"{node.name}: {mpath} missing (not built)")
             continue
-        manifest = json.loads(mpath.read_text())
-        entry = {"manifest": manifest, "files": {}}
-        for kind in ("qcow2", "iso"):
-            fname = f"{node.name}.{kind}"
-            path = ndir / fname
-            if not path.exists():
-                problems.append(f"{node.name}: {path} missing")
-                continue
-            want = manifest["artefacts"].get(fname, {}).get("sha256")
-            got = sha256(path)
-            if got != want:
-                problems.append(f"{node.name}: {fname} sha256 {got[:12]}... does not match its build "
-                                f"manifest ({str(want)[:12]}...): modified after the build")
-                continue
-            passed_by = [k for k, r in reports.items() if k.startswith(kind + "-") and r.get("passed")
-                         and r["context"]["artefacts"].get(node.name, {}).get("sha256") == got]
-            if not passed_by:
-                tried = [k for k, r in reports.items() if k.startswith(kind + "-")
-                         and r["context"]["artefacts"].get(node.name, {}).get("sha256") == got]
-                why = (f"its boot test ({', '.join(tried)}) did not pass" if tried else
-                       f"no boot test ran on this exact file (run `invoke boot-test"
-                       f"{' --media iso' if kind == 'iso' else ''}`)")
-                problems.append(f"{node.name}: {fname}: {why}")
-                continue
-            entry["files"][kind] = {"path": path, "name": fname, "size": path.stat().st_size,
-                                    "sha256": got, "boot_tests": passed_by}
+        try:
+            manifest = BuildManifest.from_json(mpath)
+        except RecordError as exc:
+            problems.append(str(exc))
+            continue
+        entry: dict = {"manifest": manifest, "files": {}}
+        for kind in kinds:
+            checked, problem = _check_artefact(lab, node.name, kind, manifest, reports)
+            if problem:
+                problems.append(problem)
+            else:
+                entry["files"][kind] = checked
         nodes[node.name] = entry
     if problems:
         raise PublishError("refusing to publish:\n  - " + "\n  - ".join(problems))
@@ -134,51 +169,79 @@ def _fsync_tree(path: Path) -> None:
 
 def release_manifest(lab: Lab, name: str, checked: dict) -> dict:
     nodes = []
-    first = None
+    first: BuildManifest | None = None
     for node in lab.nodes:
         e = checked["nodes"][node.name]
-        m = e["manifest"]
+        m: BuildManifest = e["manifest"]
         first = first or m
-        nodes.append({
-            "name": node.name, "role": node.role, "alias": str(node.alias),
-            "ram_mb": node.ram_mb, "disk_gb": node.disk_gb,
-            "files": {k: {"name": f["name"], "size": f["size"], "sha256": f["sha256"],
-                          "boot_tests": f["boot_tests"]} for k, f in e["files"].items()},
-            "enabled_units": m.get("enabled_units", []),
-            "build_seconds": m.get("build_seconds", {}),
-            "base": m.get("base", {}),
-        })
-    reports = checked["reports"]
+        nodes.append(
+            {
+                "name": node.name,
+                "role": node.role,
+                "alias": str(node.alias),
+                "ram_mb": node.ram_mb,
+                "disk_gb": node.disk_gb,
+                "files": {
+                    k: {
+                        "name": f["name"],
+                        "size": f["size"],
+                        "sha256": f["sha256"],
+                        "boot_tests": f["boot_tests"],
+                    }
+                    for k, f in e["files"].items()
+                },
+                "enabled_units": m.enabled_units,
+                "build_seconds": m.build_seconds,
+                "base": {"key": m.base_key, "elements": m.elements},
+            }
+        )
+    assert first is not None
+    reports: dict[str, BootReport] = checked["reports"]
     qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True)
     return {
         "lab": lab.name,
         "release": name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git_commit": first.get("git_commit"),
+        "git_commit": first.git_commit,
         "nodes": nodes,
-        "elements": first.get("base", {}).get("elements", []),
-        "versions": dict(first.get("tools", {}), kernel=first.get("kernel"),
-                         qemu=(qemu.stdout.splitlines() or ["unknown"])[0]),
-        "boot_tests": {k: {"passed": r["passed"], "wall_seconds": r["context"].get("wall_seconds"),
-                           "ssh_ready_seconds": r["context"].get("ssh_ready_seconds"),
-                           "accel": r["context"].get("accel"),
-                           "tests": {t["name"]: "pass" if t["passed"] else "fail" for t in r["tests"]}}
-                       for k, r in reports.items()},
+        "elements": first.elements,
+        "versions": dict(first.tools, kernel=first.kernel, qemu=(qemu.stdout.splitlines() or ["unknown"])[0]),
+        "boot_tests": {
+            k: {
+                "passed": r.passed,
+                "wall_seconds": r.wall_seconds,
+                "ssh_ready_seconds": r.ssh_ready_seconds,
+                "accel": r.accel,
+                "tests": {t.name: "pass" if t.passed else "fail" for t in r.result.tests},
+            }
+            for k, r in reports.items()
+        },
         "scenario": lab.scenario.name,
     }
 
 
 def _readme(lab: Lab, manifest: dict) -> str:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(ROOT / "pvelab" / "templates")),
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                             keep_trailing_newline=True)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(ROOT / "pvelab" / "templates")),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
     return env.get_template("release-README.md.j2").render(lab=lab, manifest=manifest)
 
 
 def _releases(labdir: Path) -> list[Path]:
-    return sorted(p for p in labdir.iterdir()
-                  if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
-                  and len(p.name) == 16 and p.name[8] == "T" and p.name.endswith("Z"))
+    return sorted(
+        p
+        for p in labdir.iterdir()
+        if p.is_dir()
+        and not p.is_symlink()
+        and not p.name.startswith(".")
+        and len(p.name) == 16
+        and p.name[8] == "T"
+        and p.name.endswith("Z")
+    )
 
 
 def _point_latest(labdir: Path, name: str) -> None:
@@ -194,15 +257,24 @@ def _point_latest(labdir: Path, name: str) -> None:
     os.replace(tmp_file, labdir / "LATEST")
 
 
-def publish(lab: Lab, dest: str | Path = DEFAULT_DEST, keep: int | None = None,
-            gpg_key: str | None = None, now: float | None = None) -> Release:
+def publish(
+    lab: Lab,
+    dest: str | Path | None = None,
+    keep: int | None = None,
+    gpg_key: str | None = None,
+    now: float | None = None,
+    kinds: tuple[str, ...] = ARTEFACT_KINDS,
+) -> Release:
+    """Publish to ``DEST/<lab>/<timestamp>/``; without ``dest``, ``build/<lab>/releases/``.
+
+    ``kinds`` limits the release to some artefact kinds (e.g. only the qcow2 images)."""
+    unknown = [k for k in kinds if k not in ARTEFACT_KINDS]
+    if unknown or not kinds:
+        raise PublishError(f"--artefacts: {','.join(kinds)!r}: choose from {', '.join(ARTEFACT_KINDS)}")
     if keep is not None and keep < 1:
         raise PublishError(f"--keep: {keep}: must be at least 1 (the newest release always stays)")
-    checked = gate(lab)
-    dest = Path(dest)
-    if not dest.is_absolute():
-        dest = ROOT / dest
-    labdir = dest / lab.name
+    checked = gate(lab, kinds)
+    labdir = Layout(lab.name).releases if dest is None else Path(dest).absolute() / lab.name
     labdir.mkdir(parents=True, exist_ok=True)
     for stale in labdir.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)  # a previous publish that was killed
@@ -223,8 +295,7 @@ def publish(lab: Lab, dest: str | Path = DEFAULT_DEST, keep: int | None = None,
         reports_dir = stage / "boot-test"
         reports_dir.mkdir()
         for key in checked["reports"]:
-            media, firmware = key.split("-")
-            src = report_dir(media, firmware)
+            src = Layout(lab.name).root / "boot-test" / key
             for fname in ("report.json", "junit.xml"):
                 shutil.copyfile(src / fname, reports_dir / f"{key}.{fname}")
         manifest = release_manifest(lab, name, checked)
@@ -233,17 +304,31 @@ def publish(lab: Lab, dest: str | Path = DEFAULT_DEST, keep: int | None = None,
         (stage / "README.md").write_text(_readme(lab, manifest))
         _checkpoint("metadata")
         # one pass over the staged files: SHA256SUMS, and proof the copies are what was gated
-        digests = {p.relative_to(stage).as_posix(): sha256(p)
-                   for p in sorted(stage.rglob("*")) if p.is_file()}
+        digests = {
+            p.relative_to(stage).as_posix(): sha256(p) for p in sorted(stage.rglob("*")) if p.is_file()
+        }
         for node in lab.nodes:
             for f in checked["nodes"][node.name]["files"].values():
                 if digests[f["name"]] != f["sha256"]:
                     raise PublishError(f"{f['name']}: copy in {stage} does not match its checksum")
         (stage / "SHA256SUMS").write_text("".join(f"{d}  {rel}\n" for rel, d in digests.items()))
         if gpg_key:
-            subprocess.run(["gpg", "--batch", "--yes", "--local-user", gpg_key, "--armor",
-                            "--detach-sign", "--output", str(stage / "SHA256SUMS.asc"),
-                            str(stage / "SHA256SUMS")], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    "gpg",
+                    "--batch",
+                    "--yes",
+                    "--local-user",
+                    gpg_key,
+                    "--armor",
+                    "--detach-sign",
+                    "--output",
+                    str(stage / "SHA256SUMS.asc"),
+                    str(stage / "SHA256SUMS"),
+                ],
+                check=True,
+                capture_output=True,
+            )
         _fsync_tree(stage)
         _checkpoint("rename")
         os.rename(stage, labdir / name)

@@ -11,8 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from .artefacts import Layout
 from .lab import Lab, Node
-from .paths import build_root
 from .render import enabled_units, node_dirs, render_files
 
 ALIAS_SCRIPT = "/usr/local/sbin/pvelab-alias"
@@ -29,17 +29,37 @@ def node_recipe(lab: Lab, node: Node) -> dict:
         "resources": {"ram_mb": node.ram_mb, "disk_gb": node.disk_gb},
         "features": list(node.features),
         "packages": list(node.packages),
-        "users": [{"name": lab.user.name, "password": lab.user.password,
-                   "groups": list(lab.user.groups), "ssh_password_login": True}],
-        "network": {"mode": "dhcp", "keep_default_route": True, "alias": str(node.alias),
-                    "dns_servers": list(lab.dns_servers), "firewall": False},
-        "directories": [{"path": d, "mode": "0750", "owner": lab.user.name, "group": lab.user.name}
-                        for d in node_dirs(lab, node)],
-        "files": [{"path": f.path, "mode": f"{f.mode:04o}", "owner": f.owner, "group": f.group,
-                   "content": f.content} for f in files],
+        "users": [
+            {
+                "name": lab.user.name,
+                "password": lab.user.password,
+                "groups": list(lab.user.groups),
+                "ssh_password_login": True,
+            }
+        ],
+        "network": {
+            "mode": "dhcp",
+            "keep_default_route": True,
+            "alias": str(node.alias),
+            "dns_servers": list(lab.dns_servers),
+            "firewall": False,
+        },
+        "directories": [
+            {"path": d, "mode": "0750", "owner": lab.user.name, "group": lab.user.name}
+            for d in node_dirs(lab, node)
+        ],
+        "files": [
+            {
+                "path": f.path,
+                "mode": f"{f.mode:04o}",
+                "owner": f.owner,
+                "group": f.group,
+                "content": f.content,
+            }
+            for f in files
+        ],
         "services": [u for u in enabled_units(node) if u != "pvelab-alias.service"],
-        "startup_scripts": [{"name": "pvelab-alias", "after": lab.startup_after,
-                             "script": script}],
+        "startup_scripts": [{"name": "pvelab-alias", "after": lab.startup_after, "script": script}],
         "diagram": {"x": node.diagram[0], "y": node.diagram[1]},
         "test_config": dict(node.test_config),
     }
@@ -47,8 +67,7 @@ def node_recipe(lab: Lab, node: Node) -> dict:
 
 def scenario_document(lab: Lab) -> dict:
     scenario = lab.scenario.to_dict()
-    return {"lab": lab.name, "scenarios": [dict(scenario, type="group",
-                                                vms=[n.name for n in lab.nodes])]}
+    return {"lab": lab.name, "scenarios": [dict(scenario, type="group", vms=[n.name for n in lab.nodes])]}
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -58,7 +77,7 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def export_recipes(lab: Lab, out: Path | None = None) -> list[Path]:
-    out = out or build_root() / "recipes"
+    out = out or Layout(lab.name).recipes
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for node in lab.nodes:

@@ -18,11 +18,15 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import PvelabError
+
 HEARTBEAT = float(os.environ.get("PVELAB_HEARTBEAT", "20"))
-_PHASE = re.compile(r"dib-run-parts Running \S*/([a-z0-9-]+\.d/[^/\s]+)$|Running hooks from \S*/([a-z0-9.-]+\.d)\b")
+_PHASE = re.compile(
+    r"dib-run-parts Running \S*/([a-z0-9-]+\.d/[^/\s]+)$|Running hooks from \S*/([a-z0-9.-]+\.d)\b"
+)
 
 
-class StepError(RuntimeError):
+class StepError(PvelabError):
     """A failed tool run: names the node, stage, command and log file."""
 
 
@@ -35,18 +39,16 @@ def fmt_secs(seconds: float) -> str:
 
 
 class Steps:
-    def __init__(self, label: str, log_path: Path, quiet: bool = False):
+    def __init__(self, label: str, log_path: Path):
         self.label = label
         self.log_path = log_path
-        self.quiet = quiet
         self.start = time.monotonic()
         self.stage_name = "-"
         self.timings: dict[str, float] = {}
         log_path.parent.mkdir(parents=True, exist_ok=True)
 
     def say(self, msg: str) -> None:
-        if not self.quiet:
-            _console(f"[{self.label}] {msg}")
+        _console(f"[{self.label}] {msg}")
         self.log(f"== {msg}")
 
     def log(self, text: str) -> None:
@@ -61,23 +63,32 @@ class Steps:
         try:
             yield
         except BaseException as exc:
-            self.say(f"{name} FAILED after {fmt_secs(time.monotonic() - t0)}: "
-                     f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            self.say(
+                f"{name} FAILED after {fmt_secs(time.monotonic() - t0)}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            )
             raise
         took = time.monotonic() - t0
         self.timings[name] = round(took, 1)
         self.say(f"{name} done in {fmt_secs(took)} (total {fmt_secs(time.monotonic() - self.start)})")
 
-    def run(self, cmd: list[str], env: dict | None = None, cwd: Path | None = None,
-            input: bytes | None = None) -> None:
+    def run(
+        self, cmd: list[str], env: dict | None = None, cwd: Path | None = None, input: bytes | None = None
+    ) -> None:
         """Run a command, its output appended to the log; raise StepError on failure."""
         self.log(f"$ {shlex.join(str(c) for c in cmd)}")
         full_env = dict(os.environ, **(env or {}))
         with open(self.log_path, "ab") as log:
-            proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
-                                    stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL)
-            if input is not None:
+            proc = subprocess.Popen(
+                [str(c) for c in cmd],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                cwd=cwd,
+                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            )
+            assert proc.stdout is not None
+            if input is not None and proc.stdin is not None:
                 proc.stdin.write(input)
                 proc.stdin.close()
             phase = [""]
@@ -108,19 +119,24 @@ class Steps:
             finally:
                 done.set()
         if rc != 0:
-            raise StepError(f"{self.label}: {self.stage_name}: {Path(str(cmd[0])).name} exited {rc}; "
-                            f"last lines of {self.log_path}:\n{tail(self.log_path)}")
+            raise StepError(
+                f"{self.label}: {self.stage_name}: {Path(str(cmd[0])).name} exited {rc}; "
+                f"last lines of {self.log_path}:\n{tail(self.log_path)}"
+            )
 
     def capture(self, cmd: list[str], env: dict | None = None) -> str:
         """Run a short command and return its stdout (stderr to the log)."""
         self.log(f"$ {shlex.join(str(c) for c in cmd)}")
-        res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
-                             env=dict(os.environ, **(env or {})))
+        res = subprocess.run(
+            [str(c) for c in cmd], capture_output=True, text=True, env=dict(os.environ, **(env or {}))
+        )
         if res.stderr:
             self.log(res.stderr)
         if res.returncode != 0:
-            raise StepError(f"{self.label}: {self.stage_name}: {shlex.join(str(c) for c in cmd)} "
-                            f"exited {res.returncode}: {res.stderr.strip()[-500:]}")
+            raise StepError(
+                f"{self.label}: {self.stage_name}: {shlex.join(str(c) for c in cmd)} "
+                f"exited {res.returncode}: {res.stderr.strip()[-500:]}"
+            )
         return res.stdout
 
 

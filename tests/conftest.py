@@ -2,20 +2,23 @@ import copy
 import os
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from pvelab.lab import load_lab
-from pvelab.paths import DEFAULT_LAB, ELEMENTS
+from pvelab.paths import DEFAULT_LAB, ELEMENTS, OVERLAYS
 
-COMPAT_DIR = ELEMENTS / "pvelab-compat" / "static" / "usr" / "lib" / "pvelab"
+COMPAT_DIR = ELEMENTS / "pvelab-compat" / "static" / "usr" / "lib" / "pvelab"  # shared library
+ROLE_MODULE_DIRS = [OVERLAYS / role / "usr" / "lib" / "pvelab" for role in ("pve-host", "qdevice-witness")]
 
 
 def pytest_addoption(parser):
-    parser.addoption("--full", action="store_true",
-                     help="also run the image and boot tests (root, builds the lab: many minutes)")
+    parser.addoption(
+        "--full",
+        action="store_true",
+        help="also run the image and boot tests (root, builds the lab: many minutes)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,17 +44,23 @@ def raw_lab():
 @pytest.fixture
 def write_lab(tmp_path):
     """Write a lab dict to a temp file and return its path."""
+
     def write(data, name="lab.yaml"):
         path = tmp_path / name
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
+
     return write
 
 
 @pytest.fixture(scope="session")
 def compat_modules():
-    sys.path.insert(0, str(COMPAT_DIR))
-    import compat, pve_compat, qdevice_compat  # noqa: E401
+    for d in [COMPAT_DIR, *ROLE_MODULE_DIRS]:
+        sys.path.insert(0, str(d))
+    import compat
+    import pve_compat
+    import qdevice_compat
+
     return compat, pve_compat, qdevice_compat
 
 

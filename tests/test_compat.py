@@ -13,10 +13,12 @@ import pytest
 
 from pvelab.render import compat_config
 
-SPEC_STATUS = ('{"data":[{"type":"cluster","name":"pve-cluster","nodes":3,"quorate":1},'
-               '{"type":"node","name":"pve-1","online":1,"id":"node/pve-1","nodeid":1},'
-               '{"type":"node","name":"pve-2","online":1,"id":"node/pve-2","nodeid":2},'
-               '{"type":"node","name":"pve-3","online":1,"id":"node/pve-3","nodeid":3}]}')
+SPEC_STATUS = (
+    '{"data":[{"type":"cluster","name":"pve-cluster","nodes":3,"quorate":1},'
+    '{"type":"node","name":"pve-1","online":1,"id":"node/pve-1","nodeid":1},'
+    '{"type":"node","name":"pve-2","online":1,"id":"node/pve-2","nodeid":2},'
+    '{"type":"node","name":"pve-3","online":1,"id":"node/pve-3","nodeid":3}]}'
+)
 
 
 def ephemeral(cfg, **extra):
@@ -56,8 +58,10 @@ def api_port(svc):
 
 def test_exact_json_bodies(pve):
     port = api_port(pve)
-    assert http(port, "/api2/json/version")[2] == \
-        b'{"data":{"version":"compat-1.0","release":"pve-compat","repoid":"pve-2"}}'
+    assert (
+        http(port, "/api2/json/version")[2]
+        == b'{"data":{"version":"compat-1.0","release":"pve-compat","repoid":"pve-2"}}'
+    )
     assert http(port, "/api2/json/cluster/status")[2].decode() == SPEC_STATUS
     status, headers, body = http(port, "/api2/json/nodes/pve-2/status")
     assert status == 200 and headers["Content-Type"].startswith("application/json")
@@ -90,7 +94,7 @@ def raw_exchange(port, payload, timeout=5):
         while True:
             try:
                 data = s.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 break
             if not data:
                 break
@@ -99,7 +103,7 @@ def raw_exchange(port, payload, timeout=5):
 
 
 def test_garbage_and_half_requests_do_not_kill_it(pve, compat_modules):
-    compat = compat_modules[0]
+    compat_modules[0]
     port = api_port(pve)
     assert raw_exchange(port, b"\x00\xff\xfe garbage \r\n\r\n").startswith(b"HTTP/1.0 400")
     assert raw_exchange(port, b"GET /" + b"A" * 70000 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 414")
@@ -133,7 +137,7 @@ def test_200_concurrent_connections(pve):
     def client():
         try:
             results.append(http(port, "/api2/json/cluster/status")[0])
-        except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+        except Exception as exc:
             errors.append(repr(exc))
 
     threads = [threading.Thread(target=client) for _ in range(200)]
@@ -160,7 +164,9 @@ def test_worker_limit_is_bounded(lab, compat_modules, monkeypatch):
         time.sleep(0.3)
         try:
             # both workers are held by silent clients: a third gets 503, not a new thread
-            assert raw_exchange(api.port, b"GET /api2/json/version HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 503")
+            assert raw_exchange(api.port, b"GET /api2/json/version HTTP/1.0\r\n\r\n").startswith(
+                b"HTTP/1.0 503"
+            )
         finally:
             for h in hogs:
                 h.close()
@@ -214,16 +220,43 @@ def free_port():
         return s.getsockname()[1]
 
 
+def image_env():
+    """In the image the role module sits beside the shared library in /usr/lib/pvelab."""
+    import os
+
+    from conftest import COMPAT_DIR
+
+    return dict(os.environ, PYTHONPATH=str(COMPAT_DIR))
+
+
 def test_service_process_from_config_file(lab, tmp_path, compat_modules):
     """The real entry point as systemd runs it: config file, overrides, SIGTERM."""
-    from conftest import COMPAT_DIR
+    from conftest import ROLE_MODULE_DIRS
+
     cfg_path = tmp_path / "pve-compat.json"
     cfg_path.write_text(json.dumps(compat_config(lab, lab.node("pve-1"))))
     port, p1, p2 = free_port(), free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, str(COMPAT_DIR / "pve_compat.py"), "--config",
-                             str(cfg_path), "--listen", "127.0.0.1", "--http-port", str(port),
-                             "--tcp-ports", f"{p1},{p2}", "--udp-ports", "", "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROLE_MODULE_DIRS[0] / "pve_compat.py"),
+            "--config",
+            str(cfg_path),
+            "--listen",
+            "127.0.0.1",
+            "--http-port",
+            str(port),
+            "--tcp-ports",
+            f"{p1},{p2}",
+            "--udp-ports",
+            "",
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=image_env(),
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -244,9 +277,15 @@ def test_service_process_from_config_file(lab, tmp_path, compat_modules):
 
 
 def test_bad_config_is_a_clear_error(tmp_path):
-    from conftest import COMPAT_DIR
+    from conftest import ROLE_MODULE_DIRS
+
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    res = subprocess.run([sys.executable, str(COMPAT_DIR / "pve_compat.py"), "--config", str(bad)],
-                         capture_output=True, text=True, timeout=10)
+    res = subprocess.run(
+        [sys.executable, str(ROLE_MODULE_DIRS[0] / "pve_compat.py"), "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        env=image_env(),
+    )
     assert res.returncode != 0 and str(bad) in res.stderr

@@ -35,9 +35,12 @@ def corosync_t(conf_text, local_ip, tmp_path):
     conf.write_text(conf_text)
     script = tmp_path / "check.sh"
     script.write_text(CHECK)
-    return subprocess.run(["unshare", "--net", "--mount", "--propagation", "private",
-                           "sh", str(script), local_ip, str(conf)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["unshare", "--net", "--mount", "--propagation", "private", "sh", str(script), local_ip, str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def conf_of(lab, node="pve-1"):

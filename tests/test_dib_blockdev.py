@@ -29,7 +29,9 @@ def test_device_mapper_detection_reads_the_kernel(monkeypatch, tmp_path):
     misc = tmp_path / "misc"
     misc.write_text(" 236 device-mapper\n 183 hw_random\n")
     real_open = open
-    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(misc if p == "/proc/misc" else p, *a, **k))
+    monkeypatch.setattr(
+        "builtins.open", lambda p, *a, **k: real_open(misc if p == "/proc/misc" else p, *a, **k)
+    )
     assert dib_blockdev.device_mapper_works() and not dib_blockdev.needs_loop_partitions()
     misc.write_text(" 183 hw_random\n")
     assert not dib_blockdev.device_mapper_works() and dib_blockdev.needs_loop_partitions()
@@ -38,15 +40,20 @@ def test_device_mapper_detection_reads_the_kernel(monkeypatch, tmp_path):
 @needs_root
 def test_partitions_a_loop_device(tmp_path):
     from diskimage_builder.block_device.level1.partitioning import Partitioning  # noqa: F401
+
     image = tmp_path / "disk.raw"
     with open(image, "wb") as fh:
         fh.truncate(64 * 1024 * 1024)
-    dev = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True,
-                         text=True, check=True).stdout.strip()
+    dev = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
+    ).stdout.strip()
     try:
         state = {"blockdev": {"image0": {"image": str(image), "device": dev}}}
-        config = {"base": "image0", "label": "mbr",
-                  "partitions": [{"name": "root", "base": "image0", "flags": ["boot", "primary"], "size": "100%"}]}
+        config = {
+            "base": "image0",
+            "label": "mbr",
+            "partitions": [{"name": "root", "base": "image0", "flags": ["boot", "primary"], "size": "100%"}],
+        }
         plugin = dib_blockdev.LoopPartitioning(config, {}, state)
         for node in plugin.get_nodes():
             node.create()

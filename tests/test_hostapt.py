@@ -10,7 +10,10 @@ def write(root, rel, text):
 
 
 def test_deb822_sources(tmp_path):
-    write(tmp_path, "etc/apt/sources.list.d/debian.sources", """\
+    write(
+        tmp_path,
+        "etc/apt/sources.list.d/debian.sources",
+        """\
 Types: deb
 URIs: http://mirror.example/debian
 Suites: bookworm bookworm-updates
@@ -21,21 +24,27 @@ Types: deb
 URIs: http://mirror.example/debian-security/
 Suites: bookworm-security
 Components: main
-""")
+""",
+    )
     write(tmp_path, "etc/apt/sources.list.d/other.list.disabled", "deb http://nope/ x main\n")
-    assert debian_mirrors(tmp_path) == ("http://mirror.example/debian",
-                                        "http://mirror.example/debian-security")
+    assert debian_mirrors(tmp_path) == (
+        "http://mirror.example/debian",
+        "http://mirror.example/debian-security",
+    )
 
 
 def test_one_line_sources_with_options(tmp_path):
-    write(tmp_path, "etc/apt/sources.list", """\
+    write(
+        tmp_path,
+        "etc/apt/sources.list",
+        """\
 # comment
 deb [arch=amd64 signed-by=/k.gpg] http://archive.example/debian trixie main
 deb http://sec.example/debian-security trixie-security main
 deb http://vendor.example/apt nodistro main
-""")
-    assert debian_mirrors(tmp_path) == ("http://archive.example/debian",
-                                        "http://sec.example/debian-security")
+""",
+    )
+    assert debian_mirrors(tmp_path) == ("http://archive.example/debian", "http://sec.example/debian-security")
 
 
 def test_no_sources_leaves_dib_defaults(tmp_path, monkeypatch):

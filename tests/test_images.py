@@ -8,7 +8,6 @@ each ISO with xorriso, sgdisk and unsquashfs.
 import json
 import os
 import re
-import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -16,16 +15,17 @@ from pathlib import Path
 import pytest
 
 from pvelab import iso as isomod
+from pvelab.artefacts import Layout
 from pvelab.build import build
 from pvelab.disk import loop_partition, mounted
-from pvelab.lab import FORBIDDEN_PACKAGES, FORBIDDEN_PREFIXES
-from pvelab.paths import node_dir
+from pvelab.lab import FORBIDDEN_PACKAGES, FORBIDDEN_PREFIXES, load_lab
+from pvelab.paths import DEFAULT_LAB
 from pvelab.render import render_files
+from pvelab.roles import ROLES
 from pvelab.run import Steps
 
-pytestmark = [pytest.mark.image,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop mounts")]
-NODES = ["pve-1", "pve-2", "pve-3", "pbs-witness"]
+pytestmark = [pytest.mark.image, pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop mounts")]
+NODES = [n.name for n in load_lab(DEFAULT_LAB).nodes]
 
 
 @pytest.fixture(scope="session")
@@ -43,8 +43,9 @@ def roots(built, tmp_path_factory):
     steps = Steps("image-tests", work / "log")
     for name, res in built.items():
         raw = work / f"{name}.raw"
-        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(res.qcow2), str(raw)],
-                       check=True)
+        subprocess.run(
+            ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(res.qcow2), str(raw)], check=True
+        )
         cm_part = loop_partition(raw, steps, read_only=True)
         part = cm_part.__enter__()
         cm_mount = mounted(part, work / f"{name}-root", steps, read_only=True)
@@ -67,16 +68,22 @@ def installed(root):
 
 @pytest.mark.parametrize("name", NODES)
 def test_qcow2_format_and_size(built, lab, name):
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(built[name].qcow2)],
-                                     capture_output=True, text=True, check=True).stdout)
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", str(built[name].qcow2)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert info["format"] == "qcow2"
-    assert info["virtual-size"] == lab.node(name).disk_gb * 1024 ** 3
+    assert info["virtual-size"] == lab.node(name).disk_gb * 1024**3
 
 
 @pytest.mark.parametrize("name", NODES)
 def test_root_fs_uses_the_disk(roots, lab, name):
     st = os.statvfs(roots[name])
-    assert st.f_blocks * st.f_frsize > 0.9 * lab.node(name).disk_gb * 1024 ** 3
+    assert st.f_blocks * st.f_frsize > 0.9 * lab.node(name).disk_gb * 1024**3
 
 
 @pytest.mark.parametrize("name", NODES)
@@ -89,15 +96,17 @@ def test_spec_files_modes_owners(roots, lab, name):
         st = path.stat()
         assert stat.S_IMODE(st.st_mode) == f.mode, f.path
     assert (root / "etc/hostname").read_text() == f"{name}\n"
-    ops_uid = next(int(l.split(":")[2]) for l in (root / "etc/passwd").read_text().splitlines()
-                   if l.startswith("ops:"))
+    ops_uid = next(
+        int(l.split(":")[2]) for l in (root / "etc/passwd").read_text().splitlines() if l.startswith("ops:")
+    )
     if node.is_pve:
         for d in (f"nodes/{name}", "storage", "qemu-server", "lxc", "priv"):
             st = (root / "etc/pve" / d).stat()
             assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o750, d
             assert st.st_uid == ops_uid and st.st_gid == ops_uid, d
-        assert (root / "etc/pve/storage.cfg").read_text() == \
-            "zfspool: rpool-data\n\tpool rpool/data\n\tcontent images,rootdir\n\tsparse 1\n"
+        assert (
+            root / "etc/pve/storage.cfg"
+        ).read_text() == "zfspool: rpool-data\n\tpool rpool/data\n\tcontent images,rootdir\n\tsparse 1\n"
         assert (root / "etc/pve/corosync.conf").stat().st_uid == ops_uid
     else:
         assert not (root / "etc/pve").exists()
@@ -107,21 +116,27 @@ def test_spec_files_modes_owners(roots, lab, name):
 @pytest.mark.parametrize("name", NODES)
 def test_units_enabled(roots, lab, name):
     wants = roots[name] / "etc/systemd/system/multi-user.target.wants"
-    role_unit = "pve-compat.service" if lab.node(name).is_pve else "qdevice-compat.service"
-    other = "qdevice-compat.service" if lab.node(name).is_pve else "pve-compat.service"
+    role = lab.node(name).role_def
+    role_unit = role.unit
+    others = [r.unit for r in ROLES.values() if r is not role]
     for unit in (role_unit, "pvelab-alias.service", "ssh.service", "systemd-networkd.service"):
         link = wants / unit
         assert link.is_symlink(), unit
         assert (roots[name] / os.readlink(link).lstrip("/")).is_file(), unit
-    assert not (wants / other).exists()
-    assert (roots[name] / "etc/systemd/system/network-online.target.wants/"
-            "systemd-networkd-wait-online.service").is_symlink()
+    for other in others:  # another role's service is not even in this image
+        assert not (wants / other).exists()
+        assert not (roots[name] / f"usr/lib/systemd/system/{other}").exists()
+    assert (
+        roots[name] / "etc/systemd/system/network-online.target.wants/systemd-networkd-wait-online.service"
+    ).is_symlink()
     unit = (roots[name] / f"usr/lib/systemd/system/{role_unit}").read_text()
     assert "DynamicUser=yes" in unit and "Restart=on-failure" in unit
     # byte-compiled at build time: the DynamicUser service cannot write __pycache__
+    # (the shared library; a role's own small module is compiled at its start)
     cache = roots[name] / "usr/lib/pvelab/__pycache__"
-    assert sorted(p.name.split(".")[0] for p in cache.glob("*.pyc")) == \
-        ["compat", "pve_compat", "qdevice_compat"]
+    assert sorted(p.name.split(".")[0] for p in cache.glob("*.pyc")) == ["compat"]
+    modules = sorted(p.name for p in (roots[name] / "usr/lib/pvelab").glob("*.py"))
+    assert modules == sorted(["compat.py", role.service.replace("-", "_") + ".py"])
 
 
 @pytest.mark.parametrize("name", NODES)
@@ -131,8 +146,11 @@ def test_packages(roots, lab, name):
     bad = sorted(p for p in pkgs if p in FORBIDDEN_PACKAGES or p.startswith(FORBIDDEN_PREFIXES))
     assert bad == []
     assert not pkgs & {"nftables", "iptables", "ufw", "firewalld"}
-    sources = "".join(p.read_text() for p in (roots[name] / "etc/apt").rglob("*")
-                      if p.is_file() and (p.suffix in (".list", ".sources")))
+    sources = "".join(
+        p.read_text()
+        for p in (roots[name] / "etc/apt").rglob("*")
+        if p.is_file() and (p.suffix in (".list", ".sources"))
+    )
     assert "proxmox" not in sources.lower()
 
 
@@ -141,8 +159,10 @@ def test_identity_hygiene(roots, name):
     root = roots[name]
     resolv = root / "etc/resolv.conf"
     assert not resolv.is_symlink()
-    assert [l for l in resolv.read_text().splitlines() if not l.startswith("#")] == \
-        ["nameserver 1.1.1.1", "nameserver 8.8.8.8"]
+    assert [l for l in resolv.read_text().splitlines() if not l.startswith("#")] == [
+        "nameserver 1.1.1.1",
+        "nameserver 8.8.8.8",
+    ]
     assert (root / "etc/machine-id").read_text() == ""
     assert list((root / "etc/ssh").glob("ssh_host_*")) == []
     assert not (root / "etc/systemd/system/multi-user.target.wants/ssh-keygen.service").exists()
@@ -159,6 +179,7 @@ def test_identity_hygiene(roots, name):
 def initrd_names(path: Path) -> list[str]:
     """File names in an initramfs: concatenated newc cpio archives, each plain, gzip or zstd."""
     import gzip
+
     data, names = path.read_bytes(), []
     while data := data.lstrip(b"\0"):
         if data[:2] == b"\x1f\x8b":
@@ -170,8 +191,8 @@ def initrd_names(path: Path) -> list[str]:
         assert data[:6] == b"070701", f"{path}: not a newc cpio/gzip/zstd segment: {data[:8]!r}"
         off = 0
         while True:
-            size, namesize = int(data[off + 54:off + 62], 16), int(data[off + 94:off + 102], 16)
-            name = data[off + 110:off + 110 + namesize - 1].decode()
+            size, namesize = int(data[off + 54 : off + 62], 16), int(data[off + 94 : off + 102], 16)
+            name = data[off + 110 : off + 110 + namesize - 1].decode()
             off = (off + 110 + namesize + 3) & ~3
             off = (off + size + 3) & ~3
             if name == "TRAILER!!!":
@@ -196,9 +217,12 @@ def test_lean_disk_boot_and_live_initramfs(roots, built, tmp_path):
     assert "usr/lib/udev/hwdb.bin" not in names and "usr/sbin/iscsistart" not in names
     # no udev in the disk's initramfs: drivers by modalias, /dev handed over at the end
     assert "usr/lib/systemd/systemd-udevd" not in names and "usr/bin/udevadm" not in names
-    assert {"scripts/init-top/pvelab-coldplug", "scripts/local-block/pvelab-coldplug",
-            "scripts/init-bottom/pvelab-move-dev"} <= set(names)
-    assert b"\x28\xb5\x2f\xfd" in disk[0].read_bytes()[:4 << 20], "disk initramfs not zstd"
+    assert {
+        "scripts/init-top/pvelab-coldplug",
+        "scripts/local-block/pvelab-coldplug",
+        "scripts/init-bottom/pvelab-move-dev",
+    } <= set(names)
+    assert b"\x28\xb5\x2f\xfd" in disk[0].read_bytes()[: 4 << 20], "disk initramfs not zstd"
     pkgs = installed(root)
     assert not pkgs & {"live-boot", "live-boot-initramfs-tools", "open-iscsi"}
     assert {"e2fsprogs", "zstd"} <= pkgs  # fsck.ext4 for the root; the initramfs compressor
@@ -241,17 +265,23 @@ def test_iso_squashfs_layers(built, lab, name, tmp_path):
     _xorriso(iso, "-osirrox", "on", "-extract", "/live", str(tmp_path / "live"))
     live = tmp_path / "live"
     assert (live / "filesystem.module").read_text().split() == ["filesystem.squashfs", f"{name}.squashfs"]
-    layer = subprocess.run(["unsquashfs", "-lln", str(live / f"{name}.squashfs")],
-                           capture_output=True, text=True, check=True).stdout
-    base = subprocess.run(["unsquashfs", "-l", str(live / "filesystem.squashfs")],
-                          capture_output=True, text=True, check=True).stdout
-    assert "squashfs-root/usr/lib/pvelab/pve_compat.py" in base
+    layer = subprocess.run(
+        ["unsquashfs", "-lln", str(live / f"{name}.squashfs")], capture_output=True, text=True, check=True
+    ).stdout
+    base = subprocess.run(
+        ["unsquashfs", "-l", str(live / "filesystem.squashfs")], capture_output=True, text=True, check=True
+    ).stdout
+    assert "squashfs-root/usr/lib/pvelab/compat.py" in base
+    module = lab.node(name).role_def.service.replace("-", "_") + ".py"
+    assert f"squashfs-root/usr/lib/pvelab/{module}" in layer
+    assert "_compat.py" not in base.replace("/compat.py", "")  # no role's module in the shared base
     assert "ssh_host_" not in base + layer
     if lab.node(name).is_pve:
         assert re.search(r"^drwxr-x--- 1000/1000 .* squashfs-root/etc/pve/priv$", layer, re.M), layer
         assert "squashfs-root/etc/pve/corosync.conf" in layer
-    assert re.search(r"^drwx------ 0/0 .* squashfs-root/root$", layer, re.M) or \
-        "squashfs-root/root" not in layer
+    assert (
+        re.search(r"^drwx------ 0/0 .* squashfs-root/root$", layer, re.M) or "squashfs-root/root" not in layer
+    )
     assert "squashfs-root/etc/fstab" in layer
 
 
@@ -260,12 +290,18 @@ def test_interrupted_build_keeps_the_last_good_artefacts(built, lab, sig):
     import signal as signals
     import sys
     import time
+
     from pvelab.paths import ROOT
-    ndir = node_dir("pve-2")
+
+    ndir = Layout(lab.name).node_dir("pve-2")
     before = {p.name: _sha(p) for p in (ndir / "pve-2.qcow2", ndir / "pve-2.iso")}
     log = ndir / "build.log"
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "build", "--node", "pve-2"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "invoke", "build", "--node", "pve-2"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while "== qcow2" not in (log.read_text() if log.exists() else ""):
         assert proc.poll() is None and time.monotonic() < deadline, "build ended before the qcow2 stage"
@@ -288,6 +324,7 @@ def test_interrupted_build_keeps_the_last_good_artefacts(built, lab, sig):
 
 def _sha(p):
     import hashlib
+
     h = hashlib.sha256()
     with open(p, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -301,11 +338,12 @@ def test_loop_partition_replaces_a_stale_partition(tmp_path):
     old, new = tmp_path / "old.raw", tmp_path / "new.raw"
     for img, size_mb, start in ((old, 16, 2048), (new, 24, 4096)):
         with open(img, "wb") as fh:
-            fh.truncate(size_mb * 2 ** 20)
+            fh.truncate(size_mb * 2**20)
         subprocess.run(["sfdisk", "-q", str(img)], input=f"{start},,L\n", text=True, check=True)
     # leave a partition on a loop device without deleting it (what a SIGKILL can do)
-    dev = subprocess.run(["losetup", "--find", "--show", str(old)], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    dev = subprocess.run(
+        ["losetup", "--find", "--show", str(old)], capture_output=True, text=True, check=True
+    ).stdout.strip()
     subprocess.run(["partx", "--add", dev], check=True)
     subprocess.run(["losetup", "--detach", dev], check=True)
     try:

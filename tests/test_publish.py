@@ -8,12 +8,19 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 
-from pvelab.boottest import report_dir
-from pvelab.paths import ROOT, node_dir
+from pvelab.artefacts import (
+    ArtefactInfo,
+    ArtefactRef,
+    BootReport,
+    BuildManifest,
+    Layout,
+    ScenarioResult,
+    TestResult,
+)
+from pvelab.paths import ROOT
 from pvelab.publish import PublishError, publish
 from pvelab.topology import topology_svg
 
@@ -22,39 +29,72 @@ def _sha(p):
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+def report_dir(lab, media, firmware):
+    return Layout(lab.name).boot_test_dir(media, firmware)
+
+
+def node_dir(lab, name):
+    return Layout(lab.name).node_dir(name)
+
+
 @pytest.fixture
 def built(lab):
     """Small stand-ins for built artefacts, their build manifests and passing boot tests."""
     shas = {}
     for n in lab.nodes:
-        d = node_dir(n.name)
+        d = node_dir(lab, n.name)
         d.mkdir(parents=True)
         arts = {}
         for kind in ("qcow2", "iso"):
             p = d / f"{n.name}.{kind}"
             p.write_bytes(f"{kind} of {n.name}\n".encode() * 1000)
-            arts[p.name] = {"size": p.stat().st_size, "sha256": _sha(p)}
+            arts[p.name] = ArtefactInfo(size=p.stat().st_size, sha256=_sha(p))
             shas[(n.name, kind)] = _sha(p)
-        (d / "manifest.json").write_text(json.dumps({
-            "node": n.name, "artefacts": arts, "git_commit": "abc123", "kernel": "6.12.0-test",
-            "tools": {"diskimage-builder": "3.43.0", "pycdlib": "1.22.0"},
-            "base": {"key": "k", "elements": ["debian-minimal", "pvelab-base"]},
-            "build_seconds": {"qcow2": 1.0}}))
+        manifest = BuildManifest(
+            lab=lab.name,
+            node=n.name,
+            role=n.role,
+            alias=str(n.alias),
+            ram_mb=n.ram_mb,
+            disk_gb=n.disk_gb,
+            artefacts=arts,
+            base_key="k",
+            elements=["debian-minimal", "pvelab-base"],
+            overlay_files=[],
+            enabled_units=[],
+            packages={},
+            kernel="6.12.0-test",
+            tools={"diskimage-builder": "3.43.0", "pycdlib": "1.22.0"},
+            git_commit="abc123",
+            built_at="2026-11-30T00:00:00Z",
+            build_seconds={"qcow2": 1.0},
+        )
+        (d / "manifest.json").write_text(manifest.to_json())
     for media, firmware in (("qcow2", "bios"), ("iso", "bios"), ("iso", "uefi")):
         write_report(lab, media, firmware, shas, passed=True)
     return shas
 
 
-def write_report(lab, media, firmware, shas, passed):
-    out = report_dir(media, firmware)
+def write_report(lab, media, firmware, shas, passed, lab_name=None):
+    out = report_dir(lab, media, firmware)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"scenario": lab.scenario.name, "passed": passed, "seconds": 1.0,
-              "tests": [{"name": t.name, "passed": passed, "seconds": 0.1, "assertions": []}
-                        for t in lab.scenario.custom_tests],
-              "context": {"media": media, "firmware": firmware, "accel": "tcg", "wall_seconds": 200.0,
-                          "ssh_ready_seconds": {"pve-1": 150.0},
-                          "artefacts": {n.name: {"sha256": shas[(n.name, media)]} for n in lab.nodes}}}
-    (out / "report.json").write_text(json.dumps(report))
+    kind = "qcow2" if media == "qcow2" else "iso"
+    result = ScenarioResult(
+        lab.scenario.name, passed, [TestResult(t.name, passed, 0.1) for t in lab.scenario.custom_tests], 1.0
+    )
+    report = BootReport(
+        lab=lab_name or lab.name,
+        lab_file=str(lab.path),
+        media=media,
+        firmware=firmware,
+        accel="tcg",
+        accel_reason="requested",
+        artefacts={n.name: ArtefactRef("x", shas[(n.name, kind)]) for n in lab.nodes},
+        result=result,
+        ssh_ready_seconds={"pve-1": 150.0},
+        wall_seconds=200.0,
+    )
+    (out / "report.json").write_text(report.to_json())
     (out / "junit.xml").write_text('<?xml version="1.0"?><testsuite name="x" tests="0"/>')
 
 
@@ -65,15 +105,21 @@ def test_release_layout_checksums_manifest(lab, built, tmp_path):
     names = sorted(p.relative_to(rel.path).as_posix() for p in rel.path.rglob("*") if p.is_file())
     for n in lab.nodes:
         assert f"{n.name}.qcow2" in names and f"{n.name}.iso" in names
-    for f in ("SHA256SUMS", "manifest.json", "README.md", "topology.svg",
-              "boot-test/qcow2-bios.junit.xml", "boot-test/iso-uefi.report.json"):
+    for f in (
+        "SHA256SUMS",
+        "manifest.json",
+        "README.md",
+        "topology.svg",
+        "boot-test/qcow2-bios.junit.xml",
+        "boot-test/iso-uefi.report.json",
+    ):
         assert f in names
     res = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=rel.path, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count(": OK") == len(names) - 1
     m = json.loads((rel.path / "manifest.json").read_text())
     assert m["lab"] == lab.name and m["release"] == rel.name and m["git_commit"] == "abc123"
-    assert [n["name"] for n in m["nodes"]] == ["pve-1", "pve-2", "pve-3", "pbs-witness"]
+    assert [n["name"] for n in m["nodes"]] == [n.name for n in lab.nodes]
     pve1 = m["nodes"][0]
     assert pve1["role"] == "pve-host" and pve1["alias"] == "10.81.0.11/24"
     assert pve1["files"]["iso"]["sha256"] == built[("pve-1", "iso")]
@@ -84,14 +130,25 @@ def test_release_layout_checksums_manifest(lab, built, tmp_path):
     assert m["elements"] == ["debian-minimal", "pvelab-base"]
     assert (labdir / "latest").resolve() == rel.path and (labdir / "LATEST").read_text().strip() == rel.name
     readme = (rel.path / "README.md").read_text()
-    for needle in ("BMC virtual media", "UEFI", "USB", "ops", "pve-cluster-ops", "pvecm create pve-cluster",
-                   "pvecm add 10.81.0.11", "pvecm qdevice setup 10.81.0.20", "ha-manager add vm:200",
-                   "real fencing", "pvecm expected 1", "not a Proxmox installation"):
+    for needle in (
+        "BMC virtual media",
+        "UEFI",
+        "USB",
+        "ops",
+        "pve-cluster-ops",
+        "pvecm create pve-cluster",
+        "pvecm add 10.81.0.11",
+        "pvecm qdevice setup 10.81.0.20",
+        "ha-manager add vm:200",
+        "real fencing",
+        "pvecm expected 1",
+        "not a Proxmox installation",
+    ):
         assert needle in readme, needle
 
 
 def test_gate_refuses_tampered_artefact(lab, built, tmp_path):
-    p = node_dir("pve-2") / "pve-2.iso"
+    p = node_dir(lab, "pve-2") / "pve-2.iso"
     p.write_bytes(p.read_bytes() + b"x")
     with pytest.raises(PublishError, match=r"pve-2: pve-2\.iso sha256 .* does not match"):
         publish(lab, tmp_path / "rel")
@@ -99,8 +156,8 @@ def test_gate_refuses_tampered_artefact(lab, built, tmp_path):
 
 
 def test_gate_refuses_untested_and_failed(lab, built, tmp_path):
-    os.remove(report_dir("iso", "bios") / "report.json")
-    os.remove(report_dir("iso", "uefi") / "report.json")
+    os.remove(report_dir(lab, "iso", "bios") / "report.json")
+    os.remove(report_dir(lab, "iso", "uefi") / "report.json")
     with pytest.raises(PublishError, match=r"pve-1: pve-1\.iso: no boot test ran on this exact file"):
         publish(lab, tmp_path / "rel")
     write_report(lab, "iso", "bios", built, passed=False)
@@ -117,9 +174,33 @@ def test_gate_refuses_report_for_other_bytes(lab, built, tmp_path):
 
 
 def test_gate_refuses_missing(lab, built, tmp_path):
-    os.remove(node_dir("pve-3") / "pve-3.qcow2")
+    os.remove(node_dir(lab, "pve-3") / "pve-3.qcow2")
     with pytest.raises(PublishError, match=r"pve-3: .*pve-3\.qcow2 missing"):
         publish(lab, tmp_path / "rel")
+
+
+def test_gate_refuses_report_of_another_lab(lab, built, tmp_path):
+    write_report(lab, "qcow2", "bios", built, passed=True, lab_name="some-other-lab")
+    with pytest.raises(PublishError, match=r"boot-test/qcow2-bios: report is of lab 'some-other-lab'"):
+        publish(lab, tmp_path / "rel")
+
+
+def test_gate_refuses_unreadable_records(lab, built, tmp_path):
+    (report_dir(lab, "iso", "uefi") / "report.json").write_text("{not json")
+    with pytest.raises(PublishError, match=r"iso-uefi/report.json: is not valid JSON"):
+        publish(lab, tmp_path / "rel")
+    (report_dir(lab, "iso", "uefi") / "report.json").unlink()
+    manifest = node_dir(lab, "pve-1") / "manifest.json"
+    data = json.loads(manifest.read_text())
+    del data["artefacts"]
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(PublishError, match=r"pve-1/manifest.json: missing artefacts"):
+        publish(lab, tmp_path / "rel")
+
+
+def test_default_destination_is_the_labs_build_folder(lab, built):
+    rel = publish(lab)
+    assert rel.path.parent == Layout(lab.name).releases
 
 
 @pytest.mark.parametrize("step", ["copy", "metadata", "rename"])
@@ -129,8 +210,9 @@ def test_injected_failure_leaves_no_partial_release(lab, built, tmp_path, monkey
     with pytest.raises(PublishError, match="injected"):
         publish(lab, tmp_path / "rel")
     labdir = tmp_path / "rel" / lab.name
-    assert sorted(p.name for p in labdir.iterdir() if not p.name.startswith(".")) == \
-        sorted([first.name, "latest", "LATEST"])
+    assert sorted(p.name for p in labdir.iterdir() if not p.name.startswith(".")) == sorted(
+        [first.name, "latest", "LATEST"]
+    )
     assert (labdir / "latest").resolve() == first.path
     monkeypatch.delenv("PVELAB_PUBLISH_FAIL_AT")
     time.sleep(1.1)
@@ -145,8 +227,10 @@ def test_kill_minus_9_midway(lab, built, tmp_path, step):
     time.sleep(1.1)
     marker = tmp_path / "paused"
     env = dict(os.environ, PVELAB_PUBLISH_PAUSE_AT=step, PVELAB_PUBLISH_PAUSE_MARKER=str(marker))
-    code = ("from pvelab.lab import load_lab; from pvelab.publish import publish; "
-            f"publish(load_lab({str(lab.path)!r}), {str(dest)!r})")
+    code = (
+        "from pvelab.lab import load_lab; from pvelab.publish import publish; "
+        f"publish(load_lab({str(lab.path)!r}), {str(dest)!r})"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT)
     try:
         deadline = time.monotonic() + 60
@@ -176,7 +260,7 @@ def test_kill_minus_9_midway(lab, built, tmp_path, step):
 
 def test_retention_keeps_newest(lab, built, tmp_path):
     made = []
-    for i in range(4):
+    for _i in range(4):
         made.append(publish(lab, tmp_path / "rel", keep=2).name)
         time.sleep(1.05)
     labdir = tmp_path / "rel" / lab.name
@@ -194,7 +278,10 @@ def test_topology_svg(lab):
     assert [g.get("id") for g in nodes] == ["node-pve-1", "node-pve-2", "node-pve-3", "node-pbs-witness"]
     assert all(len(g.findall("s:rect", ns)) == 1 for g in nodes)
     r = nodes[3].find("s:rect", ns)
-    assert float(r.get("x")) + float(r.get("width")) / 2 == 350 and float(r.get("y")) + float(r.get("height")) / 2 == 280
+    assert (
+        float(r.get("x")) + float(r.get("width")) / 2 == 350
+        and float(r.get("y")) + float(r.get("height")) / 2 == 280
+    )
     labels = [t.text for t in root.findall(".//s:g[@id='links']/s:text", ns)]
     assert labels.count("8006/5404/5405") == 3 and labels.count("5403") == 3
     assert len(root.findall(".//s:g[@id='links']/s:line", ns)) == len(lab.connections)
@@ -206,12 +293,28 @@ def test_gpg_signature(lab, built, tmp_path, monkeypatch):
     home = tmp_path / "gnupg"
     home.mkdir(mode=0o700)
     monkeypatch.setenv("GNUPGHOME", str(home))
-    subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", "pvelab-test@example.invalid",
-                    "ed25519", "sign", "1d"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "gpg",
+            "--batch",
+            "--passphrase",
+            "",
+            "--quick-gen-key",
+            "pvelab-test@example.invalid",
+            "ed25519",
+            "sign",
+            "1d",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         rel = publish(lab, tmp_path / "rel", gpg_key="pvelab-test@example.invalid")
-        res = subprocess.run(["gpg", "--verify", str(rel.path / "SHA256SUMS.asc"),
-                              str(rel.path / "SHA256SUMS")], capture_output=True, text=True)
+        res = subprocess.run(
+            ["gpg", "--verify", str(rel.path / "SHA256SUMS.asc"), str(rel.path / "SHA256SUMS")],
+            capture_output=True,
+            text=True,
+        )
         assert res.returncode == 0, res.stderr
     finally:  # gpg leaves an agent running for this home: stop it
         subprocess.run(["gpgconf", "--kill", "gpg-agent"], capture_output=True)

@@ -8,8 +8,13 @@ from pvelab.recipes import export_recipes
 def test_recipes_and_scenario(lab, tmp_path):
     paths = export_recipes(lab, tmp_path)
     names = sorted(p.name for p in paths)
-    assert names == ["pbs-witness.json", "pve-1.json", "pve-2.json", "pve-3.json",
-                     "scenario-proxmox-3node-cluster-validation.json"]
+    assert names == [
+        "pbs-witness.json",
+        "pve-1.json",
+        "pve-2.json",
+        "pve-3.json",
+        "scenario-proxmox-3node-cluster-validation.json",
+    ]
     r = json.loads((tmp_path / "pve-1.json").read_text())
     assert r["test_config"] == {"enabled": False, "tests": []}
     assert r["base"]["release"] == "trixie" and r["base"]["arch"] == "x86_64"
@@ -33,9 +38,15 @@ def test_recipes_and_scenario(lab, tmp_path):
     assert kinds == {"port_listening", "command_output"}
     assert all(a["on_vm"] for t in sc["custom_tests"] for a in t["assertions"])
     mesh = sc["custom_tests"][5]["assertions"]
-    assert mesh == [{"type": "command_output", "on_vm": "pve-1",
-                     "command": "nc -z -w 5 10.81.0.12 8006 && nc -z -w 5 10.81.0.13 8006 && echo peers-reachable",
-                     "expected_output": "peers-reachable"}]
+    assert mesh == [
+        {
+            "type": "command_output",
+            "on_vm": "pve-1",
+            "command": "nc -z -w 5 10.81.0.12 8006 && nc -z -w 5 10.81.0.13 8006 && echo peers-reachable",
+            "expected_output": "peers-reachable",
+        }
+    ]
     ports = sorted((a["on_vm"], a["port"]) for a in sc["custom_tests"][0]["assertions"])
-    assert ports == sorted([(n, p) for n in ("pve-1", "pve-2", "pve-3") for p in (8006, 5404, 5405)]
-                           + [("pbs-witness", 5403)])
+    assert ports == sorted(
+        [(n, p) for n in ("pve-1", "pve-2", "pve-3") for p in (8006, 5404, 5405)] + [("pbs-witness", 5403)]
+    )

@@ -3,14 +3,17 @@
 import json
 import re
 
-import pytest
-
 from pvelab.lab import load_lab
-from pvelab.render import render_files, render_lab, render_node
+from pvelab.render import node_dirs, render_files, render_lab, render_node
 
 STORAGE_CFG = "zfspool: rpool-data\n\tpool rpool/data\n\tcontent images,rootdir\n\tsparse 1\n"
-COMMON = {"/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/usr/local/sbin/pvelab-alias",
-          "/etc/systemd/system/pvelab-alias.service"}
+COMMON = {
+    "/etc/hostname",
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/usr/local/sbin/pvelab-alias",
+    "/etc/systemd/system/pvelab-alias.service",
+}
 
 
 def files_of(lab, name):
@@ -18,19 +21,33 @@ def files_of(lab, name):
 
 
 def test_each_tree_has_exactly_the_spec_files(lab, tmp_path):
-    for ov in render_lab(lab):
-        found = {"/" + p.relative_to(ov.tree).as_posix() for p in ov.tree.rglob("*") if p.is_file()}
-        if ov.node == "pbs-witness":
-            assert found == COMMON | {"/etc/pvelab/qdevice-compat.json", "/root/qdevice-runbook.md"}
+    for node, tree in zip(lab.nodes, render_lab(lab), strict=True):
+        found = {"/" + p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file()}
+        if node.name == "pbs-witness":
+            assert found == COMMON | {
+                "/etc/pvelab/qdevice-compat.json",
+                "/root/qdevice-runbook.md",
+                "/usr/lib/pvelab/qdevice_compat.py",
+                "/usr/lib/systemd/system/qdevice-compat.service",
+            }
         else:
-            assert found == COMMON | {"/etc/pve/corosync.conf", "/etc/pve/storage.cfg",
-                                      "/etc/pvelab/pve-compat.json"}
-            dirs = {e["path"]: e for e in json.loads(ov.manifest.read_text())["entries"]
-                    if e["type"] == "dir"}
-            for d in (f"/etc/pve/nodes/{ov.node}", "/etc/pve/storage", "/etc/pve/qemu-server",
-                      "/etc/pve/lxc", "/etc/pve/priv"):
-                assert dirs[d]["mode"] == "0750" and dirs[d]["owner"] == "ops" == dirs[d]["group"]
-                assert (ov.tree / d.lstrip("/")).is_dir()
+            assert found == COMMON | {
+                "/etc/pve/corosync.conf",
+                "/etc/pve/storage.cfg",
+                "/etc/pvelab/pve-compat.json",
+                "/usr/lib/pvelab/pve_compat.py",
+                "/usr/lib/systemd/system/pve-compat.service",
+            }
+            dirs = node_dirs(lab, node)
+            for d in (
+                f"/etc/pve/nodes/{node.name}",
+                "/etc/pve/storage",
+                "/etc/pve/qemu-server",
+                "/etc/pve/lxc",
+                "/etc/pve/priv",
+            ):
+                assert d in dirs
+                assert (tree / d.lstrip("/")).is_dir()
 
 
 def test_storage_cfg_byte_exact(lab):
@@ -74,8 +91,7 @@ def test_corosync_conf_values(lab):
     assert (dev["model"], dev["votes"]) == ("net", "1")
     assert dev["net"] == [{"tls": "on", "host": "10.81.0.20", "algorithm": "ffsplit"}]
     nodes = [(n["name"], n["nodeid"], n["ring0_addr"]) for n in s["nodelist"][0]["node"]]
-    assert nodes == [("pve-1", "1", "10.81.0.11"), ("pve-2", "2", "10.81.0.12"),
-                     ("pve-3", "3", "10.81.0.13")]
+    assert nodes == [("pve-1", "1", "10.81.0.11"), ("pve-2", "2", "10.81.0.12"), ("pve-3", "3", "10.81.0.13")]
     # every PVE node carries the same cluster file
     assert conf == files_of(lab, "pve-3")["/etc/pve/corosync.conf"].content
 
@@ -84,8 +100,12 @@ def test_identity_hosts_resolv_alias(lab):
     f = files_of(lab, "pve-2")
     assert f["/etc/hostname"].content == "pve-2\n"
     hosts = f["/etc/hosts"].content
-    for name, ip in (("pve-1", "10.81.0.11"), ("pve-2", "10.81.0.12"), ("pve-3", "10.81.0.13"),
-                     ("pbs-witness", "10.81.0.20")):
+    for name, ip in (
+        ("pve-1", "10.81.0.11"),
+        ("pve-2", "10.81.0.12"),
+        ("pve-3", "10.81.0.13"),
+        ("pbs-witness", "10.81.0.20"),
+    ):
         assert re.search(rf"^{re.escape(ip)}\s+{name}$", hosts, re.M)
     assert f["/etc/resolv.conf"].content.splitlines()[1:] == ["nameserver 1.1.1.1", "nameserver 8.8.8.8"]
     script = f["/usr/local/sbin/pvelab-alias"].content
@@ -108,9 +128,18 @@ def test_compat_identity(lab):
 
 def test_runbook(lab):
     book = files_of(lab, "pbs-witness")["/root/qdevice-runbook.md"].content
-    for needle in ("apt install corosync-qnetd", "pvecm qdevice setup 10.81.0.20", "TLS",
-                   "`lms`", "N-1", "ffsplit", "expected_votes: 4", "pvecm expected 1",
-                   "pvecm add 10.81.0.11", "ha-manager add vm:200 --group ha-default"):
+    for needle in (
+        "apt install corosync-qnetd",
+        "pvecm qdevice setup 10.81.0.20",
+        "TLS",
+        "`lms`",
+        "N-1",
+        "ffsplit",
+        "expected_votes: 4",
+        "pvecm expected 1",
+        "pvecm add 10.81.0.11",
+        "ha-manager add vm:200 --group ha-default",
+    ):
         assert needle in book, needle
 
 

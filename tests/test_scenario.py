@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from pvelab.artefacts import BootReport
 from pvelab.lab import Assertion, CustomTest, Scenario
 from pvelab.render import compat_config
 from pvelab.scenario import run_scenario, summary, to_junit, write_reports
@@ -28,19 +29,43 @@ def service(lab, compat_modules):
 
 
 def scenario_for(api, tcp):
-    return Scenario("local-validation", (
-        CustomTest("ports", (Assertion("port_listening", "pve-1", port=api),
-                             Assertion("port_listening", "pve-1", port=tcp))),
-        CustomTest("quorate", (Assertion(
-            "command_output", "pve-1",
-            # (jq 1.6 exits 0 on empty input, so curl's failure is checked on its own here)
-            command=f"body=$(curl -fsS http://127.0.0.1:{api}/api2/json/cluster/status) && "
-                    "echo \"$body\" | jq -e '.data[] | select(.type == \"cluster\") | .quorate == 1' "
-                    ">/dev/null && echo quorate",
-            expected_output="quorate"),)),
-        CustomTest("http", (Assertion("http_responds", "pve-1", url=f"http://127.0.0.1:{api}/api2/json/version",
-                                      expected_status=200),)),
-    ))
+    return Scenario(
+        "local-validation",
+        (
+            CustomTest(
+                "ports",
+                (
+                    Assertion("port_listening", "pve-1", port=api),
+                    Assertion("port_listening", "pve-1", port=tcp),
+                ),
+            ),
+            CustomTest(
+                "quorate",
+                (
+                    Assertion(
+                        "command_output",
+                        "pve-1",
+                        # (jq 1.6 exits 0 on empty input, so curl's failure is checked on its own here)
+                        command=f"body=$(curl -fsS http://127.0.0.1:{api}/api2/json/cluster/status) && "
+                        'echo "$body" | jq -e \'.data[] | select(.type == "cluster") | .quorate == 1\' '
+                        ">/dev/null && echo quorate",
+                        expected_output="quorate",
+                    ),
+                ),
+            ),
+            CustomTest(
+                "http",
+                (
+                    Assertion(
+                        "http_responds",
+                        "pve-1",
+                        url=f"http://127.0.0.1:{api}/api2/json/version",
+                        expected_status=200,
+                    ),
+                ),
+            ),
+        ),
+    )
 
 
 def test_all_pass_against_running_service(service):
@@ -69,16 +94,40 @@ def test_gate_fails_when_service_is_stopped(service):
 
 def test_expected_word_must_appear(service):
     api = service.servers[0].port
-    sc = Scenario("s", (CustomTest("t", (Assertion("command_output", "pve-1",
-                                                   command=f"curl -fsS http://127.0.0.1:{api}/api2/json/version",
-                                                   expected_output="no-such-word"),)),))
+    sc = Scenario(
+        "s",
+        (
+            CustomTest(
+                "t",
+                (
+                    Assertion(
+                        "command_output",
+                        "pve-1",
+                        command=f"curl -fsS http://127.0.0.1:{api}/api2/json/version",
+                        expected_output="no-such-word",
+                    ),
+                ),
+            ),
+        ),
+    )
     report = run_scenario(sc, local, timeout=0.5, interval=0.2)
     assert not report.passed and '"repoid":"pve-1"' in report.tests[0].assertions[0].last_output
 
 
 def test_exit_status_matters_even_with_the_word():
-    sc = Scenario("s", (CustomTest("t", (Assertion("command_output", "x", command="echo quorate; exit 3",
-                                                   expected_output="quorate"),)),))
+    sc = Scenario(
+        "s",
+        (
+            CustomTest(
+                "t",
+                (
+                    Assertion(
+                        "command_output", "x", command="echo quorate; exit 3", expected_output="quorate"
+                    ),
+                ),
+            ),
+        ),
+    )
     assert not run_scenario(sc, local, timeout=0.3, interval=0.1).passed
 
 
@@ -91,8 +140,11 @@ def test_a_late_service_is_waited_for(lab, compat_modules):
     cfg.update(listen="127.0.0.1", http_port=port, tcp_ports=[], udp_ports=[])
     sc = Scenario("s", (CustomTest("t", (Assertion("port_listening", "pve-1", port=port),)),))
     import threading
+
     holder = {}
-    timer = threading.Timer(1.0, lambda: holder.setdefault("svc", compat.Service(pve_compat.build(cfg)).start()))
+    timer = threading.Timer(
+        1.0, lambda: holder.setdefault("svc", compat.Service(pve_compat.build(cfg)).start())
+    )
     timer.start()
     try:
         report = run_scenario(sc, local, timeout=10, interval=0.3)
@@ -105,6 +157,7 @@ def test_a_late_service_is_waited_for(lab, compat_modules):
 def test_executor_exception_is_a_failed_attempt():
     def broken(vm, command):
         raise ConnectionError("ssh lost")
+
     sc = Scenario("s", (CustomTest("t", (Assertion("port_listening", "pve-1", port=1),)),))
     r = run_scenario(sc, broken, timeout=0.2, interval=0.1)
     assert not r.passed and "ssh lost" in r.tests[0].assertions[0].last_output
@@ -112,20 +165,32 @@ def test_executor_exception_is_a_failed_attempt():
 
 def test_reports(service, tmp_path):
     api = service.servers[0].port
-    report = run_scenario(scenario_for(api, service.servers[1].port), local, timeout=5, interval=0.2,
-                          context={"accel": "tcg"})
+    result = run_scenario(scenario_for(api, service.servers[1].port), local, timeout=5, interval=0.2)
+    report = BootReport(
+        lab="l",
+        lab_file="l.yaml",
+        media="qcow2",
+        firmware="bios",
+        accel="tcg",
+        accel_reason="requested",
+        artefacts={},
+        result=result,
+    )
     js, xml = write_reports(report, tmp_path)
     data = json.loads(js.read_text())
-    assert data["summary"] == {"passed": 3, "failed": 0} and data["context"]["accel"] == "tcg"
-    assert data["tests"][0]["assertions"][0]["attempts"] == 1
+    assert data["summary"] == {"passed": 3, "failed": 0} and data["accel"] == "tcg"
+    assert data["result"]["tests"][0]["assertions"][0]["attempts"] == 1
+    again = BootReport.from_json(js)  # the typed record reads back what it wrote
+    assert again.result.tests[0].assertions[0].passed and again.passed
     suite = ET.parse(xml).getroot()
     assert suite.tag == "testsuite" and suite.get("tests") == "4" and suite.get("failures") == "0"
     assert {c.get("classname") for c in suite.iter("testcase")} == {"ports", "quorate", "http"}
 
 
 def test_junit_marks_failures():
-    sc = Scenario("s", (CustomTest("t", (Assertion("command_output", "x", command="false",
-                                                   expected_output="y"),)),))
+    sc = Scenario(
+        "s", (CustomTest("t", (Assertion("command_output", "x", command="false", expected_output="y"),)),)
+    )
     root = ET.fromstring(to_junit(run_scenario(sc, local, timeout=0.1, interval=0.1)))
     assert root.get("failures") == "1" and root.find("testcase/failure") is not None
 

@@ -17,9 +17,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 log = logging.getLogger("pvelab-compat")
 
-MAX_WORKERS = 64          # concurrent HTTP requests served at once
-REQUEST_TIMEOUT = 10.0    # seconds a client may take to send its request
-SLOT_WAIT = 2.0           # seconds a new connection waits for a worker before 503
+MAX_WORKERS = 64  # concurrent HTTP requests served at once
+REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its request
+SLOT_WAIT = 2.0  # seconds a new connection waits for a worker before 503
 
 
 def dumps(obj):
@@ -47,8 +47,9 @@ class BoundedHTTPServer(socketserver.ThreadingMixIn, HTTPServer):
     def process_request(self, request, client_address):
         if not self._slots.acquire(timeout=SLOT_WAIT):
             try:
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                                b"Connection: close\r\n\r\n")
+                request.sendall(
+                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -237,7 +238,7 @@ def load_config(path, overrides):
         with open(path) as fh:
             cfg = json.load(fh)
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"{path}: cannot read config: {exc}")
+        raise SystemExit(f"{path}: cannot read config: {exc}") from None
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return cfg
 
@@ -252,16 +253,19 @@ def main(name, build, default_config, add_args=None, argv=None):
         add_args(parser)
     parser.add_argument("--quiet", action="store_true", help="do not log requests")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format=f"{name}: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format=f"{name}: %(message)s",
+        stream=sys.stderr,
+    )
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "quiet")}
     cfg = load_config(args.config, overrides)
     try:
         service = Service(build(cfg))
     except (KeyError, TypeError) as exc:
-        raise SystemExit(f"{args.config}: missing or bad field {exc}")
+        raise SystemExit(f"{args.config}: missing or bad field {exc}") from None
     except OSError as exc:
-        raise SystemExit(f"{name}: cannot bind: {exc}")
+        raise SystemExit(f"{name}: cannot bind: {exc}") from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

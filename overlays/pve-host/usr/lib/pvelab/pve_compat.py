@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import compat  # noqa: E402
+import compat
 
 NODE_STATUS = {"uptime": 3600, "loadavg": ["0.05", "0.05", "0.05"], "cpu": 0.05}
 
@@ -20,7 +20,8 @@ def routes(cfg):
     node = cfg["node"]
     return {
         "/api2/json/version": compat.json_route(
-            {"data": {"version": "compat-1.0", "release": "pve-compat", "repoid": node}}),
+            {"data": {"version": "compat-1.0", "release": "pve-compat", "repoid": node}}
+        ),
         "/api2/json/cluster/status": compat.json_route({"data": cfg["cluster_status"]}),
         f"/api2/json/nodes/{node}/status": compat.json_route({"data": NODE_STATUS}),
     }
@@ -28,8 +29,9 @@ def routes(cfg):
 
 def build(cfg):
     host = cfg["listen"]
-    servers = [compat.BoundedHTTPServer((host, int(cfg["http_port"])), compat.Handler,
-                                        routes(cfg), name="api")]
+    servers = [
+        compat.BoundedHTTPServer((host, int(cfg["http_port"])), compat.Handler, routes(cfg), name="api")
+    ]
     servers += [compat.TCPListener(host, int(p), name=f"tcp-{p}") for p in cfg["tcp_ports"]]
     servers += [compat.UDPSink(host, int(p), name=f"udp-{p}") for p in cfg.get("udp_ports", [])]
     return servers

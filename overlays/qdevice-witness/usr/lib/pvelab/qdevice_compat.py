@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import compat  # noqa: E402
+import compat
 
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -31,15 +31,18 @@ def build(cfg):
     qnetd = compat.TCPListener(host, int(cfg["port"]), name="qnetd")
 
     def metrics():
-        return ("# HELP qdevice_compat_up Whether the qdevice-compat service is up.\n"
-                "# TYPE qdevice_compat_up gauge\n"
-                "qdevice_compat_up 1\n"
-                "# HELP qdevice_compat_connections_total TCP connections accepted on the QDevice port.\n"
-                "# TYPE qdevice_compat_connections_total counter\n"
-                f"qdevice_compat_connections_total {qnetd.accepted}\n")
+        return (
+            "# HELP qdevice_compat_up Whether the qdevice-compat service is up.\n"
+            "# TYPE qdevice_compat_up gauge\n"
+            "qdevice_compat_up 1\n"
+            "# HELP qdevice_compat_connections_total TCP connections accepted on the QDevice port.\n"
+            "# TYPE qdevice_compat_connections_total counter\n"
+            f"qdevice_compat_connections_total {qnetd.accepted}\n"
+        )
 
-    http = compat.BoundedHTTPServer((host, int(cfg["metrics_port"])), MetricsHandler,
-                                    {"/metrics": "metrics"}, name="metrics")
+    http = compat.BoundedHTTPServer(
+        (host, int(cfg["metrics_port"])), MetricsHandler, {"/metrics": "metrics"}, name="metrics"
+    )
     http.metrics = metrics
     return [qnetd, http]
 

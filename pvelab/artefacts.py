@@ -1,0 +1,276 @@
+"""The artefact layout and the typed records that stages hand to each other.
+
+One lab, one folder::
+
+    build/<lab>/<node>/<node>.qcow2, <node>.iso, manifest.json, build.log, overlay/
+    build/<lab>/boot-test/<media>-<firmware>/   report.json, junit.xml, consoles
+    build/<lab>/rehearsal/<media>/              report.json, junit.xml, consoles
+    build/<lab>/releases/                       default publish destination
+    build/cache/                                shared by every lab (base images, packages)
+
+Build, boot test, rehearsal and publish depend on this module, not on each other.
+The build manifest and the boot report are dataclasses with ``to_json``/``from_json``
+and a schema version; a file that does not parse, or whose schema differs, is a
+:class:`RecordError` naming the file, never a ``None`` in the next stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import PvelabError
+from .paths import build_root
+
+MANIFEST_SCHEMA = 1
+REPORT_SCHEMA = 1
+
+
+class RecordError(PvelabError):
+    pass
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write beside and rename: readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths of one lab's outputs under the build root."""
+
+    lab: str
+
+    @property
+    def root(self) -> Path:
+        return build_root() / self.lab
+
+    def node_dir(self, node: str) -> Path:
+        return self.root / node
+
+    def artefact(self, node: str, kind: str) -> Path:
+        return self.node_dir(node) / f"{node}.{kind}"
+
+    def manifest(self, node: str) -> Path:
+        return self.node_dir(node) / "manifest.json"
+
+    def build_log(self, node: str) -> Path:
+        return self.node_dir(node) / "build.log"
+
+    def overlay(self, node: str) -> Path:
+        return self.node_dir(node) / "overlay"
+
+    @property
+    def base_log(self) -> Path:
+        return self.root / "base.log"
+
+    @property
+    def recipes(self) -> Path:
+        return self.root / "recipes"
+
+    def boot_test_dir(self, media: str, firmware: str) -> Path:
+        return self.root / "boot-test" / f"{media}-{firmware}"
+
+    def rehearsal_dir(self, media: str) -> Path:
+        return self.root / "rehearsal" / media
+
+    @property
+    def releases(self) -> Path:
+        return self.root / "releases"
+
+
+# --------------------------------------------------------------------------- records
+
+T = TypeVar("T")
+
+
+def _from_dict(cls: type[T], data: Any, where: str) -> T:
+    """Build dataclass ``cls`` from ``data``; missing or unknown keys are a RecordError."""
+    if not isinstance(data, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    missing, unknown = required - data.keys(), data.keys() - names
+    if missing or unknown:
+        raise RecordError(
+            f"{where}: {'missing ' + ', '.join(sorted(missing)) if missing else ''}"
+            f"{'; ' if missing and unknown else ''}"
+            f"{'unknown ' + ', '.join(sorted(unknown)) if unknown else ''}"
+        )
+    return cls(**data)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise RecordError(f"{path}: cannot be read ({exc.strerror})") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RecordError(f"{path}: is not valid JSON ({exc})") from None
+
+
+def _check_schema(data: Any, want: int, path: Path) -> None:
+    got = data.get("schema") if isinstance(data, dict) else None
+    if got != want:
+        raise RecordError(
+            f"{path}: schema {got!r}, this pvelab reads schema {want} "
+            "(rebuild or re-run the stage that wrote it)"
+        )
+
+
+@dataclass(frozen=True)
+class ArtefactInfo:
+    size: int
+    sha256: str
+    virtual_size: int | None = None
+    volume_label: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildManifest:
+    """What ``invoke build`` made for one node (``build/<lab>/<node>/manifest.json``)."""
+
+    lab: str
+    node: str
+    role: str
+    alias: str
+    ram_mb: int
+    disk_gb: int
+    artefacts: dict[str, ArtefactInfo]
+    base_key: str
+    elements: list[str]
+    overlay_files: list[str]
+    enabled_units: list[str]
+    packages: dict[str, str]
+    kernel: str
+    tools: dict[str, str]
+    git_commit: str
+    built_at: str
+    build_seconds: dict[str, float]
+    schema: int = MANIFEST_SCHEMA
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, path: Path) -> BuildManifest:
+        data = _read_json(path)
+        _check_schema(data, MANIFEST_SCHEMA, path)
+        data = dict(data)
+        if isinstance(data.get("artefacts"), dict):
+            data["artefacts"] = {
+                k: _from_dict(ArtefactInfo, v, f"{path}: artefacts.{k}") for k, v in data["artefacts"].items()
+            }
+        return _from_dict(cls, data, str(path))
+
+
+@dataclass
+class AssertionResult:
+    description: str
+    on_vm: str
+    type: str
+    passed: bool
+    attempts: int
+    last_status: int
+    last_output: str
+    seconds: float
+
+
+@dataclass
+class TestResult:
+    __test__ = False  # not a pytest class
+    name: str
+    passed: bool
+    seconds: float
+    assertions: list[AssertionResult] = field(default_factory=list)
+
+
+@dataclass
+class ScenarioResult:
+    scenario: str
+    passed: bool
+    tests: list[TestResult]
+    seconds: float
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        ok = sum(t.passed for t in self.tests)
+        return ok, len(self.tests) - ok
+
+
+@dataclass(frozen=True)
+class ArtefactRef:
+    path: str
+    sha256: str
+
+
+@dataclass
+class BootReport:
+    """One boot test (``build/<lab>/boot-test/<media>-<firmware>/report.json``)."""
+
+    lab: str
+    lab_file: str
+    media: str
+    firmware: str
+    accel: str
+    accel_reason: str
+    artefacts: dict[str, ArtefactRef]
+    result: ScenarioResult
+    ssh_ready_seconds: dict[str, float] = field(default_factory=dict)
+    dhcp_leases: dict[str, str] = field(default_factory=dict)
+    host_keys: dict[str, str] = field(default_factory=dict)
+    failed_units: dict[str, str] = field(default_factory=dict)
+    boot_analysis: dict[str, dict[str, str]] = field(default_factory=dict)
+    after: Any = None  # what a test's ``after`` hook returned (tests only)
+    wall_seconds: float = 0.0
+    schema: int = REPORT_SCHEMA
+
+    @property
+    def passed(self) -> bool:
+        return self.result.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        ok, bad = self.result.counts
+        d["summary"] = {"passed": ok, "failed": bad}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, path: Path) -> BootReport:
+        data = _read_json(path)
+        _check_schema(data, REPORT_SCHEMA, path)
+        data = dict(data)
+        data.pop("summary", None)
+        if isinstance(data.get("artefacts"), dict):
+            data["artefacts"] = {
+                k: _from_dict(ArtefactRef, v, f"{path}: artefacts.{k}") for k, v in data["artefacts"].items()
+            }
+        r = _from_dict(ScenarioResult, data.get("result"), f"{path}: result")
+        r.tests = [_from_dict(TestResult, t, f"{path}: result.tests") for t in r.tests]
+        for t in r.tests:
+            t.assertions = [_from_dict(AssertionResult, a, f"{path}: assertions") for a in t.assertions]
+        data["result"] = r
+        return _from_dict(cls, data, str(path))

@@ -1,0 +1,223 @@
+"""QEMU: which accelerator really works, the files a guest needs, and its command line.
+
+:func:`qemu_command` is pure: it turns a :class:`VmSpec` into arguments and creates
+nothing; :func:`prepare` makes the throwaway files a boot needs (the copy-on-write
+overlay of a qcow2, a private copy of the UEFI variables).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PvelabError
+from .media import Firmware, Medium
+
+OVMF_CODE = (Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_CODE.fd"))
+OVMF_VARS = (Path("/usr/share/OVMF/OVMF_VARS_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd"))
+QEMU = "qemu-system-x86_64"
+
+
+class MachineError(PvelabError):
+    pass
+
+
+# --------------------------------------------------------------------------- acceleration
+
+_accel_cache: dict[str, tuple[str, str]] = {}
+
+
+def probe_kvm(kernel: Path, timeout: float = 30.0) -> tuple[bool, str]:
+    """Does KVM really run a guest here? Boot ``kernel`` (no root fs) until it panics.
+
+    A working KVM gets the kernel to "Kernel panic ... Unable to mount root fs" in
+    seconds and QEMU exits (-no-reboot). Broken KVM layers abort at start ("failed to
+    set MSR") or stop with "KVM internal error"; both are reported as the reason.
+    """
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is missing or not accessible"
+    if shutil.which(QEMU) is None:
+        raise MachineError(f"{QEMU} not found (run scripts/setup)")
+    with tempfile.TemporaryDirectory(prefix="pvelab-kvm-") as tmp:
+        console = Path(tmp) / "console"
+        proc = subprocess.Popen(
+            [
+                QEMU,
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host",
+                "-m",
+                "256",
+                "-display",
+                "none",
+                "-no-reboot",
+                "-nic",
+                "none",
+                "-monitor",
+                "none",
+                "-serial",
+                f"file:{console}",
+                "-kernel",
+                str(kernel),
+                "-append",
+                "console=ttyS0 panic=-1 loglevel=4",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            if console.exists() and b"Kernel panic" in console.read_bytes():
+                break
+        if proc.poll() is None:
+            proc.kill()
+        output = proc.communicate()[0] or b""
+        if console.exists() and b"Kernel panic" in console.read_bytes():
+            return True, "kernel booted under KVM"
+        reason = output.decode(errors="replace").strip().splitlines()
+        return False, (reason[0] if reason else f"no kernel output within {timeout:.0f}s")
+
+
+def resolve_accel(requested: str, kernel: Path | None) -> tuple[str, str]:
+    """(accelerator, why) for --accel auto|kvm|tcg."""
+    if requested in ("tcg", "kvm"):
+        return requested, "requested"
+    if requested != "auto":
+        raise MachineError(f"--accel: {requested!r}: must be auto, kvm or tcg")
+    key = str(kernel)
+    if key not in _accel_cache:
+        if kernel is None:
+            _accel_cache[key] = ("tcg", "no kernel to probe KVM with")
+        else:
+            ok, why = probe_kvm(kernel)
+            _accel_cache[key] = ("kvm", why) if ok else ("tcg", f"KVM unusable: {why}")
+    return _accel_cache[key]
+
+
+def first_existing(paths: tuple[Path, ...]) -> Path:
+    for p in paths:
+        if p.exists():
+            return p
+    raise MachineError(f"none of {', '.join(map(str, paths))} exists (install ovmf: scripts/setup)")
+
+
+# --------------------------------------------------------------------------- one guest
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Everything one guest's command line needs."""
+
+    name: str
+    ram_mb: int
+    medium: Medium
+    firmware: Firmware
+    accel: str
+    drive: Path  # what is attached: the qcow2 overlay or the ISO
+    workdir: Path
+    tap: str | None = None  # lab network tap (None: QEMU user net, restricted)
+    mac: str | None = None
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / f"{self.name}.console.log"
+
+    @property
+    def vars_file(self) -> Path:
+        return self.workdir / f"{self.name}.OVMF_VARS.fd"
+
+    @property
+    def overlay(self) -> Path:
+        return self.workdir / f"{self.name}.overlay.qcow2"
+
+
+def prepare(medium: Medium, firmware: Firmware, artefact: Path, workdir: Path, name: str) -> Path:
+    """Create the throwaway files of one boot; return the file to attach as the drive."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    drive = artefact.resolve()
+    if medium.copy_on_write:
+        drive = workdir / f"{name}.overlay.qcow2"
+        drive.unlink(missing_ok=True)
+        subprocess.run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                str(artefact.resolve()),
+                str(drive),
+            ],
+            check=True,
+        )
+    if firmware is Firmware.UEFI:
+        shutil.copyfile(first_existing(OVMF_VARS), workdir / f"{name}.OVMF_VARS.fd")
+    return drive
+
+
+def qemu_command(spec: VmSpec, interactive: bool = False) -> list[str]:
+    # -nodefaults: no VGA, floppy, parallel port or default NIC; fewer devices for the
+    # guest to probe (udev coldplug is a large part of an emulated boot)
+    args = [
+        QEMU,
+        "-name",
+        spec.name,
+        "-machine",
+        "pc,usb=off",
+        "-nodefaults",
+        "-m",
+        str(spec.ram_mb),
+        "-smp",
+        "1",
+        "-accel",
+        spec.accel,
+        "-no-reboot",
+        "-display",
+        "none",
+        "-device",
+        "virtio-rng-pci",
+        "-pidfile",
+        str(spec.workdir / f"{spec.name}.pid"),
+    ]
+    # Under TCG: QEMU's default CPU without SVM. The lab never runs nested guests, and
+    # an SVM flag makes the guest load kvm_amd (and ccp, irqbypass) on every boot.
+    args += ["-cpu", "host"] if spec.accel == "kvm" else ["-cpu", "qemu64,-svm"]
+    args += spec.medium.drive_args(spec.drive)
+    if spec.firmware is Firmware.UEFI:
+        args += [
+            "-drive",
+            f"if=pflash,format=raw,readonly=on,file={first_existing(OVMF_CODE)}",
+            "-drive",
+            f"if=pflash,format=raw,file={spec.vars_file}",
+        ]
+    if spec.tap:
+        args += [
+            "-netdev",
+            f"tap,id=n0,ifname={spec.tap},script=no,downscript=no",
+            "-device",
+            f"virtio-net-pci,netdev=n0,mac={spec.mac}",
+        ]
+    else:
+        args += ["-nic", "user,restrict=on,model=virtio-net-pci"]
+    if interactive:
+        args += ["-serial", "mon:stdio"]
+    else:
+        args += [
+            "-chardev",
+            f"file,id=ser0,path={spec.console_log}",
+            "-serial",
+            "chardev:ser0",
+            "-monitor",
+            "none",
+        ]
+    return args

@@ -1,0 +1,90 @@
+"""Node roles, each defined once: what a role adds to a node and what it serves.
+
+A role names its overlay layer (``overlays/<role>/``: templates and static files that
+land only in that role's images, its systemd unit among them), the unit it enables,
+the directories it creates, whether it is a corosync cluster
+member or the QDevice witness, and the data of its compat service
+(``/etc/pvelab/<service>.json``).  Adding a role is one entry here plus its overlay
+folder; an unknown role name is a validation error in :mod:`pvelab.lab`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .lab import Lab, Node
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    unit: str  # systemd unit enabled on the role's nodes (in its overlay)
+    service: str  # compat service name: /etc/pvelab/<service>.json
+    cluster_member: bool  # a corosync node with one vote
+    qdevice_host: bool  # runs the QDevice daemon (qnetd) for the cluster
+    dirs: tuple[str, ...]  # directories created (mode 0750, owned by the lab user)
+    compat_config: Callable[[Lab, Node], dict[str, Any]]
+
+
+def _pve_host_config(lab: Lab, node: Node) -> dict[str, Any]:
+    return {
+        "node": node.name,
+        "listen": "0.0.0.0",
+        "http_port": 8006,
+        "tcp_ports": [5404, 5405],
+        "udp_ports": [5405],
+        "nodes": [n.name for n in lab.pve_hosts],
+        "cluster_status": lab.cluster_status(),
+    }
+
+
+def _witness_config(lab: Lab, node: Node) -> dict[str, Any]:
+    assert lab.qdevice is not None  # the validator requires lab.qdevice for this role
+    return {
+        "node": node.name,
+        "listen": "0.0.0.0",
+        "port": lab.qdevice.port,
+        "metrics_port": 9165,
+        "cluster_name": lab.cluster_name,
+        "algorithm": lab.qdevice.algorithm,
+    }
+
+
+ROLES: dict[str, Role] = {
+    r.name: r
+    for r in (
+        Role(
+            name="pve-host",
+            unit="pve-compat.service",
+            service="pve-compat",
+            cluster_member=True,
+            qdevice_host=False,
+            dirs=(
+                "/etc/pve",
+                "/etc/pve/nodes",
+                "/etc/pve/nodes/{node}",
+                "/etc/pve/storage",
+                "/etc/pve/qemu-server",
+                "/etc/pve/lxc",
+                "/etc/pve/priv",
+            ),
+            compat_config=_pve_host_config,
+        ),
+        Role(
+            name="qdevice-witness",
+            unit="qdevice-compat.service",
+            service="qdevice-compat",
+            cluster_member=False,
+            qdevice_host=True,
+            dirs=(),
+            compat_config=_witness_config,
+        ),
+    )
+}
+
+
+def role(name: str) -> Role:
+    return ROLES[name]
