@@ -127,6 +127,25 @@ def boot_test(
 
 @task(
     help={
+        "lab": "lab definition file",
+        "media": "qcow2 or iso",
+        "firmware": "bios or uefi",
+        "accel": "auto, kvm or tcg",
+        "keep_going": "walk every step even after a mismatch",
+    }
+)
+@friendly
+def rehearse(c, lab=str(DEFAULT_LAB), media="qcow2", firmware="bios", accel="auto", keep_going=False):
+    """Form the real corosync cluster from the baked wiring on the booted lab; walk the quorum cases."""
+    from pvelab.rehearse import rehearse as run
+
+    report = run(_lab(lab), media=media, firmware=firmware, accel=accel, keep_going=keep_going)
+    if not report.passed:
+        raise Exit("rehearsal FAILED", code=1)
+
+
+@task(
+    help={
         "node": "node to boot",
         "media": "qcow2 or iso",
         "firmware": "bios or uefi",
@@ -179,19 +198,12 @@ def publish(c, dest=None, keep=None, lab=str(DEFAULT_LAB), gpg_key=None, artefac
 )
 @friendly
 def nightly(c, dest=None, keep=None, lab=str(DEFAULT_LAB), accel="auto", gpg_key=None):
-    """Build all nodes, boot-test qcow2 (BIOS) and ISO (BIOS and UEFI), then publish."""
+    """Build all nodes, boot-test qcow2 (BIOS) and ISO (BIOS, UEFI), rehearse, then publish."""
     import os
 
-    from pvelab.boottest import boot_test as run_boot
-    from pvelab.build import build as run_build
-    from pvelab.publish import publish as run_publish
+    from pvelab.nightly import nightly as run
 
-    model = _lab(lab)
-    run_build(model)
-    for media, firmware in (("qcow2", "bios"), ("iso", "bios"), ("iso", "uefi")):
-        if not run_boot(model, media=media, firmware=firmware, accel=accel).passed:
-            raise Exit(f"nightly: boot test {media}/{firmware} FAILED; nothing published", code=1)
-    rel = run_publish(model, dest, keep=_keep(keep), gpg_key=gpg_key or os.environ.get("PVELAB_GPG_KEY"))
+    rel = run(_lab(lab), dest, _keep(keep), accel, gpg_key or os.environ.get("PVELAB_GPG_KEY"))
     print(f"published {rel.path} ({len(rel.files)} artefacts)")
 
 

@@ -29,6 +29,7 @@ from .paths import build_root
 
 MANIFEST_SCHEMA = 1
 REPORT_SCHEMA = 1
+REHEARSAL_SCHEMA = 1
 
 
 class RecordError(PvelabError):
@@ -273,4 +274,97 @@ class BootReport:
         for t in r.tests:
             t.assertions = [_from_dict(AssertionResult, a, f"{path}: assertions") for a in t.assertions]
         data["result"] = r
+        return _from_dict(cls, data, str(path))
+
+
+@dataclass
+class NodeObservation:
+    """One member in one walk step: what the model expects, what corosync said."""
+
+    node: str
+    expected: dict[str, Any]
+    observed: dict[str, Any]
+    passed: bool
+    quorumtool: str = ""  # raw `corosync-quorumtool -s` output, last poll
+    api_quorate: int | None = None  # pve-compat's /cluster/status quorate, last poll
+
+
+@dataclass
+class WalkStep:
+    number: int
+    title: str
+    events: list[str]
+    passed: bool
+    settle_seconds: float | None  # event to the state the model expects (None: never reached)
+    nodes: list[NodeObservation] = field(default_factory=list)
+
+
+@dataclass
+class DeployRecord:
+    title: str
+    on: list[str]
+    seconds: float
+    passed: bool
+    output: str = ""
+
+
+@dataclass
+class RehearsalReport:
+    """One rehearsal (``build/<lab>/rehearsal/<media>/report.json``)."""
+
+    lab: str
+    lab_file: str
+    media: str
+    firmware: str
+    accel: str
+    artefacts: dict[str, ArtefactRef]
+    packages: dict[str, list[str]]
+    deploy: list[DeployRecord] = field(default_factory=list)
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scenario: ScenarioResult | None = None
+    steps: list[WalkStep] = field(default_factory=list)
+    boot_seconds: float = 0.0  # start of the run to SSH on every VM
+    first_quorate_seconds: float = 0.0  # start of the run to the whole cluster quorate with its QDevice
+    walk_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    error: str = ""
+    schema: int = REHEARSAL_SCHEMA
+
+    @property
+    def passed(self) -> bool:
+        return (
+            not self.error
+            and bool(self.steps)
+            and all(s.passed for s in self.steps)
+            and all(d.passed for d in self.deploy)
+            and all(c.get("passed") for c in self.checks.values())
+            and (self.scenario is None or self.scenario.passed)
+        )
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["passed"] = self.passed
+        return json.dumps(d, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, path: Path) -> RehearsalReport:
+        data = _read_json(path)
+        _check_schema(data, REHEARSAL_SCHEMA, path)
+        data = dict(data)
+        data.pop("passed", None)
+        data["artefacts"] = {
+            k: _from_dict(ArtefactRef, v, f"{path}: artefacts.{k}")
+            for k, v in data.get("artefacts", {}).items()
+        }
+        data["deploy"] = [_from_dict(DeployRecord, d, f"{path}: deploy") for d in data.get("deploy", [])]
+        steps = [_from_dict(WalkStep, s, f"{path}: steps") for s in data.get("steps", [])]
+        for s in steps:
+            s.nodes = [_from_dict(NodeObservation, n, f"{path}: steps.nodes") for n in s.nodes]
+        data["steps"] = steps
+        if data.get("scenario"):
+            r = _from_dict(ScenarioResult, data["scenario"], f"{path}: scenario")
+            r.tests = [_from_dict(TestResult, t, f"{path}: scenario.tests") for t in r.tests]
+            for t in r.tests:
+                t.assertions = [_from_dict(AssertionResult, a, f"{path}: assertions") for a in t.assertions]
+            data["scenario"] = r
         return _from_dict(cls, data, str(path))

@@ -104,6 +104,7 @@ class BootedLab:
     accel_reason: str
     outdir: Path
     say: Progress
+    medium: Medium
     ssh_ready_seconds: dict[str, float] = field(default_factory=dict)
 
     def on_all(self, command: str, names: list[str] | None = None) -> dict[str, str]:
@@ -144,7 +145,7 @@ def booted_lab(
         for m in machines.values():
             m.start()
         say(f"started {len(machines)} VM(s) ({medium.name}, {fw.value}); consoles in {outdir}")
-        booted = BootedLab(lab, net, machines, chosen, why, outdir, say)
+        booted = BootedLab(lab, net, machines, chosen, why, outdir, say, medium)
         booted.ssh_ready_seconds = wait_all_ssh(booted)
         yield booted
         say("stopping the VMs and the lab network")

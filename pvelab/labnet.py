@@ -141,6 +141,29 @@ class LabNet:
                     pass
             _ip("ip", "netns", "del", self.name, check=False)
 
+    # -------------------------------------------------------------- faults
+    def isolate(self, vm: str) -> None:
+        """Cut ``vm`` off from every other VM: its tap moves to a bridge of its own.
+
+        The island bridge has the lab bridge's MAC and gateway address (a /32) and a
+        host route to the VM, so the runner's SSH session to it survives; frames to or
+        from the other VMs (corosync, qnetd) have no way across."""
+        ns, tap, island = self.name, self.taps[vm], f"br-cut{self.vms.index(vm)}"
+        mac = _ip("ip", "-br", "link", "show", self.bridge, ns=ns).stdout.split()[2]
+        _ip("ip", "link", "add", island, "type", "bridge", ns=ns)
+        _ip("ip", "link", "set", island, "address", mac, ns=ns)
+        _ip("ip", "addr", "add", f"{self.gateway}/32", "dev", island, ns=ns)
+        _ip("ip", "link", "set", island, "up", ns=ns)
+        _ip("ip", "link", "set", tap, "master", island, ns=ns)
+        _ip("ip", "route", "add", f"{self.addresses[vm]}/32", "dev", island, ns=ns)
+
+    def rejoin(self, vm: str) -> None:
+        """Undo :meth:`isolate`: the tap back on the lab bridge, the island removed."""
+        ns, tap, island = self.name, self.taps[vm], f"br-cut{self.vms.index(vm)}"
+        _ip("ip", "link", "set", tap, "master", self.bridge, ns=ns)
+        _ip("ip", "route", "del", f"{self.addresses[vm]}/32", "dev", island, ns=ns, check=False)
+        _ip("ip", "link", "del", island, ns=ns)
+
     # -------------------------------------------------------------- use
     def exec_args(self) -> list[str]:
         """Prefix that runs a command inside the namespace."""

@@ -54,7 +54,8 @@ class Machine:
         return self.net.addresses[self.name]
 
     def start(self) -> None:
-        self.console_log.unlink(missing_ok=True)
+        if self.proc is None:  # a first start: a fresh console log (a restart appends)
+            self.console_log.unlink(missing_ok=True)
         prefix = self.net.exec_args() if self.net else []
         with open(self.spec.workdir / f"{self.name}.qemu.log", "wb") as qemu_log:
             self.proc = subprocess.Popen(

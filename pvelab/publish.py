@@ -27,7 +27,7 @@ from pathlib import Path
 
 import jinja2
 
-from .artefacts import BootReport, BuildManifest, Layout, RecordError, sha256
+from .artefacts import BootReport, BuildManifest, Layout, RecordError, RehearsalReport, sha256
 from .errors import PvelabError
 from .lab import Lab
 from .media import ARTEFACT_KINDS, MEDIA
@@ -143,8 +143,41 @@ def gate(lab: Lab, kinds: tuple[str, ...] = ARTEFACT_KINDS) -> dict:
         nodes[node.name] = entry
     if problems:
         raise PublishError("refusing to publish:\n  - " + "\n  - ".join(problems))
+    rehearsals = _rehearsals_on_these_bytes(lab, nodes, problems)
+    if problems:
+        raise PublishError("refusing to publish:\n  - " + "\n  - ".join(problems))
     used = {k for e in nodes.values() for f in e["files"].values() for k in f["boot_tests"]}
-    return {"nodes": nodes, "reports": {k: r for k, r in reports.items() if k in used}}
+    return {
+        "nodes": nodes,
+        "reports": {k: r for k, r in reports.items() if k in used},
+        "rehearsals": rehearsals,
+    }
+
+
+def _rehearsals_on_these_bytes(
+    lab: Lab, nodes: dict[str, dict], problems: list[str]
+) -> dict[str, RehearsalReport]:
+    """Rehearsals run on exactly the gated files: a failed one blocks the release like a failed boot test."""
+    out = {}
+    for path in sorted((Layout(lab.name).root / "rehearsal").glob("*/report.json")):
+        try:
+            r = RehearsalReport.from_json(path)
+        except RecordError as exc:
+            problems.append(str(exc))
+            continue
+        kind = MEDIA[r.media].artefact
+        same = all(
+            kind in e["files"]
+            and r.artefacts.get(n) is not None
+            and r.artefacts[n].sha256 == e["files"][kind]["sha256"]
+            for n, e in nodes.items()
+        )
+        if not same:
+            continue  # a rehearsal of other bytes says nothing about these
+        if not r.passed:
+            problems.append(f"rehearsal/{r.media}: the rehearsal on these exact files failed ({path})")
+        out[r.media] = r
+    return out
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -217,6 +250,23 @@ def release_manifest(lab: Lab, name: str, checked: dict) -> dict:
             for k, r in reports.items()
         },
         "scenario": lab.scenario.name,
+        "rehearsals": {
+            media: {
+                "passed": r.passed,
+                "first_quorate_seconds": r.first_quorate_seconds,
+                "walk_seconds": r.walk_seconds,
+                "steps": [
+                    {
+                        "number": s.number,
+                        "title": s.title,
+                        "passed": s.passed,
+                        "settle_seconds": s.settle_seconds,
+                    }
+                    for s in r.steps
+                ],
+            }
+            for media, r in checked.get("rehearsals", {}).items()
+        },
     }
 
 
@@ -298,6 +348,12 @@ def publish(
             src = Layout(lab.name).root / "boot-test" / key
             for fname in ("report.json", "junit.xml"):
                 shutil.copyfile(src / fname, reports_dir / f"{key}.{fname}")
+        for media in checked.get("rehearsals", {}):
+            (stage / "rehearsal").mkdir(exist_ok=True)
+            for fname in ("report.json", "junit.xml", "summary.txt"):
+                src = Layout(lab.name).rehearsal_dir(media) / fname
+                if src.exists():
+                    shutil.copyfile(src, stage / "rehearsal" / f"{media}.{fname}")
         manifest = release_manifest(lab, name, checked)
         (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (stage / "topology.svg").write_text(topology_svg(lab))

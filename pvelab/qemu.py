@@ -214,7 +214,8 @@ def qemu_command(spec: VmSpec, interactive: bool = False) -> list[str]:
     else:
         args += [
             "-chardev",
-            f"file,id=ser0,path={spec.console_log}",
+            # append: a guest powered on again keeps its earlier boots in the same log
+            f"file,id=ser0,path={spec.console_log},append=on",
             "-serial",
             "chardev:ser0",
             "-monitor",

@@ -17,6 +17,7 @@ from pathlib import Path
 import jinja2
 
 from .artefacts import Layout
+from .deploy import actions
 from .lab import Lab, Node
 from .paths import OVERLAYS
 
@@ -81,6 +82,7 @@ def render_files(lab: Lab, node: Node) -> list[RenderedFile]:
         "lab": lab,
         "node": node,
         "quorum_table": lab.quorum_table(),
+        "deploy_actions": actions(lab),
         "compat_config": json.dumps(compat_config(lab, node), indent=2),
     }
     out = []

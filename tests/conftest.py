@@ -61,6 +61,9 @@ def compat_modules():
     import pve_compat
     import qdevice_compat
 
+    # This host has corosync installed (for `corosync -t`); the images do not: serve as they do.
+    pve_compat.QUORUMTOOL = "/nonexistent/corosync-quorumtool"
+
     return compat, pve_compat, qdevice_compat
 
 

@@ -3,6 +3,7 @@
 These are the gate for everything published. They take minutes under TCG.
 """
 
+import dataclasses
 import json
 import os
 import xml.etree.ElementTree as ET
@@ -43,7 +44,7 @@ def break_pve3(machines, report):
         timeout=6,
         interval=2,
     )
-    return broken.to_dict()
+    return dataclasses.asdict(broken)
 
 
 def test_qcow2_lab_passes_and_gate_can_fail(built, lab):

@@ -289,3 +289,59 @@ def test_bad_config_is_a_clear_error(tmp_path):
         env=image_env(),
     )
     assert res.returncode != 0 and str(bad) in res.stderr
+
+
+QUORUMTOOL_3_OF_4 = """\
+Quorum information
+------------------
+Date:             Mon Nov 30 18:00:00 2026
+Quorum provider:  corosync_votequorum
+Nodes:            2
+Node ID:          1
+Ring ID:          1.12
+Quorate:          Yes
+
+Votequorum information
+----------------------
+Expected votes:   4
+Highest expected: 4
+Total votes:      3
+Quorum:           3
+Flags:            Quorate Qdevice
+
+Membership information
+----------------------
+    Nodeid      Votes    Qdevice Name
+         1          1    A,V,NMW 10.81.0.11 (local)
+         3          1    A,V,NMW 10.81.0.13
+         0          1            Qdevice
+"""
+
+
+def fake_tool(tmp_path, text, status):
+    tool = tmp_path / "corosync-quorumtool"
+    (tmp_path / "out.txt").write_text(text)
+    tool.write_text(f"#!/bin/sh\ncat {tmp_path / 'out.txt'}\nexit {status}\n")
+    tool.chmod(0o755)
+    return tool
+
+
+def test_cluster_status_is_live_where_corosync_runs(lab, compat_modules, tmp_path):
+    """With corosync installed the API reports votequorum's state; without, the rendered JSON."""
+    _, pve_compat, _ = compat_modules
+    cfg = compat_config(lab, lab.node("pve-1"))
+    static = pve_compat.cluster_status_route(dict(cfg, quorumtool=str(tmp_path / "absent")))()
+    assert json.loads(static[2]) == {"data": cfg["cluster_status"]}
+    live = pve_compat.cluster_status_route(
+        dict(cfg, quorumtool=str(fake_tool(tmp_path, QUORUMTOOL_3_OF_4, 0)))
+    )
+    data = json.loads(live()[2])["data"]
+    assert data[0] == dict(cfg["cluster_status"][0], quorate=1)
+    assert {d["name"]: d["online"] for d in data[1:]} == {"pve-1": 1, "pve-2": 0, "pve-3": 1}
+    # not quorate (exit 2), and corosync not running at all (exit 1): quorate 0
+    for text, status in (
+        (QUORUMTOOL_3_OF_4.replace("Quorate:          Yes", "Quorate:          No"), 2),
+        ("Cannot initialize QUORUM service\n", 1),
+    ):
+        route = pve_compat.cluster_status_route(dict(cfg, quorumtool=str(fake_tool(tmp_path, text, status))))
+        assert json.loads(route()[2])["data"][0]["quorate"] == 0

@@ -71,7 +71,8 @@ class BoundedHTTPServer(socketserver.ThreadingMixIn, HTTPServer):
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Serves ``server.routes``: path -> (status, content type, body bytes). GET/HEAD only."""
+    """Serves ``server.routes``: path -> (status, content type, body bytes), or a callable
+    returning that triple for each request (a live answer). GET/HEAD only."""
 
     server_version = "pvelab-compat/1.0"
     timeout = REQUEST_TIMEOUT
@@ -103,7 +104,7 @@ class Handler(BaseHTTPRequestHandler):
             body = dumps({"data": None, "errors": {"path": "no such path: " + self.path[:200]}})
             self._send(404, "application/json;charset=UTF-8", body.encode(), head)
             return
-        status, ctype, body = route
+        status, ctype, body = route() if callable(route) else route
         self._send(status, ctype, body, head)
 
     def do_GET(self):

@@ -1,0 +1,170 @@
+"""The corosync + QDevice deployment, as data: what the runbook tells an operator and
+what the rehearsal runs are these same steps.
+
+Each :class:`Action` runs as root on a set of hosts (the witness, every cluster member,
+or the first member), installs packages, or copies a file between hosts.  Real Proxmox
+VE wraps most of them: ``pvecm create``/``pvecm add`` (authkey, corosync.conf, corosync)
+and ``pvecm qdevice setup`` (the QDevice certificates, exactly as listed here, then
+corosync-qdevice).  The runbook shows the wrapper and the commands beneath it; the
+rehearsal runs the commands, installing the packages from the host's cache (the VMs
+have no network) instead of ``apt install``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .lab import Lab
+
+WITNESS, MEMBERS, FIRST = "witness", "members", "first"
+QNETD_DB = "/etc/corosync/qnetd/nssdb"
+NODE_DB = "/etc/corosync/qdevice/net/nssdb"
+
+
+@dataclass(frozen=True)
+class Action:
+    title: str
+    on: str  # WITNESS | MEMBERS | FIRST (source host for a copy)
+    commands: tuple[str, ...] = ()  # shell commands, run as root
+    install: tuple[str, ...] = ()  # Debian packages
+    copy: tuple[str, str, str, str] | None = None  # (source path, target hosts, target path, mode)
+    wrapper: str = ""  # the Proxmox command that does this on real PVE
+    rehearsal_only: bool = False  # only on these rehearsal images (compat services)
+
+
+def actions(lab: Lab) -> list[Action]:
+    """Every step from the baked wiring to a running cluster with its QDevice."""
+    cluster = lab.cluster_name
+    witness_ip = lab.witness.ip if lab.witness else ""
+    first_ip = lab.pve_hosts[0].ip
+    steps = [
+        Action(
+            "pve-compat gives UDP 5405 to corosync and may read votequorum",
+            MEMBERS,
+            (
+                "jq '.udp_ports = []' /etc/pvelab/pve-compat.json > /etc/pvelab/pve-compat.json.new"
+                " && mv /etc/pvelab/pve-compat.json.new /etc/pvelab/pve-compat.json",
+                "groupadd --system --force pvelab-quorum",
+                "mkdir -p /etc/corosync/uidgid.d /etc/systemd/system/pve-compat.service.d",
+                "printf 'uidgid {\\n  gid: pvelab-quorum\\n}\\n' > /etc/corosync/uidgid.d/pvelab-compat",
+                "printf '[Service]\\nGroup=pvelab-quorum\\n' > /etc/systemd/system/pve-compat.service.d/quorum.conf",
+                "systemctl daemon-reload",
+                "systemctl restart pve-compat.service",
+            ),
+            rehearsal_only=True,
+        ),
+        Action(
+            "install corosync and the QDevice client",
+            MEMBERS,
+            install=("corosync", "corosync-qdevice"),
+            wrapper="part of Proxmox VE; add: apt install corosync-qdevice",
+        ),
+        Action(
+            "make the cluster's authentication key",
+            FIRST,
+            ("corosync-keygen",),
+            wrapper=f"pvecm create {cluster}",
+        ),
+        Action(
+            "the same authkey on every member",
+            FIRST,
+            copy=("/etc/corosync/authkey", MEMBERS, "/etc/corosync/authkey", "0400"),
+            wrapper=f"pvecm add {first_ip}",
+        ),
+        Action(
+            "the baked corosync.conf, unchanged; start corosync",
+            MEMBERS,
+            (
+                "install -m 0644 /etc/pve/corosync.conf /etc/corosync/corosync.conf",
+                "systemctl enable --now corosync.service",
+            ),
+            wrapper=f"pvecm create {cluster} / pvecm add {first_ip}",
+        ),
+    ]
+    if lab.witness is None:
+        return steps
+    return [
+        *steps,
+        Action(
+            "stop the stand-in before qnetd takes its port",
+            WITNESS,
+            ("systemctl disable --now qdevice-compat.service",),
+            rehearsal_only=True,
+        ),
+        Action(
+            "install and start the QDevice daemon",
+            WITNESS,
+            ("systemctl enable --now corosync-qnetd.service",),
+            install=("corosync-qnetd",),
+        ),
+        Action(
+            "initialise the qnetd CA (Debian's package has already done it)",
+            WITNESS,
+            (f"test -e {QNETD_DB}/qnetd-cacert.crt || corosync-qnetd-certutil -i",),
+            wrapper=f"pvecm qdevice setup {witness_ip}",
+        ),
+        Action(
+            "the qnetd CA certificate to every member",
+            WITNESS,
+            copy=(f"{QNETD_DB}/qnetd-cacert.crt", MEMBERS, "/etc/pve/qnetd-cacert.crt", "0644"),
+            wrapper=f"pvecm qdevice setup {witness_ip}",
+        ),
+        Action(
+            "initialise each member's QDevice certificate store",
+            MEMBERS,
+            ("corosync-qdevice-net-certutil -i -c /etc/pve/qnetd-cacert.crt",),
+            wrapper=f"pvecm qdevice setup {witness_ip}",
+        ),
+        Action(
+            "certificate request for the cluster",
+            FIRST,
+            (f"corosync-qdevice-net-certutil -r -n {cluster}",),
+            wrapper=f"pvecm qdevice setup {witness_ip}",
+        ),
+        Action(
+            "the request to the witness",
+            FIRST,
+            copy=(f"{NODE_DB}/qdevice-net-node.crq", WITNESS, "/tmp/qdevice-net-node.crq", "0600"),
+            wrapper=f"pvecm qdevice setup {witness_ip}",
+        ),
+        Action(
+            "the witness signs it",
+            WITNESS,
+            (f"corosync-qnetd-certutil -s -c /tmp/qdevice-net-node.crq -n {cluster}",),
+            wrapper=f"pvecm qdevice setup {witness_ip}",
+        ),
+        Action(
+            "the signed certificate back to the first member",
+            WITNESS,
+            copy=(f"{QNETD_DB}/cluster-{cluster}.crt", FIRST, f"{NODE_DB}/cluster-{cluster}.crt", "0644"),
+            wrapper=f"pvecm qdevice setup {witness_ip}",
+        ),
+        Action(
+            "import it, export the PKCS#12 bundle",
+            FIRST,
+            (f"corosync-qdevice-net-certutil -M -c {NODE_DB}/cluster-{cluster}.crt",),
+            wrapper=f"pvecm qdevice setup {witness_ip}",
+        ),
+        Action(
+            "the bundle to every member",
+            FIRST,
+            copy=(f"{NODE_DB}/qdevice-net-node.p12", MEMBERS, "/etc/pve/qdevice-net-node.p12", "0600"),
+            wrapper=f"pvecm qdevice setup {witness_ip}",
+        ),
+        Action(
+            "import the bundle; start the QDevice client",
+            MEMBERS,
+            (
+                "corosync-qdevice-net-certutil -m -c /etc/pve/qdevice-net-node.p12",
+                "rm -f /etc/pve/qdevice-net-node.p12 /etc/pve/qnetd-cacert.crt",
+                "systemctl enable --now corosync-qdevice.service",
+            ),
+            wrapper=f"pvecm qdevice setup {witness_ip}",
+        ),
+        Action(
+            "reload the configuration cluster-wide",
+            FIRST,
+            ("corosync-cfgtool -R",),
+            wrapper=f"pvecm qdevice setup {witness_ip}",
+        ),
+    ]
