@@ -36,15 +36,22 @@ def _keep(keep):
 
 
 def friendly(fn):
-    """Every expected failure is a PvelabError: one line, exit 2, no traceback."""
+    """Every expected failure is a PvelabError: one line, exit 2, no traceback.
+
+    `invoke --debug ...` or PVELAB_DEBUG=1 shows the traceback instead."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import os
+
         from pvelab.errors import PvelabError
 
+        debug = os.environ.get("PVELAB_DEBUG") == "1" or "--debug" in sys.argv or "-d" in sys.argv[:2]
         try:
             return fn(*args, **kwargs)
         except PvelabError as exc:
+            if debug:
+                raise
             raise Exit(f"error: {exc}", code=exc.exit_code) from None
         except KeyboardInterrupt:
             raise Exit("interrupted: stopped and cleaned up (no artefact was replaced)", code=130) from None

@@ -77,7 +77,7 @@ def stock_build(lab, cache: Path, out: Path, log: Path) -> float:
             "DIB_RELEASE": lab.release,
             "DIB_IMAGE_CACHE": str(cache),
             "DIB_DEV_USER_USERNAME": lab.user.name,
-            "DIB_DEV_USER_PASSWORD": lab.user.password,
+            "DIB_DEV_USER_PASSWORD": lab.user.login_password,
             "DIB_DEV_USER_PWDLESS_SUDO": "yes",
         }
     )

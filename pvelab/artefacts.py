@@ -168,6 +168,7 @@ class BuildManifest:
     git_commit: str
     built_at: str
     build_seconds: dict[str, float]
+    password_found: list[str] = field(default_factory=list)  # files holding the lab's plain password
     schema: int = MANIFEST_SCHEMA
 
     def to_json(self) -> str:

@@ -10,6 +10,7 @@ the lab's scenario on it and writes the reports under
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from .lab import Lab, Node
 from .labnet import LabNet
 from .machine import Machine, MachineError
 from .media import Firmware, Medium, boot_combination
-from .qemu import VmSpec, prepare, qemu_command, resolve_accel
+from .qemu import QEMU, VmSpec, prepare, qemu_command, resolve_accel
 from .scenario import run_scenario, summary, write_reports
 
 SSH_TIMEOUT = {"tcg": 900.0, "kvm": 240.0}
@@ -120,6 +121,9 @@ def booted_lab(
 ) -> Iterator[BootedLab]:
     """Boot ``nodes`` together on an isolated lab network; yield when every one has SSH."""
     files = {n.name: artefact(lab, n, medium.artefact) for n in nodes}
+    for tool in (QEMU, "qemu-img", "dnsmasq", "ip"):
+        if shutil.which(tool) is None:
+            raise BootTestError(f"{tool} not found: it boots the lab (run scripts/setup)")
     chosen, why = choose_accel(lab, nodes[0], accel)
     say(f"accelerator: {chosen} ({why})")
     outdir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +143,7 @@ def booted_lab(
                 tap=net.taps[n.name],
                 mac=net.macs[n.name],
             )
-            m = Machine(spec, net, user=lab.user.name, password=lab.user.password)
+            m = Machine(spec, net, user=lab.user.name, password=lab.user.login_password)
             stack.callback(m.stop)
             machines[n.name] = m
         for m in machines.values():
@@ -271,5 +275,5 @@ def boot_one(lab: Lab, name: str, media: str, firmware: str, accel: str) -> int:
     with tempfile.TemporaryDirectory(prefix="pvelab-boot-") as tmp:
         drive = prepare(medium, fw, path, Path(tmp), name)
         spec = VmSpec(name, node.ram_mb, medium, fw, chosen, drive, Path(tmp))
-        say(f"login: {lab.user.name} / {lab.user.password}; quit with Ctrl-a x")
+        say(f"login: {lab.user.name} (password from the lab file); quit with Ctrl-a x")
         return subprocess.call(qemu_command(spec, interactive=True))

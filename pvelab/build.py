@@ -8,6 +8,7 @@ interrupted build never leaves a truncated artefact at ``build/<lab>/<node>/<nod
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ from .node import Entry, apply_entries, layer_entries
 from .paths import ROOT, build_root
 from .render import RenderedFile, render_files, render_node
 from .run import Steps
+from .secrets import scan_tree
 
 HOST_TOOLS = (
     "disk-image-create",
@@ -156,10 +158,14 @@ def build_node(lab: Lab, node: Node, base: image.Base, live: image.LiveParts, st
         files = render_files(lab, node)
         qcow2, units, packages = _disk_stage(lab, node, base, files, work, steps)
         iso_path = _iso_stage(node, live, work, steps)
+        found = base.info.get("password_found", ["(base not scanned: rebuild it)"]) + [
+            f"node layer: {p}" for p in scan_tree(work / "layer", lab.user.password)
+        ]
         with steps.stage("manifest + checksums"):
             manifest = _manifest(
                 lab, node, base, live, [qcow2, iso_path], units, packages, [f.path for f in files], steps
             )
+            manifest = dataclasses.replace(manifest, password_found=found)
             (work / "manifest.json").write_text(manifest.to_json())
         # Everything is complete: move into place (same file system, atomic per file).
         for kind, src in (("qcow2", qcow2), ("iso", iso_path)):

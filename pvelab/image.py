@@ -26,10 +26,11 @@ from .hostapt import dib_mirror_env
 from .lab import Lab
 from .paths import ELEMENTS, cache_dir
 from .run import StepError, Steps
+from .secrets import scan_tree
 
 BASE_ELEMENTS = ("debian-minimal", "vm", "pvelab-base", "pvelab-compat")
 BASE_IMAGE_GB = 2  # raw base size; each node grows it to its own disk size
-BASE_FORMAT = 4  # bump when the way the base or its live squashfs is made changes
+BASE_FORMAT = 5  # bump when the way the base or its live squashfs is made changes
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def base_inputs(lab: Lab) -> dict:
         "dib": dib_version(),
         "user": [
             lab.user.name,
-            hashlib.sha256(lab.user.password.encode()).hexdigest(),
+            lab.user.crypt_hash(),
             list(lab.user.groups),
         ],
         "dns": list(lab.dns_servers),
@@ -97,7 +98,7 @@ def dib_env(lab: Lab) -> dict[str, str]:
         "DIB_RELEASE": lab.release,
         "DIB_IMAGE_CACHE": str(cache_dir() / "dib"),
         "DIB_PVELAB_USER": lab.user.name,
-        "DIB_PVELAB_PASSWORD": lab.user.password,
+        "DIB_PVELAB_PASSWORD_HASH": lab.user.crypt_hash(),
         "DIB_PVELAB_GROUPS": " ".join(lab.user.groups),
         "DIB_PVELAB_DNS": " ".join(lab.dns_servers),
         "DIB_DEBIAN_COMPONENTS": "main",
@@ -140,8 +141,10 @@ def build_base(lab: Lab, steps: Steps, force: bool = False) -> Base:
             ]
             steps.run(cmd, env=dib_env(lab))
         with steps.stage("base: kernel + live initramfs out of the disk image"):
-            version = _export_live_boot(work, steps)
-        info = dict(inputs, key=key, kernel_version=version, dib_log=str(steps.log_path))
+            version, found = _export_live_boot(work, steps, lab.user.password)
+        info = dict(
+            inputs, key=key, kernel_version=version, dib_log=str(steps.log_path), password_found=found
+        )
         (work / "base.json").write_text(json.dumps(info, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -150,7 +153,7 @@ def build_base(lab: Lab, steps: Steps, force: bool = False) -> Base:
         return Base(key, final)
 
 
-def _export_live_boot(work: Path, steps: Steps) -> str:
+def _export_live_boot(work: Path, steps: Steps, password: str | None) -> tuple[str, list[str]]:
     """Copy the kernel and move the live ISO's initramfs out of the fresh base image.
 
     install.d/70-pvelab-initramfs leaves the live initramfs (with live-boot) in
@@ -175,8 +178,10 @@ def _export_live_boot(work: Path, steps: Steps) -> str:
         os.sync()  # freed blocks can be discarded only once the deletion is committed
         res = subprocess.run(["fstrim", "--verbose", str(mnt)], capture_output=True, text=True)
         steps.log(f"fstrim {mnt}: exit {res.returncode} {res.stdout.strip()} {res.stderr.strip()}")
+        found = scan_tree(mnt, password)  # the base root as every node and ISO carries it
+        steps.log(f"plain password in the base: {found or 'nowhere'}")
     mnt.rmdir()
-    return version
+    return version, found
 
 
 def _prune(root: Path, keep: Path, generations: int = 2) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -18,6 +19,7 @@ import yaml
 from .assertions import ASSERTION_TYPES, Assertion
 from .errors import PvelabError
 from .roles import ROLES, Role
+from .secrets import is_crypt_hash, login_password, sha512_crypt
 
 FEATURES = ("headless", "ssh")
 STARTUP_AFTER = "network-online.target"
@@ -46,6 +48,10 @@ FORBIDDEN_PREFIXES = (
     "libknet",
 )
 DISABLED_TEST_CONFIG = {"enabled": False, "tests": []}
+_POSIX_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_STORAGE_TYPE = re.compile(r"[a-z]{2,16}")
+_STORAGE_ID = re.compile(r"[a-z][a-z0-9_.-]{0,62}[a-z0-9]")
+_STORAGE_KEY = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
@@ -54,14 +60,36 @@ class LabError(PvelabError):
 
     def __init__(self, path: Path | str, field_path: str, value: Any, problem: str):
         self.path, self.field, self.value, self.problem = str(path), field_path, value, problem
-        super().__init__(f"{self.path}: {field_path}: {value!r}: {problem}")
+        super().__init__(f"{self.path}: {field_path}: {short_repr(value)}: {problem}")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 60, 60, 2
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+
+
+def short_repr(value: Any) -> str:
+    """A value as one short line, however large or deep (an alias bomb stays one line)."""
+    return _REPR.repr(value)
 
 
 @dataclass(frozen=True)
 class User:
     name: str
-    password: str
+    password: str | None  # plain, when the lab file gives it
+    password_hash: str | None  # crypt hash, when the lab file gives it
     groups: tuple[str, ...]
+
+    def crypt_hash(self) -> str:
+        """What /etc/shadow gets: the given hash, or the plain password hashed (SHA-512 crypt)."""
+        if self.password_hash:
+            return self.password_hash
+        assert self.password is not None
+        return sha512_crypt(self.password, self.name)
+
+    @property
+    def login_password(self) -> str:
+        return login_password(self.password)
 
 
 @dataclass(frozen=True)
@@ -177,14 +205,6 @@ class Lab:
         """votequorum's strict majority of expected_votes."""
         return self.expected_votes // 2 + 1
 
-    def quorum_table(self) -> list[dict]:
-        """Votes and quorate state in the failure cases operators ask about."""
-        n, q = len(self.pve_hosts), (self.qdevice.votes if self.qdevice and self.witness else 0)
-        rows = [("all up", n + q), ("one node down", n - 1 + q)]
-        if q:
-            rows += [("two nodes down, QDevice up", n - 2 + q), ("QDevice down, nodes up", n)]
-        return [{"situation": s, "votes": v, "quorate": v >= self.quorum} for s, v in rows]
-
     def cluster_status(self) -> list[dict]:
         """The `/api2/json/cluster/status` data list every PVE node serves."""
         data: list[dict] = [
@@ -270,19 +290,101 @@ class _Reader:
         return tuple(value)
 
 
+MAX_DEPTH = 24  # nesting levels a lab file may use
+MAX_ALIASES = 200  # alias uses (*name) a lab file may make
+MAX_BYTES = 1 << 20  # a lab file is a few KB; refuse anything near a megabyte
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
+class _LimitError(yaml.YAMLError):
+    def __init__(self, problem: str, mark: Any):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+class _LabLoader(yaml.SafeLoader):
+    """SafeLoader with bounds: nesting depth, alias uses, and no duplicate keys."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                raise _LimitError(f"more than {MAX_ALIASES} alias uses", self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _LimitError(f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = key_node.value
+            if key in seen:
+                raise _LimitError(
+                    f"duplicate key {short_repr(key)} (first on line {seen[key].line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LabError(path, "(file)", str(path), f"cannot be read: {exc.strerror}") from None
+    if len(data) > MAX_BYTES:
+        raise LabError(path, "(file)", f"{len(data)} bytes", f"is larger than {MAX_BYTES} bytes")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise LabError(path, "(file)", data[:2].hex(), "is UTF-16 text; save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise LabError(
+            path, f"byte {exc.start}", data[exc.start : exc.start + 4].hex(), "is not UTF-8 text"
+        ) from None
+
+
+def _check_text(r: _Reader, obj: Any, where: str, seen: set[int]) -> None:
+    """No control character (a newline included) in any key or value: they end up in
+    file names, configuration files and scripts. Shared (aliased) values are walked once."""
+    if isinstance(obj, str):
+        if _CONTROL.search(obj):
+            r.fail(where or "(top)", obj, "contains a control character (newline, tab, ...)")
+    elif isinstance(obj, (dict, list)):
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        for key, value in items:
+            sub = f"{where}[{key}]" if isinstance(obj, list) else (f"{where}.{key}" if where else str(key))
+            _check_text(r, key, sub, seen)
+            _check_text(r, value, sub, seen)
+
+
 def load_lab(path: str | Path) -> Lab:
     """Read and validate a lab file; raise LabError on the first problem found."""
     path = Path(path)
+    text = _read_text(path)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise LabError(path, "(file)", str(path), f"cannot be read: {exc.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_LabLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "(yaml)"
-        raise LabError(path, where, getattr(exc, "problem", str(exc)), "is not valid YAML") from None
+        raise LabError(path, where, getattr(exc, "problem", None) or str(exc), "is not valid YAML") from None
+    except RecursionError:
+        raise LabError(path, "(yaml)", "...", f"is nested too deeply (at most {MAX_DEPTH} levels)") from None
+    _check_text(_Reader(path), raw, "", set())
     return parse_lab(raw, path)
 
 
@@ -305,6 +407,8 @@ def parse_lab(raw: Any, path: Path) -> Lab:
             + ", ".join(k for k, v in ROLES.items() if v.qdevice_host)
             + ")",
         )
+    if qdevice is not None:
+        _check_qdevice_votes(r, qdevice, sum(1 for n in nodes if n.is_pve))
     names = {n.name for n in nodes}
     return Lab(
         path=path,
@@ -325,7 +429,7 @@ def parse_lab(raw: Any, path: Path) -> Lab:
 
 def _parse_identity(r: _Reader, lab: dict) -> tuple[str, ipaddress.IPv4Network, str, str]:
     name = r.get(lab, "name", "lab", str)
-    if not _HOSTNAME.match(name.replace("_", "-")):
+    if not _HOSTNAME.fullmatch(name.replace("_", "-")):
         r.fail("lab.name", name, "must be a short name of letters, digits and dashes")
     subnet_text = r.get(lab, "subnet", "lab", str)
     try:
@@ -336,7 +440,7 @@ def _parse_identity(r: _Reader, lab: dict) -> tuple[str, ipaddress.IPv4Network, 
     if release not in RELEASES:
         r.fail("lab.release", release, f"unsupported release (supported: {', '.join(RELEASES)})")
     cluster_name = r.get(lab, "cluster_name", "lab", str)
-    if not re.match(r"^[A-Za-z0-9-]{1,15}$", cluster_name):
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,15}", cluster_name):
         r.fail("lab.cluster_name", cluster_name, "must be 1-15 letters, digits or dashes")
     return name, subnet, release, cluster_name
 
@@ -354,16 +458,30 @@ def _parse_dns(r: _Reader, lab: dict) -> tuple[str, ...]:
 
 
 def _parse_user(r: _Reader, lab: dict) -> User:
-    u = r.mapping(r.get(lab, "user", "lab", dict), "lab.user", {"name", "password", "groups"})
+    u = r.mapping(
+        r.get(lab, "user", "lab", dict), "lab.user", {"name", "password", "password_hash", "groups"}
+    )
     user = User(
         name=r.get(u, "name", "lab.user", str),
-        password=r.get(u, "password", "lab.user", str),
+        password=r.get(u, "password", "lab.user", str, default=None),
+        password_hash=r.get(u, "password_hash", "lab.user", str, default=None),
         groups=r.str_list(u, "groups", "lab.user", default=[]),
     )
-    if not re.match(r"^[a-z_][a-z0-9_-]{0,31}$", user.name) or user.name == "root":
+    if not _POSIX_NAME.fullmatch(user.name) or user.name == "root":
         r.fail("lab.user.name", user.name, "must be a non-root POSIX user name")
-    if not user.password:
+    if (user.password is None) == (user.password_hash is None):
+        r.fail("lab.user", sorted(u), "needs exactly one of password and password_hash")
+    if user.password is not None and not user.password:
         r.fail("lab.user.password", user.password, "must not be empty")
+    if user.password_hash is not None and not is_crypt_hash(user.password_hash):
+        r.fail(
+            "lab.user.password_hash",
+            user.password_hash[:12] + "...",
+            "must be a yescrypt ($y$...) or SHA-512 crypt ($6$...) hash, as in /etc/shadow",
+        )
+    for i, group in enumerate(user.groups):
+        if not _POSIX_NAME.fullmatch(group):
+            r.fail(f"lab.user.groups[{i}]", group, "is not a POSIX group name")
     return user
 
 
@@ -398,6 +516,20 @@ def _parse_qdevice(r: _Reader, lab: dict) -> QDevice:
     return qdevice
 
 
+def _check_qdevice_votes(r: _Reader, q: QDevice, members: int) -> None:
+    """corosync-qdevice: ffsplit needs exactly 1 vote; lms gives at most N-1. A QDevice
+    outvoting the members (a witness quorate on its own) is never accepted."""
+    if q.algorithm == "ffsplit" and q.votes != 1:
+        r.fail("lab.qdevice.votes", q.votes, "must be 1 with algorithm ffsplit (corosync-qdevice(8))")
+    if q.votes >= members:
+        r.fail(
+            "lab.qdevice.votes",
+            q.votes,
+            f"must be below the {members} cluster members' votes "
+            f"(lms gives the QDevice at most {members - 1})",
+        )
+
+
 def _parse_storage(r: _Reader, lab: dict) -> tuple[Storage, ...]:
     storage = []
     for i, s in enumerate(r.get(lab, "storage", "lab", list, default=[])):
@@ -405,8 +537,18 @@ def _parse_storage(r: _Reader, lab: dict) -> tuple[Storage, ...]:
         s = r.mapping(s, where, {"type", "id", "properties"})
         props = r.mapping(r.get(s, "properties", where, dict), f"{where}.properties")
         for k, v in props.items():
+            if not isinstance(k, str) or not _STORAGE_KEY.fullmatch(k):
+                r.fail(f"{where}.properties", k, "is not a storage.cfg property name (a-z, 0-9, -, _)")
             if isinstance(v, (dict, list)) or v is None:
                 r.fail(f"{where}.properties.{k}", v, "must be a scalar")
+            if str(v) != str(v).strip() or not str(v):
+                r.fail(f"{where}.properties.{k}", v, "must not be empty or start/end with blanks")
+        for key, pattern, what in (
+            ("type", _STORAGE_TYPE, "a storage type (a-z)"),
+            ("id", _STORAGE_ID, "a storage id (a-z first, then a-z, 0-9, -, _, .)"),
+        ):
+            if not pattern.fullmatch(str(s.get(key, ""))):
+                r.fail(f"{where}.{key}", s.get(key), f"is not {what}")
         storage.append(
             Storage(
                 type=r.get(s, "type", where, str),
@@ -457,7 +599,7 @@ def _parse_nodes(r: _Reader, top: dict, subnet: ipaddress.IPv4Network) -> tuple[
         where = f"nodes[{i}]"
         n = r.mapping(n, where, _NODE_FIELDS)
         name = r.get(n, "name", where, str)
-        if not _HOSTNAME.match(name) or len(name) > 16:
+        if not _HOSTNAME.fullmatch(name) or len(name) > 16:
             r.fail(
                 f"{where}.name",
                 name,
@@ -519,7 +661,7 @@ def _parse_node(
                 pkg,
                 "is deployed at provisioning time and must never be installed at build time",
             )
-        if not re.match(r"^[a-z0-9][a-z0-9+.-]+$", pkg):
+        if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", pkg):
             r.fail(f"{where}.packages[{j}]", pkg, "is not a Debian package name")
     test_config = n.get("test_config")
     if test_config != DISABLED_TEST_CONFIG:

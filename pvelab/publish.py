@@ -1,27 +1,33 @@
-"""`invoke publish`: gated, atomic releases of the built and boot-tested artefacts.
+"""`invoke publish`: gated, atomic releases of the built and tested artefacts.
 
-Layout: ``DEST/<lab>/<YYYYMMDD>T<HHMMSS>Z/`` (default: ``build/<lab>/releases/<timestamp>/``) with each node's qcow2 and ISO,
-``SHA256SUMS`` (+ ``SHA256SUMS.asc`` when a GPG key is configured), ``manifest.json``,
-the boot-test reports, ``topology.svg`` and a ``README.md`` for the provisioning team.
+Layout: ``DEST/<lab>/<YYYYMMDD>T<HHMMSS>Z/`` (default ``build/<lab>/releases/<timestamp>/``)
+with each node's qcow2 and ISO (copies, never links into ``build/``), ``SHA256SUMS``
+(+ ``SHA256SUMS.asc`` when a GPG key is configured), ``manifest.json``, the boot-test and
+rehearsal reports, ``topology.svg`` and a ``README.md`` for the provisioning team.
 ``DEST/<lab>/latest`` (a symlink, plus a ``LATEST`` file for mounts without symlinks)
 names the newest complete release.
 
 Gate: every artefact must exist, match the sha256 in its build manifest, and have
 passed a boot test of this lab and its scenario run on exactly that file (matched by
-sha256). Atomicity: the
-release is assembled in a hidden ``.tmp-*`` directory beside the releases and
-appears with one rename; ``latest`` moves only afterwards; retention runs last and
-never removes the newest release. A publish killed at any point leaves the previous
-state intact, and re-running it is safe (stale ``.tmp-*`` directories are removed).
+sha256); a rehearsal that failed on exactly those files blocks it too. Atomicity: one
+publish per destination at a time (a lock; a second one refuses); the release is
+assembled in a hidden ``.pvelab-stage-*`` folder beside the releases and appears with
+one rename; ``latest`` moves only afterwards; retention runs last, removes only
+releases pvelab wrote (recognised by their manifest) and never the newest. A publish
+killed at any point leaves the previous state intact, and re-running it is safe.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +38,8 @@ from .errors import PvelabError
 from .lab import Lab
 from .media import ARTEFACT_KINDS, MEDIA
 from .paths import ROOT
+from .quorum import table as quorum_table
+from .secrets import DEFAULT_PASSWORD
 from .topology import topology_svg
 
 
@@ -133,6 +141,11 @@ def gate(lab: Lab, kinds: tuple[str, ...] = ARTEFACT_KINDS) -> dict:
         except RecordError as exc:
             problems.append(str(exc))
             continue
+        if manifest.password_found and lab.user.password:
+            problems.append(
+                f"{node.name}: the lab's plain password is in the image: "
+                f"{', '.join(manifest.password_found[:3])} (see {mpath})"
+            )
         entry: dict = {"manifest": manifest, "files": {}}
         for kind in kinds:
             checked, problem = _check_artefact(lab, node.name, kind, manifest, reports)
@@ -180,11 +193,13 @@ def _rehearsals_on_these_bytes(
     return out
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def _copy(src: Path, dst: Path) -> None:
+    """An independent copy: a release never shares its bytes with build/ (no hard link),
+    so nothing done there later can change a published file."""
     try:
-        os.link(src, dst)  # same file system: instant, and later builds replace, never modify, src
-    except OSError:
         shutil.copyfile(src, dst)
+    except OSError as exc:
+        raise PublishError(f"copying {src} to {dst}: {exc.strerror}") from None
 
 
 def _fsync_tree(path: Path) -> None:
@@ -198,6 +213,14 @@ def _fsync_tree(path: Path) -> None:
             pass
         finally:
             os.close(fd)
+
+
+def _first_line(cmd: list[str]) -> str:
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    return (res.stdout.splitlines() or ["unknown"])[0]
 
 
 def release_manifest(lab: Lab, name: str, checked: dict) -> dict:
@@ -230,7 +253,7 @@ def release_manifest(lab: Lab, name: str, checked: dict) -> dict:
         )
     assert first is not None
     reports: dict[str, BootReport] = checked["reports"]
-    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True)
+    qemu = _first_line(["qemu-system-x86_64", "--version"])
     return {
         "lab": lab.name,
         "release": name,
@@ -238,7 +261,7 @@ def release_manifest(lab: Lab, name: str, checked: dict) -> dict:
         "git_commit": first.git_commit,
         "nodes": nodes,
         "elements": first.elements,
-        "versions": dict(first.tools, kernel=first.kernel, qemu=(qemu.stdout.splitlines() or ["unknown"])[0]),
+        "versions": dict(first.tools, kernel=first.kernel, qemu=qemu),
         "boot_tests": {
             k: {
                 "passed": r.passed,
@@ -278,20 +301,29 @@ def _readme(lab: Lab, manifest: dict) -> str:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    return env.get_template("release-README.md.j2").render(lab=lab, manifest=manifest)
-
-
-def _releases(labdir: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in labdir.iterdir()
-        if p.is_dir()
-        and not p.is_symlink()
-        and not p.name.startswith(".")
-        and len(p.name) == 16
-        and p.name[8] == "T"
-        and p.name.endswith("Z")
+    return env.get_template("release-README.md.j2").render(
+        lab=lab, manifest=manifest, quorum_table=quorum_table(lab), default_password=DEFAULT_PASSWORD
     )
+
+
+RELEASE_NAME = re.compile(r"^\d{8}T\d{6}Z$")
+STAGE_PREFIX = ".pvelab-stage-"
+
+
+def _releases(lab: Lab, labdir: Path) -> list[Path]:
+    """Releases pvelab wrote for this lab, oldest first: a folder named like a release
+    whose manifest.json says so. Anything else in the destination is never touched."""
+    out = []
+    for p in labdir.iterdir():
+        if p.is_symlink() or not p.is_dir() or not RELEASE_NAME.match(p.name):
+            continue
+        try:
+            m = json.loads((p / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(m, dict) and m.get("lab") == lab.name and m.get("release") == p.name:
+            out.append(p)
+    return sorted(out)
 
 
 def _point_latest(labdir: Path, name: str) -> None:
@@ -323,79 +355,114 @@ def publish(
         raise PublishError(f"--artefacts: {','.join(kinds)!r}: choose from {', '.join(ARTEFACT_KINDS)}")
     if keep is not None and keep < 1:
         raise PublishError(f"--keep: {keep}: must be at least 1 (the newest release always stays)")
-    checked = gate(lab, kinds)
     labdir = Layout(lab.name).releases if dest is None else Path(dest).absolute() / lab.name
-    labdir.mkdir(parents=True, exist_ok=True)
-    for stale in labdir.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # a previous publish that was killed
+    if labdir.exists() and not labdir.is_dir():
+        raise PublishError(f"--dest: {labdir} exists and is not a folder")
+    checked = gate(lab, kinds)
+    try:
+        labdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PublishError(f"--dest: cannot create {labdir}: {exc.strerror}") from None
+    with _destination_lock(labdir):
+        for stale in labdir.glob(STAGE_PREFIX + "*"):
+            shutil.rmtree(stale, ignore_errors=True)  # our own, from a publish that was killed
+        name = _release_name(labdir, now)
+        stage = labdir / f"{STAGE_PREFIX}{name}-{os.getpid()}"
+        stage.mkdir()
+        try:
+            files = _stage_release(lab, stage, name, checked)
+            _checksums(stage, checked, gpg_key)
+            _fsync_tree(stage)
+            _checkpoint("rename")
+            os.rename(stage, labdir / name)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        _checkpoint("latest")
+        _point_latest(labdir, name)
+        if keep:
+            for old in _releases(lab, labdir)[:-keep]:
+                if old.name != name:
+                    shutil.rmtree(old)
+    return Release(labdir / name, name, files)
 
+
+@contextlib.contextmanager
+def _destination_lock(labdir: Path) -> Iterator[None]:
+    """One publish per destination at a time; a second one refuses at once."""
+    with open(labdir / ".pvelab-publish.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PublishError(
+                f"another publish to {labdir} is running; try again when it has finished"
+            ) from None
+        yield
+
+
+def _release_name(labdir: Path, now: float | None) -> str:
     name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
     while (labdir / name).exists():  # two publishes in one second
         time.sleep(1)
         name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    stage = labdir / f".tmp-{name}-{os.getpid()}"
-    stage.mkdir()
+    return name
+
+
+def _stage_release(lab: Lab, stage: Path, name: str, checked: dict) -> list[str]:
+    """Artefacts, reports, manifest, topology and README into the staging folder."""
+    files = []
+    for node in lab.nodes:
+        for f in checked["nodes"][node.name]["files"].values():
+            _copy(f["path"], stage / f["name"])
+            files.append(f["name"])
+            _checkpoint("copy")
+    layout = Layout(lab.name)
+    (stage / "boot-test").mkdir()
+    for key in checked["reports"]:
+        for fname in ("report.json", "junit.xml"):
+            shutil.copyfile(layout.root / "boot-test" / key / fname, stage / "boot-test" / f"{key}.{fname}")
+    for media in checked.get("rehearsals", {}):
+        (stage / "rehearsal").mkdir(exist_ok=True)
+        for fname in ("report.json", "junit.xml", "summary.txt"):
+            src = layout.rehearsal_dir(media) / fname
+            if src.exists():
+                shutil.copyfile(src, stage / "rehearsal" / f"{media}.{fname}")
+    manifest = release_manifest(lab, name, checked)
+    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (stage / "topology.svg").write_text(topology_svg(lab))
+    (stage / "README.md").write_text(_readme(lab, manifest))
+    _checkpoint("metadata")
+    return files
+
+
+def _checksums(stage: Path, checked: dict, gpg_key: str | None) -> None:
+    """SHA256SUMS (one pass that also proves each copy is what was gated), signed on request."""
+    digests = {p.relative_to(stage).as_posix(): sha256(p) for p in sorted(stage.rglob("*")) if p.is_file()}
+    for entry in checked["nodes"].values():
+        for f in entry["files"].values():
+            if digests[f["name"]] != f["sha256"]:
+                raise PublishError(f"{f['name']}: copy in {stage} does not match its checksum")
+    (stage / "SHA256SUMS").write_text("".join(f"{d}  {rel}\n" for rel, d in digests.items()))
+    if not gpg_key:
+        return
+    cmd = [
+        "gpg",
+        "--batch",
+        "--yes",
+        "--local-user",
+        gpg_key,
+        "--armor",
+        "--detach-sign",
+        "--output",
+        str(stage / "SHA256SUMS.asc"),
+        str(stage / "SHA256SUMS"),
+    ]
     try:
-        files = []
-        for node in lab.nodes:
-            for f in checked["nodes"][node.name]["files"].values():
-                _link_or_copy(f["path"], stage / f["name"])
-                files.append(f["name"])
-                _checkpoint("copy")
-        reports_dir = stage / "boot-test"
-        reports_dir.mkdir()
-        for key in checked["reports"]:
-            src = Layout(lab.name).root / "boot-test" / key
-            for fname in ("report.json", "junit.xml"):
-                shutil.copyfile(src / fname, reports_dir / f"{key}.{fname}")
-        for media in checked.get("rehearsals", {}):
-            (stage / "rehearsal").mkdir(exist_ok=True)
-            for fname in ("report.json", "junit.xml", "summary.txt"):
-                src = Layout(lab.name).rehearsal_dir(media) / fname
-                if src.exists():
-                    shutil.copyfile(src, stage / "rehearsal" / f"{media}.{fname}")
-        manifest = release_manifest(lab, name, checked)
-        (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        (stage / "topology.svg").write_text(topology_svg(lab))
-        (stage / "README.md").write_text(_readme(lab, manifest))
-        _checkpoint("metadata")
-        # one pass over the staged files: SHA256SUMS, and proof the copies are what was gated
-        digests = {
-            p.relative_to(stage).as_posix(): sha256(p) for p in sorted(stage.rglob("*")) if p.is_file()
-        }
-        for node in lab.nodes:
-            for f in checked["nodes"][node.name]["files"].values():
-                if digests[f["name"]] != f["sha256"]:
-                    raise PublishError(f"{f['name']}: copy in {stage} does not match its checksum")
-        (stage / "SHA256SUMS").write_text("".join(f"{d}  {rel}\n" for rel, d in digests.items()))
-        if gpg_key:
-            subprocess.run(
-                [
-                    "gpg",
-                    "--batch",
-                    "--yes",
-                    "--local-user",
-                    gpg_key,
-                    "--armor",
-                    "--detach-sign",
-                    "--output",
-                    str(stage / "SHA256SUMS.asc"),
-                    str(stage / "SHA256SUMS"),
-                ],
-                check=True,
-                capture_output=True,
-            )
-        _fsync_tree(stage)
-        _checkpoint("rename")
-        os.rename(stage, labdir / name)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    _checkpoint("latest")
-    _point_latest(labdir, name)
-    if keep:
-        releases = _releases(labdir)
-        for old in releases[:-keep]:
-            if old.name != name:
-                shutil.rmtree(old)
-    return Release(labdir / name, name, files)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise PublishError("--gpg-key: gpg is not installed (apt install gnupg)") from None
+    except subprocess.TimeoutExpired:
+        raise PublishError(f"--gpg-key {gpg_key}: gpg did not finish within 120 s") from None
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PublishError(f"--gpg-key {gpg_key}: gpg could not sign SHA256SUMS: {last}")

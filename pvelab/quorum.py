@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .lab import Lab, Node
+from .lab import Lab
 
 
 @dataclass(frozen=True)
@@ -139,5 +139,27 @@ def walk(lab: Lab) -> list[Step]:
     ]
 
 
-def members(lab: Lab) -> list[Node]:
-    return sorted(lab.pve_hosts, key=lambda n: n.nodeid or 0)
+def table(lab: Lab) -> list[dict]:
+    """Votes and quorate state in the cases operators ask about, as votequorum counts them.
+
+    ``naive_votes`` is the simple arithmetic (every QDevice vote always counted); it
+    differs where qnetd withholds the vote (ffsplit and a minority partition)."""
+    names = [n.name for n in sorted(lab.pve_hosts, key=lambda n: n.nodeid or 0)]
+    q = lab.qdevice.votes if lab.qdevice and lab.witness else 0
+    cases = [
+        ("all up", State(frozenset(names)), len(names) + q),
+        ("one node down", State(frozenset(names[:-1])), len(names) - 1 + q),
+    ]
+    if q:
+        cases += [
+            ("two nodes down, QDevice up", State(frozenset(names[:-2])), len(names) - 2 + q),
+            ("QDevice down, nodes up", State(frozenset(names), qnetd=False), len(names)),
+        ]
+    rows = []
+    for situation, state, naive in cases:
+        seen = expect(lab, state)
+        votes = max((e.total_votes for e in seen.values()), default=0)
+        rows.append(
+            {"situation": situation, "votes": votes, "naive_votes": naive, "quorate": votes >= lab.quorum}
+        )
+    return rows

@@ -32,7 +32,7 @@ def node_recipe(lab: Lab, node: Node) -> dict:
         "users": [
             {
                 "name": lab.user.name,
-                "password": lab.user.password,
+                "password_hash": lab.user.crypt_hash(),
                 "groups": list(lab.user.groups),
                 "ssh_password_login": True,
             }

@@ -34,7 +34,7 @@ from .boottest import BootedLab, Progress, artefact, booted_lab, parallel
 from .deploy import FIRST, MEMBERS, WITNESS, Action, actions
 from .errors import PvelabError
 from .guestpkgs import PackageSet, fetch
-from .lab import Lab
+from .lab import CustomTest, Lab, Scenario
 from .machine import Machine, MachineError
 from .media import Firmware, boot_combination
 from .paths import cache_dir
@@ -67,7 +67,7 @@ def parse_quorumtool(text: str) -> dict[str, Any]:
 
     flags = re.search(r"^Flags:\s+(.*)$", text, re.M)
     local = re.search(r"^\s*\d+\s+\d+\s+(\S*)\s+.*\(local\)\s*$", text, re.M)
-    qdevice = re.search(r"^\s*0\s+(\d+)\s+Qdevice\s*$", text, re.M)
+    qdevice = re.search(r"^\s*0\s+(\d+)\s+Qdevice\b", text, re.M)
     local_flags = local.group(1).split(",") if local else []
     return {
         "quorate": bool(re.search(r"^Quorate:\s+Yes\s*$", text, re.M)),
@@ -318,9 +318,18 @@ class Rehearsal:
                 break
 
     def run_lab_scenario(self) -> None:
-        """The lab's own scenario, now answered by the real cluster's state."""
+        """The lab's own scenario on the cluster members, now answered by the real cluster.
+
+        The witness's assertions are left out: the deployment replaced its stand-in with
+        the real corosync-qnetd, which ``corosync-qnetd-tool -l`` has checked already."""
+        scenario = self.lab.scenario
+        kept = tuple(
+            CustomTest(t.name, tuple(a for a in t.assertions if a.on_vm != self.witness))
+            for t in scenario.custom_tests
+        )
+        members_only = Scenario(scenario.name, tuple(t for t in kept if t.assertions))
         self.report.scenario = run_scenario(
-            self.lab.scenario, lambda vm, cmd: self.machines[vm].execute(cmd, timeout=60), timeout=60
+            members_only, lambda vm, cmd: self.machines[vm].execute(cmd, timeout=60), timeout=60
         )
         self.say(f"lab scenario on the real cluster: {'passed' if self.report.scenario.passed else 'FAILED'}")
 
@@ -401,18 +410,24 @@ def rehearse(
 def table(report: RehearsalReport) -> str:
     lines = [
         f"rehearsal {report.lab} ({report.media}, {report.accel}):",
-        f"{'step':<4} {'node':<12} {'expected':<22} {'observed':<22} {'api':<4} {'settle':>7}  event",
+        "votes: total/expected; +qd: the QDevice's vote counts for this node; api: pve-compat's quorate",
+        f"{'step':<4} {'node':<12} {'expected':<25} {'observed':<25} {'api':<4} {'settle':>7}  event",
     ]
+
+    def cell(v: dict) -> str:
+        return (
+            f"{v.get('total_votes')}/{v.get('expected_votes')}{' +qd' if v.get('qdevice_vote') else ''}"
+            f" {'quorate' if v.get('quorate') else 'NOT quorate'}"
+        )
+
     for s in report.steps:
         for i, n in enumerate(s.nodes):
-            e, o = n.expected, n.observed
-            exp = f"{e['total_votes']}/{e['expected_votes']} {'quorate' if e['quorate'] else 'NOT quorate'}"
-            obs = f"{o.get('total_votes')}/{o.get('expected_votes')} {'quorate' if o.get('quorate') else 'NOT quorate'}"
+            exp, obs = cell(n.expected), cell(n.observed)
             settle = f"{s.settle_seconds:.1f}s" if s.settle_seconds is not None else "never"
             lines.append(
-                f"{s.number if i == 0 else '':<4} {n.node:<12} {exp:<22} {obs:<22} "
+                f"{s.number if i == 0 else '':<4} {n.node:<12} {exp:<25} {obs:<25} "
                 f"{'-' if n.api_quorate is None else n.api_quorate!s:<4} {settle if i == 0 else '':>7}"
-                f"  {s.title if i == 0 else ''}{'' if n.passed else '   <-- MISMATCH'}"
+                f"  {s.title if i == 0 else ''}{'' if n.passed else '   <-- MISMATCH'}".rstrip()
             )
     if report.scenario:
         lines.append(summary(report.scenario))

@@ -20,6 +20,7 @@ from .artefacts import Layout
 from .deploy import actions
 from .lab import Lab, Node
 from .paths import OVERLAYS
+from .quorum import table as quorum_table
 
 # (glob on the target path, mode, owner, group); first match wins. "{user}" is the lab user.
 FILE_MODES = (
@@ -81,7 +82,7 @@ def render_files(lab: Lab, node: Node) -> list[RenderedFile]:
     context = {
         "lab": lab,
         "node": node,
-        "quorum_table": lab.quorum_table(),
+        "quorum_table": quorum_table(lab),
         "deploy_actions": actions(lab),
         "compat_config": json.dumps(compat_config(lab, node), indent=2),
     }

@@ -116,7 +116,7 @@ def test_iso_boots_from_usb_stick(built, lab, firmware, tmp_path):
             tap=net.taps[node.name],
             mac=net.macs[node.name],
         )
-        m = Machine(spec, net, user=lab.user.name, password=lab.user.password)
+        m = Machine(spec, net, user=lab.user.name, password=lab.user.login_password)
         try:
             m.start()
             m.wait_for_ssh(900)

@@ -155,6 +155,21 @@ def test_packages(roots, lab, name):
 
 
 @pytest.mark.parametrize("name", NODES)
+def test_no_plain_password_anywhere(roots, built, lab, name):
+    """The lab password reaches the image only as a crypt hash: no file holds it in plain
+    text (DIB records its environment in /etc/dib-manifests), and the build says so too."""
+    from pvelab.artefacts import BuildManifest
+    from pvelab.secrets import scan_tree
+
+    assert scan_tree(roots[name], lab.user.password) == []
+    assert BuildManifest.from_json(built[name].manifest).password_found == []
+    recorded = roots[name] / "etc/dib-manifests/dib_environment"
+    if recorded.exists():
+        env = recorded.read_text()
+        assert "DIB_PVELAB_PASSWORD_HASH" in env and lab.user.password not in env
+
+
+@pytest.mark.parametrize("name", NODES)
 def test_identity_hygiene(roots, name):
     root = roots[name]
     resolv = root / "etc/resolv.conf"

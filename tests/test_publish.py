@@ -255,7 +255,7 @@ def test_kill_minus_9_midway(lab, built, tmp_path, step):
     time.sleep(1.1)
     rel = publish(lab, dest)
     assert (labdir / "latest").resolve() == rel.path
-    assert not list(labdir.glob(".tmp-*"))
+    assert not list(labdir.glob(".pvelab-stage-*"))
 
 
 def test_retention_keeps_newest(lab, built, tmp_path):
@@ -318,3 +318,76 @@ def test_gpg_signature(lab, built, tmp_path, monkeypatch):
         assert res.returncode == 0, res.stderr
     finally:  # gpg leaves an agent running for this home: stop it
         subprocess.run(["gpgconf", "--kill", "gpg-agent"], capture_output=True)
+
+
+def test_release_files_are_copies_not_links(lab, built, tmp_path):
+    rel = publish(lab, tmp_path / "rel")
+    src = node_dir(lab, "pve-1") / "pve-1.qcow2"
+    dst = rel.path / "pve-1.qcow2"
+    assert os.stat(dst).st_ino != os.stat(src).st_ino and os.stat(dst).st_nlink == 1
+    src.write_bytes(b"changed in build/ after the release")  # a later build or a careless edit
+    res = subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=rel.path, capture_output=True)
+    assert res.returncode == 0
+
+
+def test_concurrent_publish_refuses_and_spares_the_other(lab, built, tmp_path):
+    import fcntl
+
+    labdir = tmp_path / "rel" / lab.name
+    labdir.mkdir(parents=True)
+    other = labdir / ".pvelab-stage-20260101T000000Z-999999"  # another publish's staging folder
+    other.mkdir()
+    with open(labdir / ".pvelab-publish.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # that publish holds the destination
+        with pytest.raises(PublishError, match=r"another publish to .* is running"):
+            publish(lab, tmp_path / "rel")
+        assert other.exists()
+    publish(lab, tmp_path / "rel")  # once it is gone, its leftovers are ours to clean
+    assert not other.exists()
+
+
+def test_only_pvelab_folders_are_cleaned_or_retired(lab, built, tmp_path):
+    labdir = tmp_path / "rel" / lab.name
+    labdir.mkdir(parents=True)
+    user_tmp = labdir / ".tmp-notes"
+    user_tmp.mkdir()
+    lookalike = labdir / "20200101T000000Z"  # release-shaped, but not written by pvelab
+    lookalike.mkdir()
+    (lookalike / "precious.txt").write_text("keep me")
+    for _ in range(3):
+        publish(lab, tmp_path / "rel", keep=1)
+        time.sleep(1.05)
+    assert user_tmp.exists() and (lookalike / "precious.txt").read_text() == "keep me"
+    ours = [p for p in labdir.iterdir() if p.name[0].isdigit() and p != lookalike]
+    assert len(ours) == 1 and (labdir / "latest").resolve() == ours[0]
+
+
+def test_destination_that_is_a_file(lab, built, tmp_path):
+    (tmp_path / "rel").mkdir()
+    (tmp_path / "rel" / lab.name).write_text("not a folder")
+    with pytest.raises(PublishError, match="exists and is not a folder"):
+        publish(lab, tmp_path / "rel")
+
+
+def test_gpg_failures_are_one_clear_line(lab, built, tmp_path, monkeypatch):
+    monkeypatch.setenv("GNUPGHOME", str(tmp_path / "empty-gnupg"))
+    (tmp_path / "empty-gnupg").mkdir(mode=0o700)
+    if subprocess.run(["which", "gpg"], capture_output=True).returncode == 0:
+        with pytest.raises(PublishError, match="gpg could not sign SHA256SUMS"):
+            publish(lab, tmp_path / "rel", gpg_key="nobody@example.invalid")
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], capture_output=True)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+    with pytest.raises(PublishError, match="gpg is not installed"):
+        publish(lab, tmp_path / "rel", gpg_key="nobody@example.invalid")
+    assert not (tmp_path / "rel" / lab.name / "latest").exists()
+
+
+def test_gate_refuses_an_image_holding_the_plain_password(lab, built, tmp_path):
+    mpath = node_dir(lab, "pbs-witness") / "manifest.json"
+    manifest = BuildManifest.from_json(mpath)
+    leaked = __import__("dataclasses").replace(manifest, password_found=["etc/dib-manifests/dib_environment"])
+    mpath.write_text(leaked.to_json())
+    with pytest.raises(
+        PublishError, match=r"pbs-witness: the lab's plain password is in the image: etc/dib-manifests"
+    ):
+        publish(lab, tmp_path / "rel")

@@ -91,14 +91,15 @@ def test_no_witness_walk_has_no_qnetd_steps(raw_lab, write_lab):
     assert "qnetd-stop" not in kinds and lab.expected_votes == 3
 
 
+# captured from `invoke rehearse` (Debian trixie corosync 3.1.9, corosync-qdevice 3.0.3)
 QUORATE = """\
 Quorum information
 ------------------
-Date:             Mon Nov 30 18:00:00 2026
+Date:             Mon Nov 30 17:00:15 2026
 Quorum provider:  corosync_votequorum
 Nodes:            3
 Node ID:          1
-Ring ID:          1.10
+Ring ID:          1.d
 Quorate:          Yes
 
 Votequorum information
@@ -106,19 +107,26 @@ Votequorum information
 Expected votes:   4
 Highest expected: 4
 Total votes:      4
-Quorum:           3
-Flags:            Quorate Qdevice
+Quorum:           3  
+Flags:            Quorate Qdevice 
 
 Membership information
 ----------------------
     Nodeid      Votes    Qdevice Name
-         1          1    A,V,NMW 10.81.0.11 (local)
-         2          1    A,V,NMW 10.81.0.12
-         3          1    A,V,NMW 10.81.0.13
+         1          1    A,V,NMW pve-1 (local)
+         2          1    A,V,NMW pve-2
+         3          1    A,V,NMW pve-3
          0          1            Qdevice
 """
 
 BLOCKED = """\
+Quorum information
+------------------
+Date:             Mon Nov 30 17:00:44 2026
+Quorum provider:  corosync_votequorum
+Nodes:            1
+Node ID:          1
+Ring ID:          1.15
 Quorate:          No
 
 Votequorum information
@@ -127,13 +135,13 @@ Expected votes:   4
 Highest expected: 4
 Total votes:      1
 Quorum:           3 Activity blocked
-Flags:            Qdevice
+Flags:            Qdevice 
 
 Membership information
 ----------------------
     Nodeid      Votes    Qdevice Name
-         1          1   A,NV,NMW 10.81.0.11 (local)
-         0          0            Qdevice
+         1          1   A,NV,NMW pve-1 (local)
+         0          0            Qdevice (votes 1)
 """
 
 

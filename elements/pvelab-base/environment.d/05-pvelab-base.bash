@@ -5,7 +5,8 @@
 export DIB_GRUB_TIMEOUT=${DIB_GRUB_TIMEOUT:-0}
 export DIB_APT_MINIMAL_CREATE_INTERFACES=${DIB_APT_MINIMAL_CREATE_INTERFACES:-0}
 export DIB_PVELAB_USER=${DIB_PVELAB_USER:-ops}
-export DIB_PVELAB_GROUPS=${DIB_PVELAB_GROUPS:-sudo}
+# unset: sudo; set but empty (the lab file's `groups: []`): no group at all
+export DIB_PVELAB_GROUPS=${DIB_PVELAB_GROUPS-sudo}
 export DIB_PVELAB_DNS=${DIB_PVELAB_DNS:-"1.1.1.1 8.8.8.8"}
 # Quiet kernel on the consoles (systemd still reports each unit): printing every
 # kernel line costs seconds under emulation.
