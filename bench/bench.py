@@ -136,6 +136,69 @@ def ssh_banner_seconds(lab, image: Path, name: str, ram: int, workdir: Path, tim
             m.stop()
 
 
+def compat_load(lab) -> dict[str, float]:
+    """pve-compat as systemd runs it, on loopback: GETs alone, GETs with 300 idle and 100
+    byte-a-second clients connected, then 64 clients sending 4 MiB of headers each."""
+    import subprocess as sp
+    import tempfile
+
+    from pvelab.loadtest import get, measure, oversized, slow_clients
+    from pvelab.paths import ELEMENTS, OVERLAYS
+    from pvelab.render import compat_config
+
+    with tempfile.TemporaryDirectory(prefix="pvelab-bench-") as tmp:
+        cfg = Path(tmp) / "pve-compat.json"
+        cfg.write_text(json.dumps(compat_config(lab, lab.pve_hosts[0])))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, PYTHONPATH=str(ELEMENTS / "pvelab-compat/static/usr/lib/pvelab"))
+        proc = sp.Popen(
+            [
+                sys.executable,
+                str(OVERLAYS / "pve-host/usr/lib/pvelab/pve_compat.py"),
+                "--config",
+                str(cfg),
+                "--listen",
+                "127.0.0.1",
+                "--http-port",
+                str(port),
+                "--tcp-ports",
+                "0",
+                "--udp-ports",
+                "",
+                "--quiet",
+            ],
+            env=env,
+            stdout=sp.DEVNULL,
+            stderr=sp.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while get(port, timeout=1) != 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            quiet = measure(port, requests=1000, concurrency=8)
+            with slow_clients(port, idle=300, trickle=100, seconds=60):
+                attacked = measure(port, requests=1000, concurrency=8)
+            oversized(port, clients=64, megabytes=4)
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            hwm = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    say(
+        f"compat: {quiet.rps:.0f} req/s p99 {quiet.p99_ms:.1f} ms alone; {attacked.rps:.0f} req/s "
+        f"p99 {attacked.p99_ms:.1f} ms with 400 slow clients; VmHWM {hwm / 1024:.1f} MiB after oversized requests"
+    )
+    return {
+        "compat_rps": quiet.rps,
+        "compat_p99_ms": quiet.p99_ms,
+        "compat_rps_attacked": attacked.rps,
+        "compat_p99_attacked_ms": attacked.p99_ms,
+        "compat_vmhwm_mib": hwm / 1024,
+    }
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -194,6 +257,20 @@ def main(argv: list[str]) -> int:
     t0 = time.monotonic()
     pvelab(["boot-test", "--accel", "tcg"], env, log)
     figures["four_nodes_scenario_s"] = time.monotonic() - t0
+
+    # --- the rehearsal: real corosync on the booted lab, then the quorum walk
+    pvelab(["rehearse", "--accel", "tcg"], env, log)
+    rehearsal = json.loads((pbuild / lab.name / "rehearsal" / "qcow2" / "report.json").read_text())
+    figures["rehearsal_boot_to_quorate_s"] = rehearsal["first_quorate_seconds"]
+    figures["rehearsal_walk_s"] = rehearsal["walk_seconds"]
+    figures["rehearsal_wall_s"] = rehearsal["wall_seconds"]
+    say(
+        f"rehearsal: passed={rehearsal['passed']}; settle seconds per step: "
+        + ", ".join(f"{st['number']}:{st['settle_seconds']}" for st in rehearsal["steps"])
+    )
+
+    # --- the compat HTTP service under load and abuse (loopback only)
+    figures.update(compat_load(lab))
 
     ratios = {
         "cold_build_ratio": figures["pvelab_cold_all_s"] / figures["stock_cold_s"],

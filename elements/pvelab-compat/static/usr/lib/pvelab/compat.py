@@ -1,25 +1,50 @@
 """Shared core of the pvelab compat services (Python stdlib only).
 
-Bounded threaded HTTP server with JSON errors, TCP "port proves it listens" listeners,
-a UDP sink, config loading and a signal-aware main loop.  Runs on Debian trixie's
-python3 and on the build host's.
+A small HTTP server built to stay available under slow, idle and oversized clients,
+TCP "port proves it listens" listeners, a UDP sink, config loading and a signal-aware
+main loop.  Runs on Debian trixie's python3 and on the build host's.
+
+How the HTTP server stays up (one I/O thread, a few workers):
+
+* one thread accepts and reads every connection without blocking (``selectors``): an
+  idle or slow client costs a socket and a small buffer, never a thread, and accepting
+  is never held up by busy workers;
+* a request must arrive whole within ``REQUEST_TIMEOUT`` seconds of the connection
+  (a deadline for the whole request, not per read): later, 408 and closed;
+* the request head is capped at ``MAX_HEAD_BYTES`` (414/431) and ``MAX_HEADERS`` lines
+  (431); the body of a GET is not read;
+* at most ``MAX_CONNECTIONS`` connections are open: a new one evicts the oldest that
+  has not finished its request, so slow clients cannot lock normal ones out;
+* complete requests go to ``max_workers`` threads through a bounded queue (503 when
+  full); answers are written back by the I/O thread, with their own deadline.
+
+Memory is bounded by ``MAX_CONNECTIONS * MAX_HEAD_BYTES`` (8 MiB) plus the queue.
 """
 
 import argparse
+import io
 import json
 import logging
+import queue
+import resource
+import selectors
 import signal
 import socket
-import socketserver
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+import time
+from http.server import BaseHTTPRequestHandler
 
 log = logging.getLogger("pvelab-compat")
 
-MAX_WORKERS = 64  # concurrent HTTP requests served at once
-REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its request
-SLOT_WAIT = 2.0  # seconds a new connection waits for a worker before 503
+MAX_WORKERS = 8  # threads answering complete requests (the answers are precomputed bytes)
+REQUEST_TIMEOUT = 10.0  # seconds from connect to a complete request head
+WRITE_TIMEOUT = 10.0  # seconds to take the answer
+MAX_HEAD_BYTES = 8192  # request line + headers
+MAX_HEADERS = 64  # header lines
+MAX_CONNECTIONS = 1024  # open connections at once; the oldest unfinished one makes room
+QUEUE_SIZE = 256  # complete requests waiting for a worker
+LINGER = 2.0  # seconds to discard what a client still sends after its answer (no RST)
 
 
 def dumps(obj):
@@ -27,47 +52,267 @@ def dumps(obj):
     return json.dumps(obj, separators=(",", ":"))
 
 
-class BoundedHTTPServer(socketserver.ThreadingMixIn, HTTPServer):
-    """One thread per request, at most ``max_workers`` at once; overflow gets 503."""
+def _raise_nofile(wanted=MAX_CONNECTIONS + 64):
+    """Room for MAX_CONNECTIONS sockets (the unit's LimitNOFILE sets the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256
+
+def _status_line(code, reason):
+    body = dumps({"data": None, "errors": {"request": reason}}).encode()
+    return (
+        f"HTTP/1.0 {code} {reason}\r\nContent-Type: application/json;charset=UTF-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+
+class _Conn:
+    __slots__ = ("addr", "buf", "deadline", "out", "sock", "state")
+
+    def __init__(self, sock, addr, now):
+        self.sock, self.addr = sock, addr
+        self.buf = bytearray()
+        self.deadline = now + REQUEST_TIMEOUT
+        self.out = b""
+        self.state = "reading"  # reading -> working -> writing -> lingering
+
+
+class BoundedHTTPServer:
+    """HTTP/1.0 server: ``routes`` maps a path to (status, content type, body) or to a
+    callable returning that; ``handler`` (a BaseHTTPRequestHandler) makes the answers."""
 
     def __init__(self, address, handler, routes, max_workers=MAX_WORKERS, name="http"):
-        self.routes = routes
-        self.name = name
-        self._slots = threading.BoundedSemaphore(max_workers)
-        super().__init__(address, handler)
+        self.routes, self.handler, self.name = routes, handler, name
+        self.max_workers = max_workers
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(address)
+        self.sock.listen(1024)
+        self.sock.setblocking(False)
+        self.server_address = self.sock.getsockname()
+        self._stop = threading.Event()
+        self._work = queue.Queue(QUEUE_SIZE)
+        self._done = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._conns = {}
+        self._workers = []
+        self.stats = {"accepted": 0, "answered": 0, "timed_out": 0, "evicted": 0, "too_large": 0, "busy": 0}
 
     @property
     def port(self):
         return self.server_address[1]
 
-    def process_request(self, request, client_address):
-        if not self._slots.acquire(timeout=SLOT_WAIT):
+    # ------------------------------------------------------------------ I/O thread
+    def serve_forever(self):
+        _raise_nofile()
+        for i in range(self.max_workers):
+            t = threading.Thread(target=self._worker, name=f"{self.name}-w{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, "accept")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._sel = sel
+        while not self._stop.is_set():
+            for key, events in sel.select(timeout=0.25):
+                if key.data == "accept":
+                    self._accept()
+                elif key.data == "wake":
+                    self._drain_done()
+                elif events & selectors.EVENT_READ:
+                    if key.data.state == "lingering":
+                        self._discard(key.data)
+                    else:
+                        self._read(key.data)
+                else:
+                    self._write(key.data)
+            self._expire(time.monotonic())
+        for c in list(self._conns.values()):
+            self._close(c)
+        sel.close()
+
+    def _accept(self):
+        while True:
             try:
-                request.sendall(
-                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                )
-            except OSError:
-                pass
-            self.shutdown_request(request)
+                sock, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: make room, try later
+                log.warning("%s: accept: %s", self.name, exc)
+                self._evict_oldest()
+                return
+            if len(self._conns) >= MAX_CONNECTIONS:
+                self._evict_oldest()
+            sock.setblocking(False)
+            c = _Conn(sock, addr, time.monotonic())
+            self._conns[sock.fileno()] = c
+            self._sel.register(sock, selectors.EVENT_READ, c)
+            self.stats["accepted"] += 1
+
+    def _evict_oldest(self):
+        reading = [c for c in self._conns.values() if c.state == "reading"]
+        if reading:
+            self.stats["evicted"] += 1
+            self._close(min(reading, key=lambda c: c.deadline))
+
+    def _read(self, c):
+        try:
+            data = c.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
             return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(c)
+            return
+        c.buf += data
+        end = c.buf.find(b"\r\n\r\n")
+        if end < 0:
+            end = c.buf.find(b"\n\n")
+        if end < 0:
+            if len(c.buf) > MAX_HEAD_BYTES:
+                first_line = c.buf.split(b"\n", 1)
+                code = (
+                    (414, "URI Too Long")
+                    if len(first_line) == 1
+                    else (431, "Request Header Fields Too Large")
+                )
+                self.stats["too_large"] += 1
+                self._answer(c, _status_line(*code))
+            return
+        head = bytes(c.buf[: end + 4])
+        if head.count(b"\n") > MAX_HEADERS + 2:
+            self.stats["too_large"] += 1
+            self._answer(c, _status_line(431, "Request Header Fields Too Large"))
+            return
+        c.state = "working"
+        self._sel.unregister(c.sock)
         try:
-            super().process_request(request, client_address)
-        except Exception:
-            self._slots.release()
-            raise
+            self._work.put_nowait((c, head))
+        except queue.Full:
+            self.stats["busy"] += 1
+            self._sel.register(c.sock, selectors.EVENT_WRITE, c)
+            c.state = "writing"
+            c.out = _status_line(503, "Service Unavailable")
+            c.deadline = time.monotonic() + WRITE_TIMEOUT
 
-    def process_request_thread(self, request, client_address):
+    def _answer(self, c, data):
+        """Switch ``c`` (registered for reading) to writing ``data``."""
+        c.out, c.state = data, "writing"
+        c.deadline = time.monotonic() + WRITE_TIMEOUT
+        self._sel.modify(c.sock, selectors.EVENT_WRITE, c)
+
+    def _drain_done(self):
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        while True:
+            try:
+                c, data = self._done.get_nowait()
+            except queue.Empty:
+                return
+            if c.sock.fileno() < 0:
+                continue
+            c.out, c.state = data, "writing"
+            c.deadline = time.monotonic() + WRITE_TIMEOUT
+            self._sel.register(c.sock, selectors.EVENT_WRITE, c)
 
-    def handle_error(self, request, client_address):
-        log.warning("%s: error serving %s: %s", self.name, client_address[0], sys.exc_info()[1])
+    def _write(self, c):
+        try:
+            sent = c.sock.send(c.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(c)
+            return
+        c.out = c.out[sent:]
+        if not c.out:
+            self.stats["answered"] += 1
+            self._linger(c)
+
+    def _linger(self, c):
+        """Half-close and discard what the client still sends, so the answer is not lost
+        to a TCP reset (a client still sending an oversized request, a GET with a body)."""
+        try:
+            c.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(c)
+            return
+        c.state, c.deadline = "lingering", time.monotonic() + LINGER
+        self._sel.modify(c.sock, selectors.EVENT_READ, c)
+
+    def _discard(self, c):
+        try:
+            if c.sock.recv(65536):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._close(c)
+
+    def _expire(self, now):
+        for c in [c for c in self._conns.values() if c.deadline < now and c.state != "working"]:
+            if c.state == "reading" and c.buf:
+                self.stats["timed_out"] += 1
+                try:  # best effort: a client still listening learns why
+                    c.sock.send(_status_line(408, "Request Timeout"))
+                except OSError:
+                    pass
+            elif c.state == "reading":
+                self.stats["timed_out"] += 1
+            self._close(c)
+
+    def _close(self, c):
+        self._conns.pop(c.sock.fileno(), None)
+        try:
+            self._sel.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        try:
+            c.sock.close()
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ workers
+    def _worker(self):
+        while not self._stop.is_set():
+            try:
+                c, head = self._work.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                data = self.handler.respond(self, head, c.addr)
+            except Exception as exc:  # one bad request never stops the service
+                log.warning("%s: error serving %s: %s", self.name, c.addr[0], exc)
+                data = _status_line(500, "Internal Server Error")
+            self._done.put((c, data))
+            try:
+                self._wake_w.send(b"x")
+            except (BlockingIOError, OSError):
+                pass
+
+    # ------------------------------------------------------------------ control
+    def shutdown(self):
+        self._stop.set()
+
+    def server_close(self):
+        self.sock.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+class _Request:
+    """What BaseHTTPRequestHandler wants as a request: the head is already read."""
+
+    def __init__(self, head):
+        self.head = head
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -75,8 +320,25 @@ class Handler(BaseHTTPRequestHandler):
     returning that triple for each request (a live answer). GET/HEAD only."""
 
     server_version = "pvelab-compat/1.0"
-    timeout = REQUEST_TIMEOUT
     allowed = "GET, HEAD"
+
+    @classmethod
+    def respond(cls, server, head, client_address):
+        """The whole answer (bytes) to one complete request head."""
+        out = io.BytesIO()
+        cls(_Request(head), client_address, server, out)
+        return out.getvalue()
+
+    def __init__(self, request, client_address, server, out=None):
+        self._out = out if out is not None else io.BytesIO()
+        super().__init__(request, client_address, server)
+
+    def setup(self):
+        self.rfile = io.BytesIO(self.request.head)
+        self.wfile = self._out
+
+    def finish(self):
+        pass
 
     def version_string(self):
         return self.server_version
