@@ -35,7 +35,7 @@ from pvelab.hostapt import dib_mirror_env  # noqa: E402
 from pvelab.lab import load_lab  # noqa: E402
 from pvelab.labnet import LabNet  # noqa: E402
 from pvelab.machine import Machine  # noqa: E402
-from pvelab.media import MEDIA, Firmware  # noqa: E402
+from pvelab.media import BIOS, MEDIA  # noqa: E402
 from pvelab.paths import DEFAULT_LAB, build_root  # noqa: E402
 from pvelab.qemu import VmSpec, prepare  # noqa: E402
 
@@ -110,7 +110,7 @@ def pvelab(args: list[str], env_extra: dict, log: Path) -> float:
 def ssh_banner_seconds(lab, image: Path, name: str, ram: int, workdir: Path, timeout: float = 600) -> float:
     """Boot one VM under TCG on the lab network; seconds until port 22 sends an SSH banner."""
     with LabNet([name], workdir) as net:
-        qcow2, bios = MEDIA["qcow2"], Firmware.BIOS
+        qcow2, bios = MEDIA["qcow2"], BIOS
         drive = prepare(qcow2, bios, image, workdir, name)
         spec = VmSpec(name, ram, qcow2, bios, "tcg", drive, workdir, tap=net.taps[name], mac=net.macs[name])
         m = Machine(spec, net)

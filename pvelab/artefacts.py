@@ -243,13 +243,18 @@ class BootReport:
     host_keys: dict[str, str] = field(default_factory=dict)
     failed_units: dict[str, str] = field(default_factory=dict)
     boot_analysis: dict[str, dict[str, str]] = field(default_factory=dict)
+    secure_boot: dict[str, bool] = field(
+        default_factory=dict
+    )  # UEFI: what each guest's SecureBoot variable says
+    secure_boot_required: bool = False
     after: Any = None  # what a test's ``after`` hook returned (tests only)
     wall_seconds: float = 0.0
     schema: int = REPORT_SCHEMA
 
     @property
     def passed(self) -> bool:
-        return self.result.passed
+        sb_ok = not self.secure_boot_required or (bool(self.secure_boot) and all(self.secure_boot.values()))
+        return self.result.passed and sb_ok
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

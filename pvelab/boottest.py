@@ -35,6 +35,8 @@ from .qemu import QEMU, VmSpec, prepare, qemu_command, resolve_accel
 from .scenario import run_scenario, summary, write_reports
 
 SSH_TIMEOUT = {"tcg": 900.0, "kvm": 240.0}
+# the SecureBoot variable: 4 attribute bytes, then 1 when Secure Boot is enforced
+SECURE_BOOT = "od -An -tu1 /sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
 ANALYZE = "systemd-analyze time; echo '--- blame'; systemd-analyze blame | head -n 12"
 
 
@@ -191,6 +193,7 @@ def parallel(machines: dict[str, Machine], fn: Callable[[Machine], Any]) -> tupl
 After = Callable[[dict[str, Machine], BootReport], Any]
 
 
+# Long on purpose: the report's fields are filled in one place, in the order they are produced.
 def boot_test(
     lab: Lab,
     names: list[str] | None = None,
@@ -226,6 +229,7 @@ def boot_test(
             ssh_ready_seconds=booted.ssh_ready_seconds,
             dhcp_leases=booted.net.leases(),
             host_keys={name: m.host_key for name, m in booted.machines.items()},
+            secure_boot_required=fw.secure_boot,
         )
         _diagnose(booted, report, analyze)
         if after:
@@ -253,6 +257,13 @@ def _scenario(booted: BootedLab, timeout: float):
 def _diagnose(booted: BootedLab, report: BootReport, analyze: bool) -> None:
     """Failed units on every VM (always) and systemd-analyze (opt-in), after the verdict."""
     report.failed_units = booted.on_all("systemctl --failed --no-legend --plain")
+    if report.firmware != "bios":
+        seen = booted.on_all(SECURE_BOOT)
+        report.secure_boot = {n: out.split()[-1:] == ["1"] for n, out in seen.items()}
+        booted.say(
+            "Secure Boot: "
+            + ", ".join(f"{n} {'on' if on else 'off'}" for n, on in report.secure_boot.items())
+        )
     for name, units in report.failed_units.items():
         if units:
             booted.say(f"{name}: failed units: {' '.join(u.split()[0] for u in units.splitlines())}")

@@ -39,13 +39,13 @@ HOST_TOOLS = (
     "losetup",
     "e2fsck",
     "resize2fs",
-    "grub-mkstandalone",
+    "dpkg-deb",
     "mkfs.vfat",
     "mcopy",
     "mmd",
     "sgdisk",
 )
-HOST_FILES = (iso.ISOLINUX_BIN, iso.LDLINUX_C32, iso.GRUB_EFI_DIR)
+HOST_FILES = (iso.ISOLINUX_BIN, iso.LDLINUX_C32)
 LIVE_FSTAB = "# pvelab live system: / is live-boot's overlay; nothing to mount.\n"
 
 
@@ -229,7 +229,9 @@ def _iso_stage(node: Node, live: image.LiveParts, work: Path, steps: Steps) -> P
         layer_sq = work / f"{node.name}.squashfs"
         squash(work / "layer", layer_sq, steps, fast=True)
         iso_path = work / f"{node.name}.iso"
-        iso.build_iso(iso_path, node.name, live.kernel, live.initrd, live.squashfs, layer_sq, steps)
+        iso.build_iso(
+            iso_path, node.name, live.kernel, live.initrd, live.squashfs, layer_sq, live.signed, steps
+        )
         steps.log(iso.verify_gpt(iso_path))
     return iso_path
 
@@ -267,7 +269,7 @@ def _manifest(
         enabled_units=units,
         packages=packages,
         kernel=live.kernel_version,
-        tools=tool_versions(),
+        tools=dict(tool_versions(), **live.signed.versions),
         git_commit=git_commit(),
         built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         build_seconds=dict(steps.timings),

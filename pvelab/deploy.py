@@ -32,6 +32,7 @@ class Action:
     rehearsal_only: bool = False  # only on these rehearsal images (compat services)
 
 
+# Long on purpose: the deployment as one ordered table (runbook and rehearsal read the same list); data, not logic.
 def actions(lab: Lab) -> list[Action]:
     """Every step from the baked wiring to a running cluster with its QDevice."""
     cluster = lab.cluster_name

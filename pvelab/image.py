@@ -27,6 +27,7 @@ from .lab import Lab
 from .paths import ELEMENTS, cache_dir
 from .run import StepError, Steps
 from .secrets import scan_tree
+from .signedboot import SignedBoot, signed_boot
 
 BASE_ELEMENTS = ("debian-minimal", "vm", "pvelab-base", "pvelab-compat")
 BASE_IMAGE_GB = 2  # raw base size; each node grows it to its own disk size
@@ -198,12 +199,13 @@ def _prune(root: Path, keep: Path, generations: int = 2) -> None:
 
 @dataclass(frozen=True)
 class LiveParts:
-    """What every node's ISO shares: kernel, initrd and the base squashfs."""
+    """What every node's ISO shares: kernel, initrd, the base squashfs, the signed boot chain."""
 
     kernel: Path
     initrd: Path
     squashfs: Path
     kernel_version: str
+    signed: SignedBoot
 
 
 def live_parts(base: Base, steps: Steps) -> LiveParts:
@@ -223,4 +225,5 @@ def live_parts(base: Base, steps: Steps) -> LiveParts:
                         squash(mnt, d / "filesystem.squashfs.tmp", steps)
                     mnt.rmdir()
                     os.replace(d / "filesystem.squashfs.tmp", squashfs)
-    return LiveParts(d / "vmlinuz", d / "initrd.img", squashfs, base.info["kernel_version"])
+    signed = signed_boot(squashfs, base.key, base.info["release"], steps)
+    return LiveParts(d / "vmlinuz", d / "initrd.img", squashfs, base.info["kernel_version"], signed)

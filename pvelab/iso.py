@@ -3,7 +3,10 @@
 Layout::
 
     /isolinux/isolinux.bin, ldlinux.c32, isolinux.cfg   BIOS (El Torito entry 1, isohybrid MBR)
-    /boot/efiboot.img                                    FAT with EFI/BOOT/BOOTX64.EFI (entry 2)
+    /boot/efiboot.img                                    FAT ESP (entry 2): EFI/BOOT/BOOTX64.EFI (shim),
+                                                         grubx64.efi (signed GRUB), mmx64.efi,
+                                                         EFI/debian/grub.cfg (finds this ISO by label)
+    /EFI/BOOT/..., /EFI/debian/grub.cfg                  the same on ISO 9660
     /boot/grub/grub.cfg                                  UEFI menu (GRUB)
     /live/vmlinuz, /live/initrd.img                      the image's own kernel + initrd (live-boot)
     /live/filesystem.squashfs                            shared base root file system
@@ -27,10 +30,10 @@ from pathlib import Path
 import pycdlib
 
 from .run import StepError, Steps
+from .signedboot import SignedBoot
 
 ISOLINUX_BIN = Path("/usr/lib/ISOLINUX/isolinux.bin")
 LDLINUX_C32 = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
-GRUB_EFI_DIR = Path("/usr/lib/grub/x86_64-efi")
 EFI_IMG_KB = 8192
 
 LIVE_CMDLINE = (
@@ -71,47 +74,51 @@ menuentry "{label} (pvelab live)" {{
 """
 
 
-def make_efiboot(work: Path, label: str, steps: Steps) -> Path:
-    """FAT image with a standalone GRUB that finds this ISO by its volume label."""
-    if not GRUB_EFI_DIR.is_dir():
-        raise StepError(f"{GRUB_EFI_DIR} missing: install grub-efi-amd64-bin (scripts/setup)")
-    embedded = work / "grub-embedded.cfg"
-    # prefix stays in GRUB's memdisk, where its modules are; only the menu comes from the ISO
-    embedded.write_text(
-        f"search --no-floppy --set=root --label {label}\nconfigfile ($root)/boot/grub/grub.cfg\n"
+def _esp_grub_cfg(label: str) -> str:
+    """What the signed GRUB reads first (EFI/debian/grub.cfg): find the ISO, use its menu."""
+    return (
+        f"search --no-floppy --set=root --label {label}\n"
+        "set prefix=($root)/boot/grub\nconfigfile ($root)/boot/grub/grub.cfg\n"
     )
-    efi = work / "BOOTX64.EFI"
-    steps.run(
-        [
-            "grub-mkstandalone",
-            "--format=x86_64-efi",
-            f"--output={efi}",
-            "--locales=",
-            "--fonts=",
-            "--themes=",
-            "--install-modules=linux normal iso9660 search search_label configfile "
-            "serial terminal part_msdos part_gpt fat echo test all_video gzio efi_gop",
-            "--modules=iso9660 search search_label part_msdos part_gpt fat configfile normal "
-            "linux serial terminal",
-            f"boot/grub/grub.cfg={embedded}",
-        ]
-    )
+
+
+def make_efiboot(work: Path, label: str, signed: SignedBoot, steps: Steps) -> Path:
+    """FAT image with Debian's signed boot chain (Secure Boot) and the GRUB hop to the ISO."""
+    (work / "esp-grub.cfg").write_text(_esp_grub_cfg(label))
     img = work / "efiboot.img"
     img.unlink(missing_ok=True)
     steps.run(["mkfs.vfat", "-C", "-n", "EFIBOOT", str(img), str(EFI_IMG_KB)])
-    steps.run(["mmd", "-i", str(img), "::/EFI", "::/EFI/BOOT"])
-    steps.run(["mcopy", "-i", str(img), str(efi), "::/EFI/BOOT/BOOTX64.EFI"])
+    steps.run(["mmd", "-i", str(img), "::/EFI", "::/EFI/BOOT", "::/EFI/debian"])
+    for src, dst in _esp_files(work, signed):
+        steps.run(["mcopy", "-i", str(img), str(src), "::" + dst])
     return img
 
 
+def _esp_files(work: Path, signed: SignedBoot) -> list[tuple[Path, str]]:
+    return [
+        (signed.shim, "/EFI/BOOT/BOOTX64.EFI"),
+        (signed.grub, "/EFI/BOOT/grubx64.efi"),
+        (signed.mok, "/EFI/BOOT/mmx64.efi"),
+        (work / "esp-grub.cfg", "/EFI/debian/grub.cfg"),
+    ]
+
+
+# Long on purpose: the ISO's file list in one pycdlib session, one call per file.
 def build_iso(
-    out: Path, node: str, kernel: Path, initrd: Path, base_squashfs: Path, node_squashfs: Path, steps: Steps
+    out: Path,
+    node: str,
+    kernel: Path,
+    initrd: Path,
+    base_squashfs: Path,
+    node_squashfs: Path,
+    signed: SignedBoot,
+    steps: Steps,
 ) -> None:
     """Write the hybrid ISO to ``out`` (callers write aside and rename)."""
     label = volume_label(node)
     with tempfile.TemporaryDirectory(prefix="pvelab-iso-") as tmp:
         work = Path(tmp)
-        efiboot = make_efiboot(work, label, steps)
+        efiboot = make_efiboot(work, label, signed, steps)
         (work / "isolinux.cfg").write_text(_isolinux_cfg(label))
         (work / "grub.cfg").write_text(_grub_cfg(label))
         layer = f"{node}.squashfs"
@@ -119,9 +126,11 @@ def build_iso(
 
         iso = pycdlib.PyCdlib()
         iso.new(interchange_level=3, rock_ridge="1.09", joliet=3, vol_ident=label, app_ident_str="pvelab")
-        for d in ("/ISOLINUX", "/BOOT", "/BOOT/GRUB", "/LIVE", "/EFI", "/EFI/BOOT"):
-            name = d.rsplit("/", 1)[1].lower()
-            iso.add_directory(d, rr_name=name, joliet_path=d.lower())
+        # Rock Ridge/Joliet names as the loaders look them up: GRUB's prefix is /EFI/debian
+        names = {"/EFI": "/EFI", "/EFI/BOOT": "/EFI/BOOT", "/EFI/DEBIAN": "/EFI/debian"}
+        for d in ("/ISOLINUX", "/BOOT", "/BOOT/GRUB", "/LIVE", "/EFI", "/EFI/BOOT", "/EFI/DEBIAN"):
+            real = names.get(d, d.lower())
+            iso.add_directory(d, rr_name=real.rsplit("/", 1)[1], joliet_path=real)
 
         def add(local: Path, iso_path: str, rr_name: str) -> None:
             iso.add_file(str(local), iso_path=iso_path + ";1", rr_name=rr_name, joliet_path=iso_path.lower())
@@ -131,7 +140,10 @@ def build_iso(
         add(work / "isolinux.cfg", "/ISOLINUX/ISOLINUX.CFG", "isolinux.cfg")
         add(efiboot, "/BOOT/EFIBOOT.IMG", "efiboot.img")
         add(work / "grub.cfg", "/BOOT/GRUB/GRUB.CFG", "grub.cfg")
-        add(work / "BOOTX64.EFI", "/EFI/BOOT/BOOTX64.EFI", "BOOTX64.EFI")
+        for src, dst in _esp_files(work, signed):
+            iso.add_file(
+                str(src), iso_path=dst.upper() + ";1", rr_name=dst.rsplit("/", 1)[1], joliet_path=dst
+            )
         add(kernel, "/LIVE/VMLINUZ", "vmlinuz")
         add(initrd, "/LIVE/INITRD.IMG", "initrd.img")
         add(base_squashfs, "/LIVE/FILESYSTEM.SQUASHFS", "filesystem.squashfs")
@@ -171,6 +183,7 @@ def _mbr_entry(active: bool, ptype: int, start: int, count: int) -> bytes:
     return struct.pack("<B3sB3sII", 0x80 if active else 0, chs, ptype, chs, start, count)
 
 
+# Long on purpose: one binary layout rewritten in place; the offsets it computes are shared by every write.
 def fix_hybrid_gpt(path: Path) -> None:
     """Rewrite pycdlib's hybrid tables into a valid GPT with a matching hybrid MBR.
 

@@ -72,6 +72,7 @@ def measure(port: int, requests: int = 400, concurrency: int = 8, deadline: floa
 
 
 @contextmanager
+# Long on purpose: two small client loops and their start/stop, kept together as one context.
 def slow_clients(port: int, idle: int = 300, trickle: int = 100, seconds: float = 30.0) -> Iterator[dict]:
     """``idle`` connections that send nothing and ``trickle`` ones that send a request one
     byte at a time, for at most ``seconds``; they reconnect when the server drops them."""

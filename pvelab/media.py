@@ -1,23 +1,57 @@
 """Boot media and firmware, each defined once.
 
 A medium names the artefact it boots (``<node>.<suffix>`` in the node's build folder),
-the firmware it boots with, and how QEMU attaches it.  The boot test, the single-node
-boot, publishing and the CLI look media up here; an unknown name is an error naming
-the choices.
+the firmware it boots with, and how QEMU attaches it. A firmware names the QEMU machine
+and the OVMF code and variable files it needs: ``uefi-sb`` is OVMF's Secure Boot build
+on a ``q35`` machine with SMM, its variables with Microsoft's keys enrolled, so only a
+signed boot chain starts. The boot test, the single-node boot, the rehearsal,
+publishing and the CLI look both up here; an unknown name is an error naming the choices.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PvelabError
 
+OVMF = Path("/usr/share/OVMF")
 
-class Firmware(enum.StrEnum):
-    BIOS = "bios"
-    UEFI = "uefi"
+
+@dataclass(frozen=True)
+class Firmware:
+    name: str
+    machine: str  # QEMU -machine
+    code: tuple[Path, ...] = ()  # OVMF code (read-only pflash): the first that exists
+    vars: tuple[Path, ...] = ()  # OVMF variables template, copied for every boot
+    extra: tuple[str, ...] = ()  # further QEMU arguments
+    secure_boot: bool = False
+
+    @property
+    def value(self) -> str:
+        return self.name
+
+    @property
+    def uefi(self) -> bool:
+        return bool(self.code)
+
+
+BIOS = Firmware("bios", "pc,usb=off")
+UEFI = Firmware(
+    "uefi",
+    "pc,usb=off",
+    (OVMF / "OVMF_CODE_4M.fd", OVMF / "OVMF_CODE.fd"),
+    (OVMF / "OVMF_VARS_4M.fd", OVMF / "OVMF_VARS.fd"),
+)
+UEFI_SB = Firmware(
+    "uefi-sb",
+    "q35,smm=on,usb=off",
+    (OVMF / "OVMF_CODE_4M.secboot.fd",),
+    (OVMF / "OVMF_VARS_4M.ms.fd",),
+    ("-global", "driver=cfi.pflash01,property=secure,value=on"),
+    secure_boot=True,
+)
+FIRMWARES: dict[str, Firmware] = {f.name: f for f in (BIOS, UEFI, UEFI_SB)}
 
 
 @dataclass(frozen=True)
@@ -26,7 +60,6 @@ class Medium:
     artefact: str  # artefact kind it boots: "qcow2" | "iso"
     firmwares: tuple[Firmware, ...]
     description: str
-
     drive: tuple[str, ...]  # QEMU arguments; {path} is the file attached
 
     def drive_args(self, path: Path) -> list[str]:
@@ -45,21 +78,21 @@ MEDIA: dict[str, Medium] = {
         Medium(
             "qcow2",
             "qcow2",
-            (Firmware.BIOS,),
+            (BIOS,),
             "the node's disk image (copy-on-write overlay)",
             ("-drive", "file={path},if=virtio,format=qcow2,cache=unsafe"),
         ),
         Medium(
             "iso",
             "iso",
-            (Firmware.BIOS, Firmware.UEFI),
+            (BIOS, UEFI, UEFI_SB),
             "the live ISO as a CD",
             ("-drive", "file={path},media=cdrom,readonly=on,if=ide,index=0", "-boot", "d"),
         ),
         Medium(
             "usb",
             "iso",
-            (Firmware.BIOS, Firmware.UEFI),
+            (BIOS, UEFI, UEFI_SB),
             "the hybrid live ISO as a USB stick",
             (
                 "-device",
@@ -83,19 +116,15 @@ def medium(name: str) -> Medium:
 
 
 def firmware(name: str) -> Firmware:
-    try:
-        return Firmware(name)
-    except ValueError:
-        raise PvelabError(
-            f"--firmware: {name!r}: unknown firmware (known: {', '.join(f.value for f in Firmware)})"
-        ) from None
+    if name not in FIRMWARES:
+        raise PvelabError(f"--firmware: {name!r}: unknown firmware (known: {', '.join(FIRMWARES)})")
+    return FIRMWARES[name]
 
 
 def boot_combination(media_name: str, firmware_name: str) -> tuple[Medium, Firmware]:
     m, fw = medium(media_name), firmware(firmware_name)
     if fw not in m.firmwares:
         raise PvelabError(
-            f"--firmware {fw.value}: the {m.name} medium boots with "
-            f"{' or '.join(f.value for f in m.firmwares)} only"
+            f"--firmware {fw.name}: the {m.name} medium boots with {' or '.join(f.name for f in m.firmwares)} only"
         )
     return m, fw

@@ -12,7 +12,7 @@ from .publish import Release, publish
 from .rehearse import rehearse
 
 # (media, firmware) every release is boot-tested on; the rehearsal runs on the disk images.
-BOOT_TESTS = (("qcow2", "bios"), ("iso", "bios"), ("iso", "uefi"))
+BOOT_TESTS = (("qcow2", "bios"), ("iso", "bios"), ("iso", "uefi-sb"))
 REHEARSAL_MEDIA = "qcow2"
 
 

@@ -35,7 +35,7 @@ import jinja2
 
 from .artefacts import BootReport, BuildManifest, Layout, RecordError, RehearsalReport, sha256
 from .errors import PvelabError
-from .lab import Lab
+from .lab import Lab, Node
 from .media import ARTEFACT_KINDS, MEDIA
 from .paths import ROOT
 from .quorum import table as quorum_table
@@ -115,6 +115,7 @@ def _check_artefact(
     }, None
 
 
+# Long on purpose: every check of the release, collected so the refusal names all problems at once.
 def gate(lab: Lab, kinds: tuple[str, ...] = ARTEFACT_KINDS) -> dict:
     """Check every artefact of ``kinds``; return what the release needs.
 
@@ -223,73 +224,64 @@ def _first_line(cmd: list[str]) -> str:
     return (res.stdout.splitlines() or ["unknown"])[0]
 
 
+def _node_entry(node: Node, entry: dict) -> dict:
+    m: BuildManifest = entry["manifest"]
+    files = {
+        k: {key: f[key] for key in ("name", "size", "sha256", "boot_tests")}
+        for k, f in entry["files"].items()
+    }
+    return {
+        "name": node.name,
+        "role": node.role,
+        "alias": str(node.alias),
+        "ram_mb": node.ram_mb,
+        "disk_gb": node.disk_gb,
+        "files": files,
+        "enabled_units": m.enabled_units,
+        "build_seconds": m.build_seconds,
+        "base": {"key": m.base_key, "elements": m.elements},
+    }
+
+
+def _boot_test_entry(r: BootReport) -> dict:
+    return {
+        "passed": r.passed,
+        "wall_seconds": r.wall_seconds,
+        "ssh_ready_seconds": r.ssh_ready_seconds,
+        "accel": r.accel,
+        "secure_boot": r.secure_boot,
+        "tests": {t.name: "pass" if t.passed else "fail" for t in r.result.tests},
+    }
+
+
+def _rehearsal_entry(r: RehearsalReport) -> dict:
+    steps = [
+        {"number": s.number, "title": s.title, "passed": s.passed, "settle_seconds": s.settle_seconds}
+        for s in r.steps
+    ]
+    return {
+        "passed": r.passed,
+        "first_quorate_seconds": r.first_quorate_seconds,
+        "walk_seconds": r.walk_seconds,
+        "steps": steps,
+    }
+
+
 def release_manifest(lab: Lab, name: str, checked: dict) -> dict:
-    nodes = []
-    first: BuildManifest | None = None
-    for node in lab.nodes:
-        e = checked["nodes"][node.name]
-        m: BuildManifest = e["manifest"]
-        first = first or m
-        nodes.append(
-            {
-                "name": node.name,
-                "role": node.role,
-                "alias": str(node.alias),
-                "ram_mb": node.ram_mb,
-                "disk_gb": node.disk_gb,
-                "files": {
-                    k: {
-                        "name": f["name"],
-                        "size": f["size"],
-                        "sha256": f["sha256"],
-                        "boot_tests": f["boot_tests"],
-                    }
-                    for k, f in e["files"].items()
-                },
-                "enabled_units": m.enabled_units,
-                "build_seconds": m.build_seconds,
-                "base": {"key": m.base_key, "elements": m.elements},
-            }
-        )
-    assert first is not None
-    reports: dict[str, BootReport] = checked["reports"]
-    qemu = _first_line(["qemu-system-x86_64", "--version"])
+    first: BuildManifest = checked["nodes"][lab.nodes[0].name]["manifest"]
     return {
         "lab": lab.name,
         "release": name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_commit": first.git_commit,
-        "nodes": nodes,
+        "nodes": [_node_entry(n, checked["nodes"][n.name]) for n in lab.nodes],
         "elements": first.elements,
-        "versions": dict(first.tools, kernel=first.kernel, qemu=qemu),
-        "boot_tests": {
-            k: {
-                "passed": r.passed,
-                "wall_seconds": r.wall_seconds,
-                "ssh_ready_seconds": r.ssh_ready_seconds,
-                "accel": r.accel,
-                "tests": {t.name: "pass" if t.passed else "fail" for t in r.result.tests},
-            }
-            for k, r in reports.items()
-        },
+        "versions": dict(
+            first.tools, kernel=first.kernel, qemu=_first_line(["qemu-system-x86_64", "--version"])
+        ),
+        "boot_tests": {k: _boot_test_entry(r) for k, r in checked["reports"].items()},
         "scenario": lab.scenario.name,
-        "rehearsals": {
-            media: {
-                "passed": r.passed,
-                "first_quorate_seconds": r.first_quorate_seconds,
-                "walk_seconds": r.walk_seconds,
-                "steps": [
-                    {
-                        "number": s.number,
-                        "title": s.title,
-                        "passed": s.passed,
-                        "settle_seconds": s.settle_seconds,
-                    }
-                    for s in r.steps
-                ],
-            }
-            for media, r in checked.get("rehearsals", {}).items()
-        },
+        "rehearsals": {media: _rehearsal_entry(r) for media, r in checked.get("rehearsals", {}).items()},
     }
 
 
@@ -339,6 +331,7 @@ def _point_latest(labdir: Path, name: str) -> None:
     os.replace(tmp_file, labdir / "LATEST")
 
 
+# Long on purpose: the release transaction (validate, lock, stage, rename, point, retire) reads as one sequence.
 def publish(
     lab: Lab,
     dest: str | Path | None = None,

@@ -18,8 +18,6 @@ from pathlib import Path
 from .errors import PvelabError
 from .media import Firmware, Medium
 
-OVMF_CODE = (Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_CODE.fd"))
-OVMF_VARS = (Path("/usr/share/OVMF/OVMF_VARS_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd"))
 QEMU = "qemu-system-x86_64"
 
 
@@ -32,6 +30,7 @@ class MachineError(PvelabError):
 _accel_cache: dict[str, tuple[str, str]] = {}
 
 
+# Long on purpose: one guarded QEMU run: start, watch the console, kill, read the verdict.
 def probe_kvm(kernel: Path, timeout: float = 30.0) -> tuple[bool, str]:
     """Does KVM really run a guest here? Boot ``kernel`` (no root fs) until it panics.
 
@@ -160,11 +159,12 @@ def prepare(medium: Medium, firmware: Firmware, artefact: Path, workdir: Path, n
             ],
             check=True,
         )
-    if firmware is Firmware.UEFI:
-        shutil.copyfile(first_existing(OVMF_VARS), workdir / f"{name}.OVMF_VARS.fd")
+    if firmware.uefi:
+        shutil.copyfile(first_existing(firmware.vars), workdir / f"{name}.OVMF_VARS.fd")
     return drive
 
 
+# Long on purpose: one command line built argument by argument (the formatter puts each on a line).
 def qemu_command(spec: VmSpec, interactive: bool = False) -> list[str]:
     # -nodefaults: no VGA, floppy, parallel port or default NIC; fewer devices for the
     # guest to probe (udev coldplug is a large part of an emulated boot)
@@ -173,7 +173,7 @@ def qemu_command(spec: VmSpec, interactive: bool = False) -> list[str]:
         "-name",
         spec.name,
         "-machine",
-        "pc,usb=off",
+        spec.firmware.machine,
         "-nodefaults",
         "-m",
         str(spec.ram_mb),
@@ -193,12 +193,13 @@ def qemu_command(spec: VmSpec, interactive: bool = False) -> list[str]:
     # an SVM flag makes the guest load kvm_amd (and ccp, irqbypass) on every boot.
     args += ["-cpu", "host"] if spec.accel == "kvm" else ["-cpu", "qemu64,-svm"]
     args += spec.medium.drive_args(spec.drive)
-    if spec.firmware is Firmware.UEFI:
+    if spec.firmware.uefi:
         args += [
             "-drive",
-            f"if=pflash,format=raw,readonly=on,file={first_existing(OVMF_CODE)}",
+            f"if=pflash,format=raw,readonly=on,file={first_existing(spec.firmware.code)}",
             "-drive",
             f"if=pflash,format=raw,file={spec.vars_file}",
+            *spec.firmware.extra,
         ]
     if spec.tap:
         args += [

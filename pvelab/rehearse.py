@@ -36,7 +36,7 @@ from .errors import PvelabError
 from .guestpkgs import PackageSet, fetch
 from .lab import CustomTest, Lab, Scenario
 from .machine import Machine, MachineError
-from .media import Firmware, boot_combination
+from .media import boot_combination
 from .paths import cache_dir
 from .quorum import Event, Expect, Step, walk
 from .run import Steps
@@ -489,4 +489,4 @@ def write_reports(report: RehearsalReport, outdir: Path) -> None:
     write_atomic(outdir / "summary.txt", table(report) + "\n")
 
 
-__all__ = ["Firmware", "rehearse"]
+__all__ = ["rehearse"]

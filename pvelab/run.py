@@ -72,6 +72,7 @@ class Steps:
         self.timings[name] = round(took, 1)
         self.say(f"{name} done in {fmt_secs(took)} (total {fmt_secs(time.monotonic() - self.start)})")
 
+    # Long on purpose: the subprocess, its log tee, the heartbeat thread and the cleanup on interrupt belong together.
     def run(
         self, cmd: list[str], env: dict | None = None, cwd: Path | None = None, input: bytes | None = None
     ) -> None:

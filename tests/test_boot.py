@@ -84,11 +84,15 @@ def test_qcow2_lab_passes_and_gate_can_fail(built, lab):
     assert all(set(vms) <= {"pve-1", "pve-3"} for vms in failed.values()), failed
 
 
-@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+@pytest.mark.parametrize("firmware", ["bios", "uefi-sb"])
 def test_iso_lab_passes(built, lab, firmware):
+    """The live ISOs as CDs: BIOS, and UEFI with Secure Boot enforced (OVMF's Secure Boot
+    build, Microsoft's keys enrolled): shim -> signed GRUB -> signed kernel."""
     report = boot_test(lab, media="iso", firmware=firmware, accel="auto")
     assert report.passed, failures(report)
     assert report.media == "iso" and report.firmware == firmware
+    if firmware == "uefi-sb":
+        assert report.secure_boot == {n.name: True for n in lab.nodes}, report.secure_boot
 
 
 @pytest.mark.parametrize("firmware", ["bios", "uefi"])
@@ -97,12 +101,13 @@ def test_iso_boots_from_usb_stick(built, lab, firmware, tmp_path):
     from pvelab.boottest import choose_accel
     from pvelab.labnet import LabNet
     from pvelab.machine import Machine
-    from pvelab.media import MEDIA, Firmware
+    from pvelab.media import MEDIA
+    from pvelab.media import firmware as by_name
     from pvelab.qemu import VmSpec, prepare
 
     node = lab.node("pbs-witness")
     accel, _ = choose_accel(lab, node, "auto")
-    usb, fw = MEDIA["usb"], Firmware(firmware)
+    usb, fw = MEDIA["usb"], by_name(firmware)
     with LabNet([node.name], tmp_path) as net:
         drive = prepare(usb, fw, built[node.name].iso, tmp_path, node.name)
         spec = VmSpec(

@@ -274,6 +274,40 @@ def test_iso_boot_records_and_gpt(built, name):
     assert 0xEF in ptypes  # EFI system partition for USB/UEFI boot
 
 
+def test_iso_esp_carries_the_signed_boot_chain(built, tmp_path):
+    """The ESP (the El Torito UEFI image) holds trixie's shim (Microsoft-signed), Debian's
+    signed GRUB and the hop to the ISO's menu; the kernel is Debian-signed too."""
+    iso = built["pbs-witness"].iso
+    _xorriso(
+        iso,
+        "-osirrox",
+        "on",
+        "-extract",
+        "/boot/efiboot.img",
+        str(tmp_path / "esp.img"),
+        "-extract",
+        "/live/vmlinuz",
+        str(tmp_path / "vmlinuz"),
+    )
+    for src, dst in (
+        ("::/EFI/BOOT/BOOTX64.EFI", "shim"),
+        ("::/EFI/BOOT/grubx64.efi", "grub"),
+        ("::/EFI/BOOT/mmx64.efi", "mok"),
+        ("::/EFI/debian/grub.cfg", "grub.cfg"),
+    ):
+        subprocess.run(["mcopy", "-i", str(tmp_path / "esp.img"), src, str(tmp_path / dst)], check=True)
+
+    def issuers(path):
+        res = subprocess.run(["sbverify", "--list", str(path)], capture_output=True, text=True)
+        return res.stdout
+
+    assert "Microsoft Corporation UEFI CA" in issuers(tmp_path / "shim")
+    assert "Debian Secure Boot CA" in issuers(tmp_path / "grub")
+    assert "Debian Secure Boot CA" in issuers(tmp_path / "vmlinuz")
+    cfg = (tmp_path / "grub.cfg").read_text()
+    assert f"--label {isomod.volume_label('pbs-witness')}" in cfg and "configfile" in cfg
+
+
 @pytest.mark.parametrize("name", NODES)
 def test_iso_squashfs_layers(built, lab, name, tmp_path):
     iso = built[name].iso
