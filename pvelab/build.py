@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from . import image, iso
+from . import bootdisk, image, iso
 from .artefacts import ArtefactInfo, BuildManifest, Layout, sha256
 from .disk import copy_sparse, grow_disk, loop_partition, mounted, resize_fs, squash
 from .errors import PvelabError
@@ -156,7 +156,8 @@ def build_node(lab: Lab, node: Node, base: image.Base, live: image.LiveParts, st
     work.mkdir(parents=True)
     try:
         files = render_files(lab, node)
-        qcow2, units, packages = _disk_stage(lab, node, base, files, work, steps)
+        assert live.disk is not None, "build() makes the boot disk before the nodes"
+        qcow2, units, packages = _disk_stage(lab, node, live.disk, files, work, steps)
         iso_path = _iso_stage(node, live, work, steps)
         found = base.info.get("password_found", ["(base not scanned: rebuild it)"]) + [
             f"node layer: {p}" for p in scan_tree(work / "layer", lab.user.password)
@@ -185,14 +186,14 @@ def build_node(lab: Lab, node: Node, base: image.Base, live: image.LiveParts, st
 
 
 def _disk_stage(
-    lab: Lab, node: Node, base: image.Base, files: list[RenderedFile], work: Path, steps: Steps
+    lab: Lab, node: Node, disk: Path, files: list[RenderedFile], work: Path, steps: Steps
 ) -> tuple[Path, list[str], dict[str, str]]:
     """The node's disk: base grown to its size, its layer baked in; also stages the ISO layer."""
     raw = work / "disk.raw"
     with steps.stage(f"disk: copy base, grow to {node.disk_gb} GB"):
-        copy_sparse(base.raw, raw)
-        grow_disk(raw, node.disk_gb, steps)
-    with loop_partition(raw, steps) as part:
+        copy_sparse(disk, raw)
+        grow_disk(raw, node.disk_gb, steps, partition=bootdisk.ROOT_PARTITION)
+    with loop_partition(raw, steps, number=bootdisk.ROOT_PARTITION) as part:
         with steps.stage("root file system: resize"):
             resize_fs(part, steps)
         with mounted(part, work / "root", steps) as root, steps.stage("bake overlay + enable units"):
@@ -285,6 +286,7 @@ def build(lab: Lab, names: list[str] | None = None, force_base: bool = False) ->
     base_steps = Steps("base", layout.base_log)
     base = image.build_base(lab, base_steps, force=force_base)
     live = image.live_parts(base, base_steps)
+    live = dataclasses.replace(live, disk=bootdisk.base_disk(base.raw, live.signed, base_steps))
     results = []
     for n in nodes:
         log = layout.build_log(n.name)

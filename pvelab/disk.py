@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,8 +13,8 @@ from .run import StepError, Steps
 
 
 @contextmanager
-def loop_partition(image: Path, steps: Steps, read_only: bool = False):
-    """Attach a disk image and yield its first partition's device (/dev/loopXp1).
+def loop_disk(image: Path, steps: Steps, read_only: bool = False, partitions: int = 1) -> Iterator[str]:
+    """Attach a disk image and yield its loop device, partitions at /dev/loopXpN.
 
     ``losetup --partscan`` is not honoured everywhere (not on this project's CI
     sandbox); ``partx --update`` asks the kernel for the partitions explicitly and
@@ -21,18 +22,24 @@ def loop_partition(image: Path, steps: Steps, read_only: bool = False):
     """
     args = ["losetup", "--find", "--show"] + (["--read-only"] if read_only else [])
     dev = steps.capture([*args, str(image)]).strip()
-    part = f"{dev}p1"
     try:
         steps.capture(["partx", "--update", dev])
         deadline = time.monotonic() + 10
-        while not os.path.exists(part):
+        while not all(os.path.exists(f"{dev}p{n}") for n in range(1, partitions + 1)):
             if time.monotonic() > deadline:
-                raise StepError(f"{part} did not appear after partx --add {dev}")
+                raise StepError(f"{dev}p1..p{partitions} did not appear after partx --update {dev}")
             time.sleep(0.1)
-        yield part
+        yield dev
     finally:
         subprocess.run(["partx", "--delete", dev], check=False, capture_output=True)
         subprocess.run(["losetup", "--detach", dev], check=False)
+
+
+@contextmanager
+def loop_partition(image: Path, steps: Steps, read_only: bool = False, number: int = 1) -> Iterator[str]:
+    """Attach a disk image and yield one partition's device (/dev/loopXpN)."""
+    with loop_disk(image, steps, read_only, partitions=number) as dev:
+        yield f"{dev}p{number}"
 
 
 @contextmanager
@@ -45,12 +52,17 @@ def mounted(device: str, mountpoint: Path, steps: Steps, read_only: bool = False
         subprocess.run(["umount", str(mountpoint)], check=False)
 
 
-def grow_disk(raw: Path, size_gb: int, steps: Steps) -> None:
-    """Grow the raw disk to size_gb and its first (root) partition to the end."""
+def grow_disk(raw: Path, size_gb: int, steps: Steps, partition: int = 1) -> None:
+    """Grow the raw disk to size_gb and one (the last, root) partition to the end.
+
+    A GPT's backup header sits at the old end: it moves to the new end first."""
     if raw.stat().st_size > size_gb * 1024**3:
         raise StepError(f"{raw}: base image is larger than the node's disk ({size_gb} GB)")
     os.truncate(raw, size_gb * 1024**3)
-    steps.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-N", "1", str(raw)], input=b", +\n")
+    label = steps.capture(["sfdisk", "--dump", str(raw)])
+    if "label: gpt" in label:
+        steps.run(["sfdisk", "--no-reread", "--no-tell-kernel", "--relocate", "gpt-bak-std", str(raw)])
+    steps.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-N", str(partition), str(raw)], input=b", +\n")
 
 
 def resize_fs(part: str, steps: Steps) -> None:

@@ -206,6 +206,7 @@ class LiveParts:
     squashfs: Path
     kernel_version: str
     signed: SignedBoot
+    disk: Path | None = None  # the GPT boot disk every node's qcow2 starts from (bootdisk)
 
 
 def live_parts(base: Base, steps: Steps) -> LiveParts:

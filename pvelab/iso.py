@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pycdlib
 
+from .bootdisk import esp_files
 from .run import StepError, Steps
 from .signedboot import SignedBoot
 
@@ -95,11 +96,8 @@ def make_efiboot(work: Path, label: str, signed: SignedBoot, steps: Steps) -> Pa
 
 
 def _esp_files(work: Path, signed: SignedBoot) -> list[tuple[Path, str]]:
-    return [
-        (signed.shim, "/EFI/BOOT/BOOTX64.EFI"),
-        (signed.grub, "/EFI/BOOT/grubx64.efi"),
-        (signed.mok, "/EFI/BOOT/mmx64.efi"),
-        (work / "esp-grub.cfg", "/EFI/debian/grub.cfg"),
+    return [(src, "/" + dst) for src, dst in esp_files(signed)] + [
+        (work / "esp-grub.cfg", "/EFI/debian/grub.cfg")
     ]
 
 

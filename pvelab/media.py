@@ -78,7 +78,7 @@ MEDIA: dict[str, Medium] = {
         Medium(
             "qcow2",
             "qcow2",
-            (BIOS,),
+            (BIOS, UEFI, UEFI_SB),
             "the node's disk image (copy-on-write overlay)",
             ("-drive", "file={path},if=virtio,format=qcow2,cache=unsafe"),
         ),

@@ -95,42 +95,37 @@ def test_iso_lab_passes(built, lab, firmware):
         assert report.secure_boot == {n.name: True for n in lab.nodes}, report.secure_boot
 
 
-@pytest.mark.parametrize("firmware", ["bios", "uefi"])
-def test_iso_boots_from_usb_stick(built, lab, firmware, tmp_path):
-    """The hybrid ISO as a USB stick (isohybrid MBR for BIOS, GPT/EFI partition for UEFI)."""
-    from pvelab.boottest import choose_accel
-    from pvelab.labnet import LabNet
-    from pvelab.machine import Machine
-    from pvelab.media import MEDIA
-    from pvelab.media import firmware as by_name
-    from pvelab.qemu import VmSpec, prepare
+@pytest.mark.parametrize(
+    "media, firmware",
+    [("usb", "bios"), ("usb", "uefi"), ("qcow2", "uefi"), ("qcow2", "uefi-sb")],
+)
+def test_single_node_boots(built, lab, media, firmware):
+    """One node on the other media and firmware: the hybrid ISO as a USB stick (isohybrid
+    MBR for BIOS, the GPT's EFI partition for UEFI), and the qcow2's GPT disk under UEFI,
+    with and without Secure Boot (shim -> signed GRUB from its ESP -> signed kernel)."""
+    from pvelab.boottest import SECURE_BOOT, Progress, booted_lab
+    from pvelab.media import boot_combination
 
     node = lab.node("pbs-witness")
-    accel, _ = choose_accel(lab, node, "auto")
-    usb, fw = MEDIA["usb"], by_name(firmware)
-    with LabNet([node.name], tmp_path) as net:
-        drive = prepare(usb, fw, built[node.name].iso, tmp_path, node.name)
-        spec = VmSpec(
-            node.name,
-            node.ram_mb,
-            usb,
-            fw,
-            accel,
-            drive,
-            tmp_path,
-            tap=net.taps[node.name],
-            mac=net.macs[node.name],
-        )
-        m = Machine(spec, net, user=lab.user.name, password=lab.user.login_password)
-        try:
-            m.start()
-            m.wait_for_ssh(900)
-            assert m.succeed("hostname").strip() == node.name
-            m.wait_for_unit(node.role_def.unit)
-            m.wait_for_open_port(5403)
-            assert "boot=live" in m.succeed("cat /proc/cmdline")
-        finally:
-            m.stop()
+    medium, fw = boot_combination(media, firmware)
+    out = Layout(lab.name).root / "boot-test" / f"single-{media}-{firmware}"
+    with booted_lab(lab, (node,), medium, fw, "auto", out, Progress(f"{media}-{firmware}")) as booted:
+        m = booted.machines[node.name]
+        assert m.succeed("hostname").strip() == node.name
+        m.wait_for_unit(node.role_def.unit)
+        m.wait_for_open_port(5403)
+        cmdline = m.succeed("cat /proc/cmdline")
+        if medium.artefact == "iso":
+            assert "boot=live" in cmdline
+        else:  # the installed layout: GPT, BIOS boot + ESP + root grown to the disk
+            parts = m.succeed("lsblk -rno PARTTYPENAME /dev/vda").splitlines()
+            assert parts == ["BIOS boot", "EFI System", "Linux filesystem"], parts
+            assert m.succeed("findmnt -no SOURCE /").strip() == "/dev/vda3"
+        if fw.uefi:
+            enforced = m.succeed(SECURE_BOOT).split()[-1]
+            assert enforced == ("1" if fw.secure_boot else "0")
+        if fw.secure_boot:
+            assert "Secure boot enabled" in m.sudo("dmesg")[1]
 
 
 def test_second_lab_side_by_side(built, lab, tmp_path):

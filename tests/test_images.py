@@ -16,6 +16,7 @@ import pytest
 
 from pvelab import iso as isomod
 from pvelab.artefacts import Layout
+from pvelab.bootdisk import ROOT_PARTITION
 from pvelab.build import build
 from pvelab.disk import loop_partition, mounted
 from pvelab.lab import FORBIDDEN_PACKAGES, FORBIDDEN_PREFIXES, load_lab
@@ -46,7 +47,7 @@ def roots(built, tmp_path_factory):
         subprocess.run(
             ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(res.qcow2), str(raw)], check=True
         )
-        cm_part = loop_partition(raw, steps, read_only=True)
+        cm_part = loop_partition(raw, steps, read_only=True, number=ROOT_PARTITION)
         part = cm_part.__enter__()
         cm_mount = mounted(part, work / f"{name}-root", steps, read_only=True)
         opened[name] = cm_mount.__enter__()
@@ -78,6 +79,32 @@ def test_qcow2_format_and_size(built, lab, name):
     )
     assert info["format"] == "qcow2"
     assert info["virtual-size"] == lab.node(name).disk_gb * 1024**3
+
+
+def test_boot_disk_layout(built, tmp_path):
+    """GPT: BIOS boot, EFI system (FAT, Debian's signed shim and GRUB, the hop to the
+    root's grub.cfg), root; a valid GPT whose backup header sits at the grown disk's end."""
+    raw = tmp_path / "disk.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(built["pve-1"].qcow2), str(raw)], check=True)
+    dump = subprocess.run(["sfdisk", "--json", str(raw)], capture_output=True, text=True, check=True).stdout
+    parts = json.loads(dump)["partitiontable"]["partitions"]
+    assert [p["type"] for p in parts] == [
+        "21686148-6449-6E6F-744E-656564454649",
+        "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+        "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
+    ]
+    assert (
+        "No problems found"
+        in subprocess.run(["sgdisk", "-v", str(raw)], capture_output=True, text=True).stdout
+    )
+    esp = f"{raw}@@{parts[1]['start'] * 512}"
+    listing = subprocess.run(["mdir", "-i", esp, "-/", "::/EFI"], capture_output=True, text=True).stdout
+    for name in ("BOOTX64 EFI", "grubx64 efi", "mmx64   efi", "grub     cfg"):
+        assert name.split()[0].lower() in listing.lower(), listing
+    cfg = subprocess.run(
+        ["mtype", "-i", esp, "::/EFI/debian/grub.cfg"], capture_output=True, text=True
+    ).stdout
+    assert "search --no-floppy --fs-uuid --set=root" in cfg and "configfile $prefix/grub.cfg" in cfg
 
 
 @pytest.mark.parametrize("name", NODES)

@@ -1,0 +1,110 @@
+"""The disk every node boots from: GPT with a BIOS boot partition, an EFI system
+partition and the root file system; boots under BIOS and under UEFI, Secure Boot on.
+
+Made once per base from the DIB image (cached beside it as ``disk.raw``): the base's
+root file system is copied block for block into partition 3, the ESP gets Debian's
+signed chain (shim as ``EFI/BOOT/BOOTX64.EFI``, signed GRUB, MokManager) and a small
+``EFI/debian/grub.cfg`` that finds the root by its file-system UUID and uses the
+root's own ``/boot/grub/grub.cfg`` (the one ``update-grub`` maintains), and GRUB for
+BIOS is installed from the image itself (``grub-install --target=i386-pc`` in a chroot)
+into the BIOS boot partition. Each node then grows partition 3 to its disk size.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from .disk import loop_disk, loop_partition, mounted
+from .run import Steps
+from .signedboot import SignedBoot
+
+MIB = 1024**2
+BIOS_BOOT_MIB, ESP_MIB = 1, 63  # partitions 1 and 2; the first starts at 1 MiB
+ROOT_PARTITION = 3
+ESP_PARTITION = 2
+LAYOUT = f"""label: gpt
+start=2048, size={BIOS_BOOT_MIB}MiB, type=21686148-6449-6E6F-744E-656564454649, name="BIOS boot"
+size={ESP_MIB}MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name="EFI system"
+type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name="root"
+"""
+
+
+def esp_grub_cfg(root_uuid: str) -> str:
+    """The signed GRUB's first config (EFI/debian/grub.cfg): the root's own menu."""
+    return (
+        f"search --no-floppy --fs-uuid --set=root {root_uuid}\n"
+        "set prefix=($root)/boot/grub\nconfigfile $prefix/grub.cfg\n"
+    )
+
+
+def esp_files(signed: SignedBoot) -> list[tuple[Path, str]]:
+    return [
+        (signed.shim, "EFI/BOOT/BOOTX64.EFI"),
+        (signed.grub, "EFI/BOOT/grubx64.efi"),
+        (signed.mok, "EFI/BOOT/mmx64.efi"),
+    ]
+
+
+def base_disk(base_raw: Path, signed: SignedBoot, steps: Steps) -> Path:
+    """The GPT boot disk made from the DIB base image (cached beside it)."""
+    out = base_raw.with_name("disk.raw")
+    if out.exists():
+        return out
+    with open(base_raw.parent.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.exists():
+            with steps.stage("boot disk: GPT, BIOS boot + ESP (signed shim/GRUB) + root"):
+                tmp = out.with_name("disk.raw.tmp")
+                tmp.unlink(missing_ok=True)
+                _make(base_raw, tmp, signed, steps)
+                os.replace(tmp, out)
+    return out
+
+
+def _make(base_raw: Path, tmp: Path, signed: SignedBoot, steps: Steps) -> None:
+    with open(tmp, "wb") as fh:
+        fh.truncate(base_raw.stat().st_size + (BIOS_BOOT_MIB + ESP_MIB + 2) * MIB)
+    steps.run(["sfdisk", "--no-reread", "--no-tell-kernel", str(tmp)], input=LAYOUT.encode())
+    work = tmp.parent / "disk.mnt"
+    with loop_disk(tmp, steps, partitions=ROOT_PARTITION) as dev:
+        root, esp = f"{dev}p{ROOT_PARTITION}", f"{dev}p{ESP_PARTITION}"
+        with loop_partition(base_raw, steps, read_only=True) as src:
+            steps.run(["dd", f"if={src}", f"of={root}", "bs=4M", "conv=sparse,fsync", "status=none"])
+        uuid = steps.capture(["blkid", "-s", "UUID", "-o", "value", root]).strip()
+        steps.run(["mkfs.vfat", "-F", "32", "-n", "ESP", esp])
+        # mtools, not a mount: FAT needs no kernel module on the build host
+        cfg = work / "esp-grub.cfg"
+        work.mkdir(parents=True, exist_ok=True)
+        cfg.write_text(esp_grub_cfg(uuid))
+        steps.run(["mmd", "-i", esp, "::/EFI", "::/EFI/BOOT", "::/EFI/debian"])
+        for src_file, dst in [*esp_files(signed), (cfg, "EFI/debian/grub.cfg")]:
+            steps.run(["mcopy", "-i", esp, str(src_file), f"::/{dst}"])
+        with mounted(root, work / "root", steps) as mnt:
+            bios_grub(mnt, dev, steps)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def bios_grub(root: Path, dev: str, steps: Steps) -> None:
+    """The image's own GRUB for BIOS, into the BIOS boot partition of ``dev``."""
+    binds = [d for d in ("dev", "proc", "sys")]
+    try:
+        for d in binds:
+            subprocess.run(["mount", "--bind", f"/{d}", str(root / d)], check=True)
+        steps.run(
+            [
+                "chroot",
+                str(root),
+                "grub-install",
+                "--target=i386-pc",
+                "--boot-directory=/boot",
+                "--modules=part_gpt ext2 biosdisk",
+                dev,
+            ]
+        )
+    finally:
+        for d in reversed(binds):
+            subprocess.run(["umount", "-l", str(root / d)], check=False)
