@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 from .errors import PvelabError
 from .paths import build_root
 
+# Each kind of artefact a node's build makes, and its file name in the node's folder.
+ARTEFACT_FILES = {"qcow2": "{node}.qcow2", "iso": "{node}.iso", "installer": "{node}-installer.iso"}
 MANIFEST_SCHEMA = 1
 REPORT_SCHEMA = 1
 REHEARSAL_SCHEMA = 1
@@ -66,7 +68,7 @@ class Layout:
         return self.root / node
 
     def artefact(self, node: str, kind: str) -> Path:
-        return self.node_dir(node) / f"{node}.{kind}"
+        return self.node_dir(node) / ARTEFACT_FILES[kind].format(node=node)
 
     def manifest(self, node: str) -> Path:
         return self.node_dir(node) / "manifest.json"
@@ -247,6 +249,7 @@ class BootReport:
         default_factory=dict
     )  # UEFI: what each guest's SecureBoot variable says
     secure_boot_required: bool = False
+    install_seconds: dict[str, float] = field(default_factory=dict)  # --media install: power-on to power-off
     after: Any = None  # what a test's ``after`` hook returned (tests only)
     wall_seconds: float = 0.0
     schema: int = REPORT_SCHEMA

@@ -25,6 +25,7 @@ from .signedboot import SignedBoot
 MIB = 1024**2
 BIOS_BOOT_MIB, ESP_MIB = 1, 63  # partitions 1 and 2; the first starts at 1 MiB
 ROOT_PARTITION = 3
+ROOT_LABEL = "cloudimg-rootfs"  # the base's root file system label (DIB), in every fstab
 ESP_PARTITION = 2
 LAYOUT = f"""label: gpt
 start=2048, size={BIOS_BOOT_MIB}MiB, type=21686148-6449-6E6F-744E-656564454649, name="BIOS boot"
@@ -108,3 +109,26 @@ def bios_grub(root: Path, dev: str, steps: Steps) -> None:
     finally:
         for d in reversed(binds):
             subprocess.run(["umount", "-l", str(root / d)], check=False)
+
+
+def install_payload(disk_raw: Path, steps: Steps) -> tuple[tuple[Path, str], ...]:
+    """What an installer ISO carries besides the live system (cached beside the disk):
+    the ESP as an image, /boot as a tarball, and the root file system's UUID, which the
+    root's grub.cfg and the ESP's hop both look for."""
+    out = disk_raw.parent / "install"
+    names = ("esp.img.zst", "boot.tar.zst", "root.uuid")
+    if not all((out / n).exists() for n in names):
+        with steps.stage("installer payload: ESP image, /boot, root UUID"):
+            tmp = out.with_name(f"install.{os.getpid()}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            with loop_disk(disk_raw, steps, read_only=True, partitions=ROOT_PARTITION) as dev:
+                steps.run(["sh", "-c", f"zstd -q -19 -T0 -c < {dev}p{ESP_PARTITION} > {tmp / 'esp.img.zst'}"])
+                root = f"{dev}p{ROOT_PARTITION}"
+                (tmp / "root.uuid").write_text(steps.capture(["blkid", "-s", "UUID", "-o", "value", root]))
+                with mounted(root, tmp / "mnt", steps, read_only=True) as mnt:
+                    steps.run(["tar", "--zstd", "-cpf", str(tmp / "boot.tar.zst"), "-C", str(mnt), "boot"])
+                (tmp / "mnt").rmdir()
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+    return tuple((out / n, n) for n in names)

@@ -27,10 +27,11 @@ import pycdlib
 
 from .artefacts import ArtefactRef, BootReport, Layout, sha256
 from .errors import PvelabError
+from .installtest import blank_disk, run_installers
 from .lab import Lab, Node
 from .labnet import LabNet
 from .machine import Machine, MachineError
-from .media import Firmware, Medium, boot_combination
+from .media import MEDIA, Firmware, Medium, boot_combination
 from .qemu import QEMU, VmSpec, prepare, qemu_command, resolve_accel
 from .scenario import run_scenario, summary, write_reports
 
@@ -119,10 +120,22 @@ class BootedLab:
 
 @contextmanager
 def booted_lab(
-    lab: Lab, nodes: tuple[Node, ...], medium: Medium, fw: Firmware, accel: str, outdir: Path, say: Progress
+    lab: Lab,
+    nodes: tuple[Node, ...],
+    medium: Medium,
+    fw: Firmware,
+    accel: str,
+    outdir: Path,
+    say: Progress,
+    disks: dict[str, Path] | None = None,
 ) -> Iterator[BootedLab]:
-    """Boot ``nodes`` together on an isolated lab network; yield when every one has SSH."""
-    files = {n.name: artefact(lab, n, medium.artefact) for n in nodes}
+    """Boot ``nodes`` together on an isolated lab network; yield when every one has SSH.
+
+    ``disks`` boots each node from that disk (an installed one) instead of its artefact."""
+    if disks is not None:
+        files, medium = disks, MEDIA["qcow2"]
+    else:
+        files = {n.name: artefact(lab, n, medium.artefact) for n in nodes}
     for tool in (QEMU, "qemu-img", "dnsmasq", "ip"):
         if shutil.which(tool) is None:
             raise BootTestError(f"{tool} not found: it boots the lab (run scripts/setup)")
@@ -133,7 +146,7 @@ def booted_lab(
         net = stack.enter_context(LabNet([n.name for n in nodes], outdir))
         machines = {}
         for n in nodes:
-            drive = prepare(medium, fw, files[n.name], outdir, n.name)
+            drive = prepare(medium, fw, files[n.name], outdir, n.name, copy_on_write=disks is None)
             spec = VmSpec(
                 n.name,
                 n.ram_mb,
@@ -216,7 +229,8 @@ def boot_test(
     outdir = outdir or Layout(lab.name).boot_test_dir(medium.name, fw.value)
     say = Progress("boot-test")
     refs = {n.name: artefact(lab, n, medium.artefact) for n in nodes}
-    with booted_lab(lab, nodes, medium, fw, accel, outdir, say) as booted:
+    disks, installs = _install_first(lab, nodes, medium, fw, accel, outdir, say)
+    with booted_lab(lab, nodes, medium, fw, accel, outdir, say, disks) as booted:
         report = BootReport(
             lab=lab.name,
             lab_file=str(lab.path),
@@ -230,6 +244,7 @@ def boot_test(
             dhcp_leases=booted.net.leases(),
             host_keys={name: m.host_key for name, m in booted.machines.items()},
             secure_boot_required=fw.secure_boot,
+            install_seconds={n: r.seconds for n, r in installs.items()},
         )
         _diagnose(booted, report, analyze)
         if after:
@@ -243,6 +258,30 @@ def boot_test(
         flush=True,
     )
     return report
+
+
+def _install_first(
+    lab: Lab, nodes: tuple[Node, ...], medium: Medium, fw: Firmware, accel: str, outdir: Path, say: Progress
+) -> tuple[dict[str, Path] | None, dict]:
+    """``--media install``: the installers write blank disks first; their disks then boot."""
+    if medium.name != "install":
+        return None, {}
+    outdir.mkdir(parents=True, exist_ok=True)
+    chosen, _ = choose_accel(lab, nodes[0], accel)
+    disks = {n.name: blank_disk(outdir / f"{n.name}.disk.qcow2", n.disk_gb) for n in nodes}
+    with sigterm_unwinds():
+        runs = run_installers(lab, nodes, disks, fw, chosen, outdir, say)
+    failed = {n: r for n, r in runs.items() if not r.installed}
+    if failed:
+        lines = {
+            n: [line for line in r.console.splitlines() if "pvelab-install:" in line][-1:]
+            for n, r in failed.items()
+        }
+        raise BootTestError(
+            "installer did not install: "
+            + "; ".join(f"{n}: {lines[n] or 'no installer output'}" for n in failed)
+        )
+    return disks, runs
 
 
 def _scenario(booted: BootedLab, timeout: float):

@@ -23,7 +23,7 @@ from .artefacts import ArtefactInfo, BuildManifest, Layout, sha256
 from .disk import copy_sparse, grow_disk, loop_partition, mounted, resize_fs, squash
 from .errors import PvelabError
 from .lab import Lab, Node
-from .node import Entry, apply_entries, layer_entries
+from .node import Entry, apply_entries, installer_entries, layer_entries
 from .paths import ROOT, build_root
 from .render import RenderedFile, render_files, render_node
 from .run import Steps
@@ -159,17 +159,26 @@ def build_node(lab: Lab, node: Node, base: image.Base, live: image.LiveParts, st
         assert live.disk is not None, "build() makes the boot disk before the nodes"
         qcow2, units, packages = _disk_stage(lab, node, live.disk, files, work, steps)
         iso_path = _iso_stage(node, live, work, steps)
+        installer = _installer_stage(lab, node, live, work, steps)
         found = base.info.get("password_found", ["(base not scanned: rebuild it)"]) + [
             f"node layer: {p}" for p in scan_tree(work / "layer", lab.user.password)
         ]
         with steps.stage("manifest + checksums"):
             manifest = _manifest(
-                lab, node, base, live, [qcow2, iso_path], units, packages, [f.path for f in files], steps
+                lab,
+                node,
+                base,
+                live,
+                [qcow2, iso_path, installer],
+                units,
+                packages,
+                [f.path for f in files],
+                steps,
             )
             manifest = dataclasses.replace(manifest, password_found=found)
             (work / "manifest.json").write_text(manifest.to_json())
         # Everything is complete: move into place (same file system, atomic per file).
-        for kind, src in (("qcow2", qcow2), ("iso", iso_path)):
+        for kind, src in (("qcow2", qcow2), ("iso", iso_path), ("installer", installer)):
             os.replace(src, layout.artefact(node.name, kind))
         os.replace(work / "manifest.json", layout.manifest(node.name))
     finally:
@@ -201,6 +210,7 @@ def _disk_stage(
             apply_entries(entries, root, root)
             iso_layer = [*entries, Entry("/etc/fstab", "file", content=LIVE_FSTAB.encode())]
             apply_entries(iso_layer, work / "layer", root)
+            apply_entries(installer_entries(lab, node, root), work / "installer-layer", root)
             packages = _dpkg_packages(root)
     with steps.stage("qcow2 (zstd-compressed)"):
         qcow2 = work / f"{node.name}.qcow2"
@@ -237,6 +247,31 @@ def _iso_stage(node: Node, live: image.LiveParts, work: Path, steps: Steps) -> P
     return iso_path
 
 
+def _installer_stage(lab: Lab, node: Node, live: image.LiveParts, work: Path, steps: Steps) -> Path:
+    """The installer ISO: the live ISO's system plus the installer layer and its payload."""
+    assert live.disk is not None
+    with steps.stage("installer ISO (the live ISO + installer layer + payload)"):
+        layer = work / "installer.squashfs"
+        squash(work / "installer-layer", layer, steps, fast=True)
+        payload = iso.InstallerPayload(
+            layer, bootdisk.install_payload(live.disk, steps), lab.install.disk.describe(node)
+        )
+        out = work / Layout(lab.name).artefact(node.name, "installer").name
+        iso.build_iso(
+            out,
+            node.name,
+            live.kernel,
+            live.initrd,
+            live.squashfs,
+            work / f"{node.name}.squashfs",
+            live.signed,
+            steps,
+            installer=payload,
+        )
+        steps.log(iso.verify_gpt(out))
+    return out
+
+
 def _manifest(
     lab: Lab,
     node: Node,
@@ -248,7 +283,7 @@ def _manifest(
     overlay_files: list[str],
     steps: Steps,
 ) -> BuildManifest:
-    qcow2, iso_path = files
+    qcow2, iso_path, installer = files
     return BuildManifest(
         lab=lab.name,
         node=node.name,
@@ -262,6 +297,9 @@ def _manifest(
             ),
             iso_path.name: ArtefactInfo(
                 iso_path.stat().st_size, sha256(iso_path), volume_label=iso.volume_label(node.name)
+            ),
+            installer.name: ArtefactInfo(
+                installer.stat().st_size, sha256(installer), volume_label=iso.volume_label(node.name)
             ),
         },
         base_key=base.key,

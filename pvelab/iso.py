@@ -25,6 +25,7 @@ import struct
 import subprocess
 import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pycdlib
@@ -48,31 +49,70 @@ def volume_label(node: str) -> str:
     return re.sub(r"[^A-Z0-9_]", "_", node.upper())[:16]
 
 
-def _isolinux_cfg(label: str) -> str:
-    return f"""\
-SERIAL 0 115200
-DEFAULT live
-PROMPT 0
-TIMEOUT 1
+INSTALL_ARG = "pvelab.install=1"
+INSTALL_WAIT = 10  # seconds the installer's boot menu waits before it erases the disk
+
+
+@dataclass(frozen=True)
+class InstallerPayload:
+    """What an installer ISO adds to the live ISO: its layer, /install files, the rule text."""
+
+    layer: Path  # installer.squashfs (the installer program, its unit, install.json)
+    files: tuple[tuple[Path, str], ...]  # (local file, name under /install on the ISO)
+    erases: str  # what the boot menu says will be erased
+
+
+def _isolinux_cfg(label: str, erases: str | None = None) -> str:
+    live = f"""\
 LABEL live
   SAY Booting {label} (pvelab live)
   KERNEL /live/vmlinuz
   APPEND initrd=/live/initrd.img {LIVE_CMDLINE}
 """
-
-
-def _grub_cfg(label: str) -> str:
+    if erases is None:
+        return f"SERIAL 0 115200\nDEFAULT live\nPROMPT 0\nTIMEOUT 1\n{live}"
     return f"""\
+SERIAL 0 115200
+DEFAULT install
+PROMPT 1
+TIMEOUT {INSTALL_WAIT * 10}
+SAY pvelab installer for {label}: in {INSTALL_WAIT} s it ERASES {erases}
+SAY and installs {label} there. To cancel, type   live   and Enter (the live system, no changes).
+LABEL install
+  SAY Installing {label}
+  KERNEL /live/vmlinuz
+  APPEND initrd=/live/initrd.img {LIVE_CMDLINE} {INSTALL_ARG}
+{live}"""
+
+
+def _grub_cfg(label: str, erases: str | None = None) -> str:
+    head = """\
 serial --speed=115200 --unit=0 --word=8 --parity=no --stop=1
 terminal_input serial console
 terminal_output serial console
-set timeout=0
-set default=0
-menuentry "{label} (pvelab live)" {{
+"""
+    live = f"""\
+menuentry "{label} (pvelab live, no changes)" {{
     linux /live/vmlinuz {LIVE_CMDLINE}
     initrd /live/initrd.img
 }}
 """
+    if erases is None:
+        return head + "set timeout=0\nset default=0\n" + live
+    return (
+        head
+        + f"""\
+set timeout={INSTALL_WAIT}
+set default=0
+echo "pvelab installer for {label}: in {INSTALL_WAIT} s it ERASES {erases} and installs {label} there."
+echo "To cancel, choose the live system below."
+menuentry "Install {label}: ERASES {erases}" {{
+    linux /live/vmlinuz {LIVE_CMDLINE} {INSTALL_ARG}
+    initrd /live/initrd.img
+}}
+"""
+        + live
+    )
 
 
 def _esp_grub_cfg(label: str) -> str:
@@ -111,22 +151,27 @@ def build_iso(
     node_squashfs: Path,
     signed: SignedBoot,
     steps: Steps,
+    installer: InstallerPayload | None = None,
 ) -> None:
-    """Write the hybrid ISO to ``out`` (callers write aside and rename)."""
+    """Write the hybrid ISO to ``out`` (callers write aside and rename); with
+    ``installer``, the installer ISO: the same live system plus its layer and payload."""
     label = volume_label(node)
+    erases = installer.erases if installer else None
     with tempfile.TemporaryDirectory(prefix="pvelab-iso-") as tmp:
         work = Path(tmp)
         efiboot = make_efiboot(work, label, signed, steps)
-        (work / "isolinux.cfg").write_text(_isolinux_cfg(label))
-        (work / "grub.cfg").write_text(_grub_cfg(label))
+        (work / "isolinux.cfg").write_text(_isolinux_cfg(label, erases))
+        (work / "grub.cfg").write_text(_grub_cfg(label, erases))
         layer = f"{node}.squashfs"
-        (work / "filesystem.module").write_text(f"filesystem.squashfs\n{layer}\n")
+        modules = ["filesystem.squashfs", layer] + (["installer.squashfs"] if installer else [])
+        (work / "filesystem.module").write_text("\n".join(modules) + "\n")
 
         iso = pycdlib.PyCdlib()
         iso.new(interchange_level=3, rock_ridge="1.09", joliet=3, vol_ident=label, app_ident_str="pvelab")
         # Rock Ridge/Joliet names as the loaders look them up: GRUB's prefix is /EFI/debian
         names = {"/EFI": "/EFI", "/EFI/BOOT": "/EFI/BOOT", "/EFI/DEBIAN": "/EFI/debian"}
-        for d in ("/ISOLINUX", "/BOOT", "/BOOT/GRUB", "/LIVE", "/EFI", "/EFI/BOOT", "/EFI/DEBIAN"):
+        dirs = ["/ISOLINUX", "/BOOT", "/BOOT/GRUB", "/LIVE", "/EFI", "/EFI/BOOT", "/EFI/DEBIAN"]
+        for d in dirs + (["/INSTALL"] if installer else []):
             real = names.get(d, d.lower())
             iso.add_directory(d, rr_name=real.rsplit("/", 1)[1], joliet_path=real)
 
@@ -149,6 +194,12 @@ def build_iso(
             str(node_squashfs), iso_path="/LIVE/NODE.SQUASHFS;1", rr_name=layer, joliet_path=f"/live/{layer}"
         )
         add(work / "filesystem.module", "/LIVE/FILESYSTEM.MODULE", "filesystem.module")
+        if installer:
+            add(installer.layer, "/LIVE/INSTALLER.SQUASHFS", "installer.squashfs")
+            for i, (local, name) in enumerate(installer.files):
+                iso.add_file(
+                    str(local), iso_path=f"/INSTALL/F{i}.;1", rr_name=name, joliet_path=f"/install/{name}"
+                )
 
         iso.add_eltorito(
             "/ISOLINUX/ISOLINUX.BIN;1",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import reprlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -164,6 +164,42 @@ class Scenario:
         }
 
 
+EXISTING_DATA = ("refuse", "wipe")
+AFTER_INSTALL = ("poweroff", "reboot")
+
+
+@dataclass(frozen=True)
+class DiskRule:
+    """Which disk an installer ISO writes to: every given field must match."""
+
+    path: str | None = None
+    min_gb: int | None = None  # default: the node's disk_gb
+    max_gb: int | None = None
+    model: str | None = None
+    serial: str | None = None
+
+    def for_node(self, node: Node) -> dict[str, Any]:
+        rule = {k: getattr(self, k) for k in ("path", "min_gb", "max_gb", "model", "serial")}
+        if rule["min_gb"] is None and rule["path"] is None:
+            rule["min_gb"] = node.disk_gb
+        return rule
+
+    def describe(self, node: Node) -> str:
+        rule = self.for_node(node)
+        parts = [f"{k}={v}" for k, v in rule.items() if v is not None]
+        base = "the only non-removable disk" if self.path is None else "the disk"
+        return f"{base} with {', '.join(parts)}" if parts else base
+
+
+@dataclass(frozen=True)
+class Install:
+    """The lab's ``install:`` section: what the installer ISOs do."""
+
+    disk: DiskRule = field(default_factory=DiskRule)
+    existing_data: str = "refuse"  # refuse | wipe
+    after: str = "poweroff"  # poweroff | reboot
+
+
 @dataclass(frozen=True)
 class Lab:
     path: Path
@@ -179,6 +215,7 @@ class Lab:
     nodes: tuple[Node, ...]
     connections: tuple[Connection, ...]
     scenario: Scenario
+    install: Install = field(default_factory=lambda: Install())
 
     def node(self, name: str) -> Node:
         for n in self.nodes:
@@ -390,7 +427,7 @@ def load_lab(path: str | Path) -> Lab:
 
 def parse_lab(raw: Any, path: Path) -> Lab:
     r = _Reader(path)
-    top = r.mapping(raw, "", {"lab", "node_defaults", "nodes", "connections", "scenarios"})
+    top = r.mapping(raw, "", {"lab", "node_defaults", "nodes", "connections", "scenarios", "install"})
     lab = r.mapping(
         r.get(top, "lab", "", dict),
         "lab",
@@ -424,6 +461,7 @@ def parse_lab(raw: Any, path: Path) -> Lab:
         nodes=nodes,
         connections=_parse_connections(r, top, names),
         scenario=_parse_scenario(r, top, names),
+        install=_parse_install(r, top),
     )
 
 
@@ -703,6 +741,35 @@ def _check_roles(r: _Reader, nodes: list[Node]) -> None:
             witnesses[1].role,
             "corosync supports one QDevice: at most one qdevice-witness node",
         )
+
+
+def _parse_install(r: _Reader, top: dict) -> Install:
+    if "install" not in top:
+        return Install()
+    i = r.mapping(r.get(top, "install", "", dict), "install", {"disk", "existing_data", "after"})
+    d = r.mapping(
+        r.get(i, "disk", "install", dict, default={}),
+        "install.disk",
+        {"path", "min_gb", "max_gb", "model", "serial"},
+    )
+    disk = DiskRule(
+        path=r.get(d, "path", "install.disk", str, default=None),
+        min_gb=r.positive_int(d, "min_gb", "install.disk") if "min_gb" in d else None,
+        max_gb=r.positive_int(d, "max_gb", "install.disk") if "max_gb" in d else None,
+        model=r.get(d, "model", "install.disk", str, default=None),
+        serial=r.get(d, "serial", "install.disk", str, default=None),
+    )
+    if disk.path is not None and not re.fullmatch(r"/dev/[A-Za-z0-9/_.:-]+", disk.path):
+        r.fail("install.disk.path", disk.path, "must be a device path under /dev/")
+    if disk.min_gb and disk.max_gb and disk.min_gb > disk.max_gb:
+        r.fail("install.disk.max_gb", disk.max_gb, f"is below min_gb {disk.min_gb}")
+    existing = r.get(i, "existing_data", "install", str, default="refuse")
+    if existing not in EXISTING_DATA:
+        r.fail("install.existing_data", existing, f"must be one of {', '.join(EXISTING_DATA)}")
+    after = r.get(i, "after", "install", str, default="poweroff")
+    if after not in AFTER_INSTALL:
+        r.fail("install.after", after, f"must be one of {', '.join(AFTER_INSTALL)}")
+    return Install(disk, existing, after)
 
 
 def _parse_scenario(r: _Reader, top: dict, names: set[str]) -> Scenario:

@@ -90,6 +90,13 @@ MEDIA: dict[str, Medium] = {
             ("-drive", "file={path},media=cdrom,readonly=on,if=ide,index=0", "-boot", "d"),
         ),
         Medium(
+            "install",
+            "installer",
+            (BIOS, UEFI, UEFI_SB),
+            "the installer ISO as a CD, installing onto a blank disk",
+            ("-drive", "file={path},media=cdrom,readonly=on,if=ide,index=0", "-boot", "d"),
+        ),
+        Medium(
             "usb",
             "iso",
             (BIOS, UEFI, UEFI_SB),
@@ -106,7 +113,7 @@ MEDIA: dict[str, Medium] = {
     )
 }
 # Artefact kinds each node's build produces, in the order they are listed and published.
-ARTEFACT_KINDS = ("qcow2", "iso")
+ARTEFACT_KINDS = ("qcow2", "iso", "installer")
 
 
 def medium(name: str) -> Medium:

@@ -1,4 +1,7 @@
-"""`invoke nightly`: build, boot-test every medium, rehearse, publish; any failure publishes nothing."""
+"""`invoke nightly`: build, boot-test every medium, rehearse, publish; any failure publishes nothing.
+
+The installer ISOs are boot-tested by installing (``--media install``): a release carries
+them only when that install test passed on exactly their bytes (the publish gate)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,13 @@ from .publish import Release, publish
 from .rehearse import rehearse
 
 # (media, firmware) every release is boot-tested on; the rehearsal runs on the disk images.
-BOOT_TESTS = (("qcow2", "bios"), ("iso", "bios"), ("iso", "uefi-sb"))
+BOOT_TESTS = (
+    ("qcow2", "bios"),
+    ("iso", "bios"),
+    ("iso", "uefi-sb"),
+    ("install", "bios"),
+    ("install", "uefi-sb"),
+)
 REHEARSAL_MEDIA = "qcow2"
 
 

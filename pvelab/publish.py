@@ -35,6 +35,7 @@ import jinja2
 
 from .artefacts import BootReport, BuildManifest, Layout, RecordError, RehearsalReport, sha256
 from .errors import PvelabError
+from .iso import INSTALL_WAIT
 from .lab import Lab, Node
 from .media import ARTEFACT_KINDS, MEDIA
 from .paths import ROOT
@@ -294,7 +295,11 @@ def _readme(lab: Lab, manifest: dict) -> str:
         keep_trailing_newline=True,
     )
     return env.get_template("release-README.md.j2").render(
-        lab=lab, manifest=manifest, quorum_table=quorum_table(lab), default_password=DEFAULT_PASSWORD
+        lab=lab,
+        manifest=manifest,
+        quorum_table=quorum_table(lab),
+        default_password=DEFAULT_PASSWORD,
+        install_wait=INSTALL_WAIT,
     )
 
 

@@ -123,6 +123,7 @@ class VmSpec:
     workdir: Path
     tap: str | None = None  # lab network tap (None: QEMU user net, restricted)
     mac: str | None = None
+    target_disk: Path | None = None  # a second, writable disk (the installer's target)
 
     @property
     def console_log(self) -> Path:
@@ -137,11 +138,14 @@ class VmSpec:
         return self.workdir / f"{self.name}.overlay.qcow2"
 
 
-def prepare(medium: Medium, firmware: Firmware, artefact: Path, workdir: Path, name: str) -> Path:
-    """Create the throwaway files of one boot; return the file to attach as the drive."""
+def prepare(
+    medium: Medium, firmware: Firmware, artefact: Path, workdir: Path, name: str, copy_on_write: bool = True
+) -> Path:
+    """Create the throwaway files of one boot; return the file to attach as the drive
+    (``copy_on_write=False``: the file itself, written by the guest, e.g. an installed disk)."""
     workdir.mkdir(parents=True, exist_ok=True)
     drive = artefact.resolve()
-    if medium.copy_on_write:
+    if medium.copy_on_write and copy_on_write:
         drive = workdir / f"{name}.overlay.qcow2"
         drive.unlink(missing_ok=True)
         subprocess.run(
@@ -193,6 +197,8 @@ def qemu_command(spec: VmSpec, interactive: bool = False) -> list[str]:
     # an SVM flag makes the guest load kvm_amd (and ccp, irqbypass) on every boot.
     args += ["-cpu", "host"] if spec.accel == "kvm" else ["-cpu", "qemu64,-svm"]
     args += spec.medium.drive_args(spec.drive)
+    if spec.target_disk is not None:
+        args += ["-drive", f"file={spec.target_disk},if=virtio,format=qcow2,cache=unsafe"]
     if spec.firmware.uefi:
         args += [
             "-drive",

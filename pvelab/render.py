@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jinja2
 
+from . import bootdisk
 from .artefacts import Layout
 from .deploy import actions
 from .lab import Lab, Node
@@ -48,10 +49,14 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def template_sources(node: Node) -> list[tuple[str, Path]]:
-    """(target path, source file) for every overlay file that applies to the node."""
+INSTALLER_LAYER = "installer"  # overlays/installer: only on the installer ISOs
+INSTALLER_UNIT = "pvelab-install.service"
+
+
+def template_sources(node: Node, layers: tuple[str, ...] | None = None) -> list[tuple[str, Path]]:
+    """(target path, source file) for every overlay file of ``layers`` (default: the node's)."""
     out = []
-    for layer in ("common", node.role):
+    for layer in layers or ("common", node.role):
         base = OVERLAYS / layer
         for src in sorted(p for p in base.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
             rel = src.relative_to(base).as_posix()
@@ -75,8 +80,21 @@ class RenderedFile:
     group: str
 
 
-def render_files(lab: Lab, node: Node) -> list[RenderedFile]:
-    """Every overlay file of one node, rendered in memory, with its mode and owner."""
+def install_config(lab: Lab, node: Node) -> dict:
+    """What the installer ISO of ``node`` reads (/etc/pvelab/install.json)."""
+    return {
+        "node": node.name,
+        "disk": lab.install.disk.for_node(node),
+        "rule_text": lab.install.disk.describe(node),
+        "existing_data": lab.install.existing_data,
+        "after": lab.install.after,
+        "layout": bootdisk.LAYOUT,
+        "root_label": bootdisk.ROOT_LABEL,
+    }
+
+
+def render_files(lab: Lab, node: Node, layers: tuple[str, ...] | None = None) -> list[RenderedFile]:
+    """Every overlay file of one node (or of ``layers``), rendered in memory, with its mode and owner."""
     env = _environment()
     # json.dumps, not Jinja's tojson: that sorts keys, and the API bodies keep the spec's order.
     context = {
@@ -85,9 +103,10 @@ def render_files(lab: Lab, node: Node) -> list[RenderedFile]:
         "quorum_table": quorum_table(lab),
         "deploy_actions": actions(lab),
         "compat_config": json.dumps(compat_config(lab, node), indent=2),
+        "install_config": json.dumps(install_config(lab, node), indent=2),
     }
     out = []
-    for target, src in template_sources(node):
+    for target, src in template_sources(node, layers):
         mode, owner, group = _mode_for(target, lab.user.name)
         if src.suffix == ".j2":
             text = env.get_template(src.relative_to(OVERLAYS).as_posix()).render(**context)

@@ -45,8 +45,8 @@ def built(lab):
         d = node_dir(lab, n.name)
         d.mkdir(parents=True)
         arts = {}
-        for kind in ("qcow2", "iso"):
-            p = d / f"{n.name}.{kind}"
+        for kind in ("qcow2", "iso", "installer"):
+            p = Layout(lab.name).artefact(n.name, kind)
             p.write_bytes(f"{kind} of {n.name}\n".encode() * 1000)
             arts[p.name] = ArtefactInfo(size=p.stat().st_size, sha256=_sha(p))
             shas[(n.name, kind)] = _sha(p)
@@ -70,7 +70,7 @@ def built(lab):
             build_seconds={"qcow2": 1.0},
         )
         (d / "manifest.json").write_text(manifest.to_json())
-    for media, firmware in (("qcow2", "bios"), ("iso", "bios"), ("iso", "uefi")):
+    for media, firmware in (("qcow2", "bios"), ("iso", "bios"), ("iso", "uefi"), ("install", "bios")):
         write_report(lab, media, firmware, shas, passed=True)
     return shas
 
@@ -78,7 +78,7 @@ def built(lab):
 def write_report(lab, media, firmware, shas, passed, lab_name=None):
     out = report_dir(lab, media, firmware)
     out.mkdir(parents=True, exist_ok=True)
-    kind = "qcow2" if media == "qcow2" else "iso"
+    kind = {"qcow2": "qcow2", "iso": "iso", "install": "installer"}[media]
     result = ScenarioResult(
         lab.scenario.name, passed, [TestResult(t.name, passed, 0.1) for t in lab.scenario.custom_tests], 1.0
     )
@@ -104,7 +104,7 @@ def test_release_layout_checksums_manifest(lab, built, tmp_path):
     assert rel.path.parent == labdir and len(rel.name) == 16 and rel.name[8] == "T"
     names = sorted(p.relative_to(rel.path).as_posix() for p in rel.path.rglob("*") if p.is_file())
     for n in lab.nodes:
-        assert f"{n.name}.qcow2" in names and f"{n.name}.iso" in names
+        assert f"{n.name}.qcow2" in names and f"{n.name}.iso" in names and f"{n.name}-installer.iso" in names
     for f in (
         "SHA256SUMS",
         "manifest.json",
