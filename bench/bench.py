@@ -107,12 +107,21 @@ def pvelab(args: list[str], env_extra: dict, log: Path) -> float:
     return timed([str(VENV_BIN / "invoke"), *args], env, log)
 
 
-def ssh_banner_seconds(lab, image: Path, name: str, ram: int, workdir: Path, timeout: float = 600) -> float:
+def ssh_banner_seconds(
+    lab,
+    image: Path,
+    name: str,
+    ram: int,
+    workdir: Path,
+    timeout: float = 600,
+    media: str = "qcow2",
+    cow: bool = True,
+) -> float:
     """Boot one VM under TCG on the lab network; seconds until port 22 sends an SSH banner."""
     with LabNet([name], workdir) as net:
-        qcow2, bios = MEDIA["qcow2"], BIOS
-        drive = prepare(qcow2, bios, image, workdir, name)
-        spec = VmSpec(name, ram, qcow2, bios, "tcg", drive, workdir, tap=net.taps[name], mac=net.macs[name])
+        medium, bios = MEDIA[media], BIOS
+        drive = prepare(medium, bios, image, workdir, name, copy_on_write=cow)
+        spec = VmSpec(name, ram, medium, bios, "tcg", drive, workdir, tap=net.taps[name], mac=net.macs[name])
         m = Machine(spec, net)
         try:
             m.start()
@@ -134,6 +143,35 @@ def ssh_banner_seconds(lab, image: Path, name: str, ram: int, workdir: Path, tim
             raise SystemExit(f"bench: {name}: no SSH banner within {timeout}s")
         finally:
             m.stop()
+
+
+def installer_figures(lab, pbuild: Path, node) -> dict[str, float]:
+    """pve-1's installer ISO (BIOS, TCG): power-on to power-off on a blank disk, then the
+    installed disk's boot to SSH; the live ISO's boot to SSH for comparison."""
+    from pvelab.installtest import blank_disk, run_installers
+
+    layout_dir = pbuild / lab.name / node.name
+    installer, live_iso = layout_dir / f"{node.name}-installer.iso", layout_dir / f"{node.name}.iso"
+    work = OUT / "install"
+    work.mkdir(parents=True, exist_ok=True)
+    disk = blank_disk(work / "disk.qcow2", node.disk_gb)
+    os.environ["PVELAB_BUILD_DIR"] = str(pbuild)  # the installer ISO of the bench's own build
+    try:
+        run = run_installers(lab, (node,), {node.name: disk}, BIOS, "tcg", work, say)[node.name]
+    finally:
+        os.environ.pop("PVELAB_BUILD_DIR")
+    if not run.installed:
+        raise SystemExit(f"bench: the installer did not install; console in {work}")
+    return {
+        "installer_iso_mb": installer.stat().st_size / 1e6,
+        "install_s": run.seconds,
+        "installed_boot_ssh_s": ssh_banner_seconds(
+            lab, disk, node.name, node.ram_mb, work / "boot", cow=False
+        ),
+        "live_iso_boot_ssh_s": ssh_banner_seconds(
+            lab, live_iso, node.name, node.ram_mb, work / "live", media="iso"
+        ),
+    }
 
 
 def compat_load(lab) -> dict[str, float]:
@@ -271,6 +309,9 @@ def main(argv: list[str]) -> int:
 
     # --- the compat HTTP service under load and abuse (loopback only)
     figures.update(compat_load(lab))
+
+    # --- the installer ISO beside the live ISO: size, install time, installed disk to SSH
+    figures.update(installer_figures(lab, pbuild, node))
 
     ratios = {
         "cold_build_ratio": figures["pvelab_cold_all_s"] / figures["stock_cold_s"],

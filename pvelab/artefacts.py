@@ -141,6 +141,13 @@ def _check_schema(data: Any, want: int, path: Path) -> None:
         )
 
 
+def _typed_map(data: dict, key: str, cls: type, path: Path) -> dict:
+    """``data[key]``, a mapping of name -> record, with each record typed (when present)."""
+    if isinstance(data.get(key), dict):
+        data[key] = {k: _from_dict(cls, v, f"{path}: {key}.{k}") for k, v in data[key].items()}
+    return data
+
+
 @dataclass(frozen=True)
 class ArtefactInfo:
     size: int
@@ -180,11 +187,7 @@ class BuildManifest:
     def from_json(cls, path: Path) -> BuildManifest:
         data = _read_json(path)
         _check_schema(data, MANIFEST_SCHEMA, path)
-        data = dict(data)
-        if isinstance(data.get("artefacts"), dict):
-            data["artefacts"] = {
-                k: _from_dict(ArtefactInfo, v, f"{path}: artefacts.{k}") for k, v in data["artefacts"].items()
-            }
+        data = _typed_map(dict(data), "artefacts", ArtefactInfo, path)
         return _from_dict(cls, data, str(path))
 
 
@@ -220,6 +223,14 @@ class ScenarioResult:
     def counts(self) -> tuple[int, int]:
         ok = sum(t.passed for t in self.tests)
         return ok, len(self.tests) - ok
+
+
+def _scenario_result(data: Any, where: str) -> ScenarioResult:
+    r = _from_dict(ScenarioResult, data, where)
+    r.tests = [_from_dict(TestResult, t, f"{where}.tests") for t in r.tests]
+    for t in r.tests:
+        t.assertions = [_from_dict(AssertionResult, a, f"{where}.assertions") for a in t.assertions]
+    return r
 
 
 @dataclass(frozen=True)
@@ -272,17 +283,9 @@ class BootReport:
     def from_json(cls, path: Path) -> BootReport:
         data = _read_json(path)
         _check_schema(data, REPORT_SCHEMA, path)
-        data = dict(data)
+        data = _typed_map(dict(data), "artefacts", ArtefactRef, path)
         data.pop("summary", None)
-        if isinstance(data.get("artefacts"), dict):
-            data["artefacts"] = {
-                k: _from_dict(ArtefactRef, v, f"{path}: artefacts.{k}") for k, v in data["artefacts"].items()
-            }
-        r = _from_dict(ScenarioResult, data.get("result"), f"{path}: result")
-        r.tests = [_from_dict(TestResult, t, f"{path}: result.tests") for t in r.tests]
-        for t in r.tests:
-            t.assertions = [_from_dict(AssertionResult, a, f"{path}: assertions") for a in t.assertions]
-        data["result"] = r
+        data["result"] = _scenario_result(data.get("result"), f"{path}: result")
         return _from_dict(cls, data, str(path))
 
 
@@ -359,21 +362,13 @@ class RehearsalReport:
     def from_json(cls, path: Path) -> RehearsalReport:
         data = _read_json(path)
         _check_schema(data, REHEARSAL_SCHEMA, path)
-        data = dict(data)
+        data = _typed_map(dict(data), "artefacts", ArtefactRef, path)
         data.pop("passed", None)
-        data["artefacts"] = {
-            k: _from_dict(ArtefactRef, v, f"{path}: artefacts.{k}")
-            for k, v in data.get("artefacts", {}).items()
-        }
         data["deploy"] = [_from_dict(DeployRecord, d, f"{path}: deploy") for d in data.get("deploy", [])]
         steps = [_from_dict(WalkStep, s, f"{path}: steps") for s in data.get("steps", [])]
         for s in steps:
             s.nodes = [_from_dict(NodeObservation, n, f"{path}: steps.nodes") for n in s.nodes]
         data["steps"] = steps
         if data.get("scenario"):
-            r = _from_dict(ScenarioResult, data["scenario"], f"{path}: scenario")
-            r.tests = [_from_dict(TestResult, t, f"{path}: scenario.tests") for t in r.tests]
-            for t in r.tests:
-                t.assertions = [_from_dict(AssertionResult, a, f"{path}: assertions") for a in t.assertions]
-            data["scenario"] = r
+            data["scenario"] = _scenario_result(data["scenario"], f"{path}: scenario")
         return _from_dict(cls, data, str(path))

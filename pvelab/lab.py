@@ -70,7 +70,8 @@ _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
 
 def short_repr(value: Any) -> str:
     """A value as one short line, however large or deep (an alias bomb stays one line)."""
-    return _REPR.repr(value)
+    text = _REPR.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,10 @@ def node_dir(lab, name):
 
 @pytest.fixture
 def built(lab):
+    return make_built(lab)
+
+
+def make_built(lab):
     """Small stand-ins for built artefacts, their build manifests and passing boot tests."""
     shas = {}
     for n in lab.nodes:
@@ -391,3 +395,24 @@ def test_gate_refuses_an_image_holding_the_plain_password(lab, built, tmp_path):
         PublishError, match=r"pbs-witness: the lab's plain password is in the image: etc/dib-manifests"
     ):
         publish(lab, tmp_path / "rel")
+
+
+def test_readme_never_prints_a_non_default_password(raw_lab, write_lab, tmp_path, monkeypatch):
+    from pvelab.lab import load_lab
+
+    raw_lab["lab"]["user"]["password"] = "s3cret-of-this-lab"
+    other = load_lab(write_lab(raw_lab))
+    monkeypatch.setenv("PVELAB_BUILD_DIR", str(tmp_path / "build2"))
+    make_built(other)
+    rel = publish(other, tmp_path / "rel")
+    readme = (rel.path / "README.md").read_text()
+    assert "s3cret-of-this-lab" not in readme and "not printed here" in readme
+    assert not any("s3cret-of-this-lab" in p.read_text(errors="replace") for p in rel.path.rglob("*.json"))
+
+
+def test_cli_keep_must_be_a_number(lab):
+    res = subprocess.run(
+        [sys.executable, "-m", "invoke", "publish", "--keep", "abc"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert res.returncode == 2 and "--keep: 'abc': must be a whole number" in res.stderr
+    assert "Traceback" not in res.stderr

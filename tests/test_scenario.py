@@ -199,3 +199,17 @@ def test_lab_scenario_is_the_one_run(lab):
     # the runner takes the Scenario from the lab model: 6 tests, 23 assertions
     assert len(lab.scenario.custom_tests) == 6
     assert sum(len(t.assertions) for t in lab.scenario.custom_tests) == 23
+
+
+def test_missing_qemu_is_one_clear_line(lab, monkeypatch, tmp_path):
+    """No QEMU on the host: the boot test says so before starting anything."""
+    from pvelab.artefacts import Layout
+    from pvelab.boottest import BootTestError, boot_test
+
+    for n in lab.nodes:
+        path = Layout(lab.name).artefact(n.name, "qcow2")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not really a disk")
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on it
+    with pytest.raises(BootTestError, match="qemu-system-x86_64 not found: it boots the lab"):
+        boot_test(lab, media="qcow2", firmware="bios", accel="tcg")
