@@ -174,11 +174,11 @@ def boot(c, node, media="qcow2", firmware="bios", accel="auto", lab=str(DEFAULT_
         "keep": "keep only the newest N releases",
         "lab": "lab definition file",
         "gpg_key": "sign SHA256SUMS with this GPG key (or set PVELAB_GPG_KEY)",
-        "artefacts": "comma-separated artefact kinds to publish (default: qcow2,iso)",
+        "artefacts": "comma-separated artefact kinds to publish (default: qcow2,iso,installer)",
     }
 )
 @friendly
-def publish(c, dest=None, keep=None, lab=str(DEFAULT_LAB), gpg_key=None, artefacts="qcow2,iso"):
+def publish(c, dest=None, keep=None, lab=str(DEFAULT_LAB), gpg_key=None, artefacts="qcow2,iso,installer"):
     """Publish what is built and boot-tested as DEST/<lab>/<timestamp>/ (gated, atomic)."""
     import os
 

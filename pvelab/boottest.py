@@ -118,6 +118,7 @@ class BootedLab:
         return {n: results[n] if n in results else f"error: {errors.get(n, '')}" for n in machines}
 
 
+# Long on purpose: network, machines and their cleanup share one ExitStack.
 @contextmanager
 def booted_lab(
     lab: Lab,

@@ -146,6 +146,7 @@ def release_leftovers(work: Path) -> None:
             subprocess.run(["losetup", "--detach", parts[0]], capture_output=True)
 
 
+# Long on purpose: the node's stages and the atomic move into place form one try/finally.
 def build_node(lab: Lab, node: Node, base: image.Base, live: image.LiveParts, steps: Steps) -> NodeBuild:
     t0 = time.monotonic()
     layout = Layout(lab.name)

@@ -48,6 +48,7 @@ def blank_disk(path: Path, size_gb: int) -> Path:
     return path
 
 
+# Long on purpose: start every installer, then one polling loop with its deadline and cleanup.
 def run_installers(
     lab: Lab, nodes: tuple[Node, ...], disks: dict[str, Path], fw: Firmware, accel: str, workdir: Path, say
 ) -> dict[str, InstallRun]:

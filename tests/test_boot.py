@@ -118,7 +118,9 @@ def test_single_node_boots(built, lab, media, firmware):
         if medium.artefact == "iso":
             assert "boot=live" in cmdline
         else:  # the installed layout: GPT, BIOS boot + ESP + root grown to the disk
-            parts = m.succeed("lsblk -rno PARTTYPENAME /dev/vda").splitlines()
+            parts = [
+                p.strip() for p in m.succeed("lsblk -no PARTTYPENAME /dev/vda").splitlines() if p.strip()
+            ]
             assert parts == ["BIOS boot", "EFI System", "Linux filesystem"], parts
             assert m.succeed("findmnt -no SOURCE /").strip() == "/dev/vda3"
         if fw.uefi:
