@@ -76,13 +76,20 @@ SERIAL 0 115200
 DEFAULT install
 PROMPT 1
 TIMEOUT {INSTALL_WAIT * 10}
-SAY pvelab installer for {label}: in {INSTALL_WAIT} s it ERASES {erases}
-SAY and installs {label} there. To cancel, type   live   and Enter (the live system, no changes).
+DISPLAY /isolinux/install.txt
 LABEL install
   SAY Installing {label}
   KERNEL /live/vmlinuz
   APPEND initrd=/live/initrd.img {LIVE_CMDLINE} {INSTALL_ARG}
 {live}"""
+
+
+def _install_message(label: str, erases: str) -> str:
+    """What the BIOS menu prints (ISOLINUX's DISPLAY file, on the screen and ttyS0)."""
+    return (
+        f"pvelab installer for {label}: in {INSTALL_WAIT} s it ERASES {erases}\r\n"
+        f"and installs {label} there. To cancel, type   live   and Enter (the live system, no changes).\r\n"
+    )
 
 
 def _grub_cfg(label: str, erases: str | None = None) -> str:
@@ -161,6 +168,8 @@ def build_iso(
         work = Path(tmp)
         efiboot = make_efiboot(work, label, signed, steps)
         (work / "isolinux.cfg").write_text(_isolinux_cfg(label, erases))
+        if erases:
+            (work / "install.txt").write_text(_install_message(label, erases))
         (work / "grub.cfg").write_text(_grub_cfg(label, erases))
         layer = f"{node}.squashfs"
         modules = ["filesystem.squashfs", layer] + (["installer.squashfs"] if installer else [])
@@ -181,6 +190,8 @@ def build_iso(
         add(ISOLINUX_BIN, "/ISOLINUX/ISOLINUX.BIN", "isolinux.bin")
         add(LDLINUX_C32, "/ISOLINUX/LDLINUX.C32", "ldlinux.c32")
         add(work / "isolinux.cfg", "/ISOLINUX/ISOLINUX.CFG", "isolinux.cfg")
+        if erases:
+            add(work / "install.txt", "/ISOLINUX/INSTALL.TXT", "install.txt")
         add(efiboot, "/BOOT/EFIBOOT.IMG", "efiboot.img")
         add(work / "grub.cfg", "/BOOT/GRUB/GRUB.CFG", "grub.cfg")
         for src, dst in _esp_files(work, signed):

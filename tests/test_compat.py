@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -188,34 +189,11 @@ def test_oversized_requests_stay_within_the_units_memory(lab, tmp_path):
     """64 clients sending 4 MiB of headers each, against the real service process:
     every one is refused, normal GETs keep working, and the high-water mark of resident
     memory stays far below the unit's MemoryMax=128M."""
-    from conftest import ROLE_MODULE_DIRS
 
     from pvelab.loadtest import get, oversized
 
-    cfg_path = tmp_path / "pve-compat.json"
-    cfg_path.write_text(json.dumps(compat_config(lab, lab.node("pve-1"))))
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROLE_MODULE_DIRS[0] / "pve_compat.py"),
-            "--config",
-            str(cfg_path),
-            "--listen",
-            "127.0.0.1",
-            "--http-port",
-            str(port),
-            "--tcp-ports",
-            f"{free_port()}",
-            "--udp-ports",
-            "",
-            "--quiet",
-        ],
-        env=image_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_pve_compat(lab, tmp_path, port, f"{free_port()}")
     try:
         deadline = time.monotonic() + 10
         while get(port, timeout=1) != 200:
@@ -289,34 +267,35 @@ def image_env():
     return dict(os.environ, PYTHONPATH=str(COMPAT_DIR))
 
 
-def test_service_process_from_config_file(lab, tmp_path, compat_modules):
-    """The real entry point as systemd runs it: config file, overrides, SIGTERM."""
+def start_pve_compat(lab, tmp_path, port, tcp_ports):
+    """pve_compat.py as systemd runs it (config file, overrides), on loopback."""
     from conftest import ROLE_MODULE_DIRS
 
     cfg_path = tmp_path / "pve-compat.json"
     cfg_path.write_text(json.dumps(compat_config(lab, lab.node("pve-1"))))
+    cmd = [
+        sys.executable,
+        str(ROLE_MODULE_DIRS[0] / "pve_compat.py"),
+        "--config",
+        str(cfg_path),
+        "--listen",
+        "127.0.0.1",
+        "--http-port",
+        str(port),
+        "--tcp-ports",
+        tcp_ports,
+        "--udp-ports",
+        "",
+        "--quiet",
+    ]
+    return subprocess.Popen(cmd, env=image_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_service_process_from_config_file(lab, tmp_path, compat_modules):
+    """The real entry point as systemd runs it: config file, overrides, SIGTERM."""
+
     port, p1, p2 = free_port(), free_port(), free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROLE_MODULE_DIRS[0] / "pve_compat.py"),
-            "--config",
-            str(cfg_path),
-            "--listen",
-            "127.0.0.1",
-            "--http-port",
-            str(port),
-            "--tcp-ports",
-            f"{p1},{p2}",
-            "--udp-ports",
-            "",
-            "--quiet",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=image_env(),
-    )
+    proc = start_pve_compat(lab, tmp_path, port, f"{p1},{p2}")
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -351,32 +330,8 @@ def test_bad_config_is_a_clear_error(tmp_path):
     assert res.returncode != 0 and str(bad) in res.stderr
 
 
-# captured from `invoke rehearse`: pve-3 powered off
-QUORUMTOOL_3_OF_4 = """\
-Quorum information
-------------------
-Date:             Mon Nov 30 17:00:35 2026
-Quorum provider:  corosync_votequorum
-Nodes:            2
-Node ID:          1
-Ring ID:          1.11
-Quorate:          Yes
-
-Votequorum information
-----------------------
-Expected votes:   4
-Highest expected: 4
-Total votes:      3
-Quorum:           3  
-Flags:            Quorate Qdevice 
-
-Membership information
-----------------------
-    Nodeid      Votes    Qdevice Name
-         1          1    A,V,NMW pve-1 (local)
-         2          1    A,V,NMW pve-2
-         0          1            Qdevice
-"""
+# captured from `invoke rehearse` (pve-3 powered off)
+QUORUMTOOL_3_OF_4 = (Path(__file__).parent / "data/quorumtool-3-of-4.txt").read_text()
 
 
 def fake_tool(tmp_path, text, status):

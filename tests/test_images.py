@@ -335,6 +335,62 @@ def test_iso_esp_carries_the_signed_boot_chain(built, tmp_path):
     assert f"--label {isomod.volume_label('pbs-witness')}" in cfg and "configfile" in cfg
 
 
+def test_installer_iso_menus_and_payload(built, lab, tmp_path):
+    """The installer ISO: the live system plus its layer and payload; both menus say what
+    will be erased and wait before they install; the live ISO has none of it."""
+    layout = Layout(lab.name)
+    node = lab.node("pve-2")
+    installer = layout.artefact(node.name, "installer")
+    files = _xorriso(installer, "-find", "/", "-type", "f")
+    for path in (
+        "/live/installer.squashfs",
+        "/install/esp.img.zst",
+        "/install/boot.tar.zst",
+        "/install/root.uuid",
+        "/isolinux/install.txt",
+    ):
+        assert path in files, path
+    assert "/install" not in _xorriso(built[node.name].iso, "-find", "/", "-type", "f")
+    _xorriso(
+        installer,
+        "-osirrox",
+        "on",
+        "-extract",
+        "/isolinux",
+        str(tmp_path / "isolinux"),
+        "-extract",
+        "/boot/grub/grub.cfg",
+        str(tmp_path / "grub.cfg"),
+        "-extract",
+        "/live",
+        str(tmp_path / "live"),
+    )
+    rule = lab.install.disk.describe(node)
+    assert f"ERASES {rule}" in (tmp_path / "isolinux/install.txt").read_text()
+    cfg = (tmp_path / "isolinux/isolinux.cfg").read_text()
+    assert (
+        "DEFAULT install" in cfg
+        and "TIMEOUT 100" in cfg
+        and "pvelab.install=1" in cfg
+        and "LABEL live" in cfg
+    )
+    grub = (tmp_path / "grub.cfg").read_text()
+    assert "set timeout=10" in grub and f"ERASES {rule}" in grub and grub.count("menuentry") == 2
+    assert (tmp_path / "live/filesystem.module").read_text().split() == [
+        "filesystem.squashfs",
+        f"{node.name}.squashfs",
+        "installer.squashfs",
+    ]
+    layer = subprocess.run(
+        ["unsquashfs", "-l", str(tmp_path / "live/installer.squashfs")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "squashfs-root/usr/lib/pvelab/installer.py" in layer
+    assert "squashfs-root/etc/systemd/system/multi-user.target.wants/pvelab-install.service" in layer
+
+
 @pytest.mark.parametrize("name", NODES)
 def test_iso_squashfs_layers(built, lab, name, tmp_path):
     iso = built[name].iso

@@ -1,5 +1,7 @@
 """The expected-vote model of the rehearsal: votequorum arithmetic and qnetd's algorithms."""
 
+from pathlib import Path
+
 import pytest
 
 from pvelab.lab import load_lab
@@ -92,57 +94,10 @@ def test_no_witness_walk_has_no_qnetd_steps(raw_lab, write_lab):
 
 
 # captured from `invoke rehearse` (Debian trixie corosync 3.1.9, corosync-qdevice 3.0.3)
-QUORATE = """\
-Quorum information
-------------------
-Date:             Mon Nov 30 17:00:15 2026
-Quorum provider:  corosync_votequorum
-Nodes:            3
-Node ID:          1
-Ring ID:          1.d
-Quorate:          Yes
+DATA = Path(__file__).parent / "data"
+QUORATE = (DATA / "quorumtool-all-up.txt").read_text()
 
-Votequorum information
-----------------------
-Expected votes:   4
-Highest expected: 4
-Total votes:      4
-Quorum:           3  
-Flags:            Quorate Qdevice 
-
-Membership information
-----------------------
-    Nodeid      Votes    Qdevice Name
-         1          1    A,V,NMW pve-1 (local)
-         2          1    A,V,NMW pve-2
-         3          1    A,V,NMW pve-3
-         0          1            Qdevice
-"""
-
-BLOCKED = """\
-Quorum information
-------------------
-Date:             Mon Nov 30 17:00:44 2026
-Quorum provider:  corosync_votequorum
-Nodes:            1
-Node ID:          1
-Ring ID:          1.15
-Quorate:          No
-
-Votequorum information
-----------------------
-Expected votes:   4
-Highest expected: 4
-Total votes:      1
-Quorum:           3 Activity blocked
-Flags:            Qdevice 
-
-Membership information
-----------------------
-    Nodeid      Votes    Qdevice Name
-         1          1   A,NV,NMW pve-1 (local)
-         0          0            Qdevice (votes 1)
-"""
+BLOCKED = (DATA / "quorumtool-blocked.txt").read_text()
 
 
 def test_parse_and_match_quorumtool(lab):
