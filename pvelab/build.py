@@ -45,7 +45,7 @@ HOST_TOOLS = (
     "mmd",
     "sgdisk",
 )
-HOST_FILES = (iso.ISOLINUX_BIN, iso.LDLINUX_C32)
+HOST_FILES = (iso.ISOLINUX_BIN, iso.LDLINUX_C32, *iso.MENU_C32)
 LIVE_FSTAB = "# pvelab live system: / is live-boot's overlay; nothing to mount.\n"
 
 

@@ -36,6 +36,9 @@ from .signedboot import SignedBoot
 
 ISOLINUX_BIN = Path("/usr/lib/ISOLINUX/isolinux.bin")
 LDLINUX_C32 = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
+MENU_C32 = tuple(
+    Path("/usr/lib/syslinux/modules/bios") / m for m in ("menu.c32", "libutil.c32", "libcom32.c32")
+)
 EFI_IMG_KB = 8192
 
 LIVE_CMDLINE = (
@@ -71,25 +74,22 @@ LABEL live
 """
     if erases is None:
         return f"SERIAL 0 115200\nDEFAULT live\nPROMPT 0\nTIMEOUT 1\n{live}"
+    # menu.c32 draws the menu and its countdown on the serial console too (plain SAY and
+    # DISPLAY lines did not reach ttyS0 in the tests)
     return f"""\
 SERIAL 0 115200
-DEFAULT install
-PROMPT 1
+UI menu.c32
+PROMPT 0
 TIMEOUT {INSTALL_WAIT * 10}
-DISPLAY /isolinux/install.txt
+MENU TITLE pvelab installer for {label}
+MENU WIDTH 80
+MENU MARGIN 1
+DEFAULT install
 LABEL install
-  SAY Installing {label}
+  MENU LABEL Install: ERASES {erases}
   KERNEL /live/vmlinuz
   APPEND initrd=/live/initrd.img {LIVE_CMDLINE} {INSTALL_ARG}
-{live}"""
-
-
-def _install_message(label: str, erases: str) -> str:
-    """What the BIOS menu prints (ISOLINUX's DISPLAY file, on the screen and ttyS0)."""
-    return (
-        f"pvelab installer for {label}: in {INSTALL_WAIT} s it ERASES {erases}\r\n"
-        f"and installs {label} there. To cancel, type   live   and Enter (the live system, no changes).\r\n"
-    )
+{live.replace("LABEL live", "LABEL live" + chr(10) + "  MENU LABEL Cancel: the live system, no changes")}"""
 
 
 def _grub_cfg(label: str, erases: str | None = None) -> str:
@@ -168,8 +168,7 @@ def build_iso(
         work = Path(tmp)
         efiboot = make_efiboot(work, label, signed, steps)
         (work / "isolinux.cfg").write_text(_isolinux_cfg(label, erases))
-        if erases:
-            (work / "install.txt").write_text(_install_message(label, erases))
+
         (work / "grub.cfg").write_text(_grub_cfg(label, erases))
         layer = f"{node}.squashfs"
         modules = ["filesystem.squashfs", layer] + (["installer.squashfs"] if installer else [])
@@ -191,7 +190,8 @@ def build_iso(
         add(LDLINUX_C32, "/ISOLINUX/LDLINUX.C32", "ldlinux.c32")
         add(work / "isolinux.cfg", "/ISOLINUX/ISOLINUX.CFG", "isolinux.cfg")
         if erases:
-            add(work / "install.txt", "/ISOLINUX/INSTALL.TXT", "install.txt")
+            for module in MENU_C32:
+                add(module, f"/ISOLINUX/{module.name.upper()}", module.name)
         add(efiboot, "/BOOT/EFIBOOT.IMG", "efiboot.img")
         add(work / "grub.cfg", "/BOOT/GRUB/GRUB.CFG", "grub.cfg")
         for src, dst in _esp_files(work, signed):

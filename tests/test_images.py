@@ -347,7 +347,7 @@ def test_installer_iso_menus_and_payload(built, lab, tmp_path):
         "/install/esp.img.zst",
         "/install/boot.tar.zst",
         "/install/root.uuid",
-        "/isolinux/install.txt",
+        "/isolinux/menu.c32",
     ):
         assert path in files, path
     assert "/install" not in _xorriso(built[node.name].iso, "-find", "/", "-type", "f")
@@ -366,14 +366,9 @@ def test_installer_iso_menus_and_payload(built, lab, tmp_path):
         str(tmp_path / "live"),
     )
     rule = lab.install.disk.describe(node)
-    assert f"ERASES {rule}" in (tmp_path / "isolinux/install.txt").read_text()
     cfg = (tmp_path / "isolinux/isolinux.cfg").read_text()
-    assert (
-        "DEFAULT install" in cfg
-        and "TIMEOUT 100" in cfg
-        and "pvelab.install=1" in cfg
-        and "LABEL live" in cfg
-    )
+    assert "UI menu.c32" in cfg and f"MENU LABEL Install: ERASES {rule}" in cfg and "DEFAULT install" in cfg
+    assert "TIMEOUT 100" in cfg and "pvelab.install=1" in cfg and "MENU LABEL Cancel: the live system" in cfg
     grub = (tmp_path / "grub.cfg").read_text()
     assert "set timeout=10" in grub and f"ERASES {rule}" in grub and grub.count("menuentry") == 2
     assert (tmp_path / "live/filesystem.module").read_text().split() == [
