@@ -37,6 +37,7 @@ def actions(lab: Lab) -> list[Action]:
     """Every step from the baked wiring to a running cluster with its QDevice."""
     cluster = lab.cluster_name
     witness_ip = lab.witness.ip if lab.witness else ""
+    qsetup = f"pvecm qdevice setup {witness_ip}"  # the Proxmox command the QDevice steps belong to
     first_ip = lab.pve_hosts[0].ip
     steps = [
         Action(
@@ -102,55 +103,55 @@ def actions(lab: Lab) -> list[Action]:
             "initialise the qnetd CA (Debian's package has already done it)",
             WITNESS,
             (f"test -e {QNETD_DB}/qnetd-cacert.crt || corosync-qnetd-certutil -i",),
-            wrapper=f"pvecm qdevice setup {witness_ip}",
+            wrapper=qsetup,
         ),
         Action(
             "the qnetd CA certificate to every member",
             WITNESS,
             copy=(f"{QNETD_DB}/qnetd-cacert.crt", MEMBERS, "/etc/pve/qnetd-cacert.crt", "0644"),
-            wrapper=f"pvecm qdevice setup {witness_ip}",
+            wrapper=qsetup,
         ),
         Action(
             "initialise each member's QDevice certificate store",
             MEMBERS,
             ("corosync-qdevice-net-certutil -i -c /etc/pve/qnetd-cacert.crt",),
-            wrapper=f"pvecm qdevice setup {witness_ip}",
+            wrapper=qsetup,
         ),
         Action(
             "certificate request for the cluster",
             FIRST,
             (f"corosync-qdevice-net-certutil -r -n {cluster}",),
-            wrapper=f"pvecm qdevice setup {witness_ip}",
+            wrapper=qsetup,
         ),
         Action(
             "the request to the witness",
             FIRST,
             copy=(f"{NODE_DB}/qdevice-net-node.crq", WITNESS, "/tmp/qdevice-net-node.crq", "0600"),
-            wrapper=f"pvecm qdevice setup {witness_ip}",
+            wrapper=qsetup,
         ),
         Action(
             "the witness signs it",
             WITNESS,
             (f"corosync-qnetd-certutil -s -c /tmp/qdevice-net-node.crq -n {cluster}",),
-            wrapper=f"pvecm qdevice setup {witness_ip}",
+            wrapper=qsetup,
         ),
         Action(
             "the signed certificate back to the first member",
             WITNESS,
             copy=(f"{QNETD_DB}/cluster-{cluster}.crt", FIRST, f"{NODE_DB}/cluster-{cluster}.crt", "0644"),
-            wrapper=f"pvecm qdevice setup {witness_ip}",
+            wrapper=qsetup,
         ),
         Action(
             "import it, export the PKCS#12 bundle",
             FIRST,
             (f"corosync-qdevice-net-certutil -M -c {NODE_DB}/cluster-{cluster}.crt",),
-            wrapper=f"pvecm qdevice setup {witness_ip}",
+            wrapper=qsetup,
         ),
         Action(
             "the bundle to every member",
             FIRST,
             copy=(f"{NODE_DB}/qdevice-net-node.p12", MEMBERS, "/etc/pve/qdevice-net-node.p12", "0600"),
-            wrapper=f"pvecm qdevice setup {witness_ip}",
+            wrapper=qsetup,
         ),
         Action(
             "import the bundle; start the QDevice client",
@@ -160,12 +161,12 @@ def actions(lab: Lab) -> list[Action]:
                 "rm -f /etc/pve/qdevice-net-node.p12 /etc/pve/qnetd-cacert.crt",
                 "systemctl enable --now corosync-qdevice.service",
             ),
-            wrapper=f"pvecm qdevice setup {witness_ip}",
+            wrapper=qsetup,
         ),
         Action(
             "reload the configuration cluster-wide",
             FIRST,
             ("corosync-cfgtool -R",),
-            wrapper=f"pvecm qdevice setup {witness_ip}",
+            wrapper=qsetup,
         ),
     ]
