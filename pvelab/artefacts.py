@@ -178,6 +178,8 @@ class BuildManifest:
     built_at: str
     build_seconds: dict[str, float]
     password_found: list[str] = field(default_factory=list)  # files holding the lab's plain password
+    archive: dict[str, dict] = field(default_factory=dict)  # suite -> state the base was built from
+    sources: dict[str, str] = field(default_factory=dict)  # binary package -> source package
     schema: int = MANIFEST_SCHEMA
 
     def to_json(self) -> str:
@@ -261,6 +263,7 @@ class BootReport:
     )  # UEFI: what each guest's SecureBoot variable says
     secure_boot_required: bool = False
     install_seconds: dict[str, float] = field(default_factory=dict)  # --media install: power-on to power-off
+    install_attempts: dict[str, int] = field(default_factory=dict)  # 2: the first attempt hung (retried once)
     after: Any = None  # what a test's ``after`` hook returned (tests only)
     wall_seconds: float = 0.0
     schema: int = REPORT_SCHEMA

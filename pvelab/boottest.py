@@ -246,6 +246,7 @@ def boot_test(
             host_keys={name: m.host_key for name, m in booted.machines.items()},
             secure_boot_required=fw.secure_boot,
             install_seconds={n: r.seconds for n, r in installs.items()},
+            install_attempts={n: r.attempts for n, r in installs.items()},
         )
         _diagnose(booted, report, analyze)
         if after:
@@ -274,13 +275,9 @@ def _install_first(
         runs = run_installers(lab, nodes, disks, fw, chosen, outdir, say)
     failed = {n: r for n, r in runs.items() if not r.installed}
     if failed:
-        lines = {
-            n: [line for line in r.console.splitlines() if "pvelab-install:" in line][-1:]
-            for n, r in failed.items()
-        }
         raise BootTestError(
             "installer did not install: "
-            + "; ".join(f"{n}: {lines[n] or 'no installer output'}" for n in failed)
+            + "; ".join(f"{n} ({r.verdict}):\n    {r.tail()}" for n, r in failed.items())
         )
     return disks, runs
 

@@ -6,6 +6,7 @@ a refusal: an installer facing a disk that is not blank writes nothing.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -18,7 +19,11 @@ from .machine import Machine
 from .media import MEDIA, Firmware
 from .qemu import VmSpec, prepare
 
-INSTALL_TIMEOUT = {"tcg": 1800.0, "kvm": 600.0}
+INSTALL_TIMEOUT = {"tcg": 900.0, "kvm": 300.0}  # power-on to power-off, all installers
+# An installer whose console has not changed for this long is hung (a healthy TCG install
+# prints at least every ~40 s: boot menu countdown, systemd status, the installer's steps).
+STALL_TIMEOUT = {"tcg": 300.0, "kvm": 120.0}
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 
 
 class InstallError(PvelabError):
@@ -37,9 +42,25 @@ class InstallRun:
     def installed(self) -> bool:
         return self.exit_code == 0 and f"pvelab-install: installed {self.node} on" in self.console
 
+    hung: bool = False  # killed: console unchanged for STALL_TIMEOUT, or the deadline passed
+    attempts: int = 1
+
     @property
     def refused(self) -> bool:
         return "pvelab-install: REFUSED:" in self.console
+
+    @property
+    def verdict(self) -> str:
+        if self.installed:
+            return "installed"
+        if self.refused:
+            return "REFUSED"
+        return "HUNG" if self.hung else "FAILED"
+
+    def tail(self, lines: int = 12) -> str:
+        """The console's last non-empty lines, escape sequences removed (for error messages)."""
+        text = [line.rstrip() for line in ANSI.sub("", self.console).splitlines() if line.strip()]
+        return "\n    ".join(text[-lines:]) or "(no console output)"
 
 
 def blank_disk(path: Path, size_gb: int) -> Path:
@@ -48,50 +69,96 @@ def blank_disk(path: Path, size_gb: int) -> Path:
     return path
 
 
-# Long on purpose: start every installer, then one polling loop with its deadline and cleanup.
-def run_installers(
-    lab: Lab, nodes: tuple[Node, ...], disks: dict[str, Path], fw: Firmware, accel: str, workdir: Path, say
-) -> dict[str, InstallRun]:
-    """Boot each node's installer ISO with its target disk attached; wait until each powers off."""
+def _installer_vm(lab: Lab, node: Node, disk: Path, fw: Firmware, accel: str, workdir: Path) -> Machine:
+    iso = Layout(lab.name).artefact(node.name, "installer")
+    if not iso.exists():
+        raise InstallError(f"{iso} is missing: run `invoke build --lab {lab.path}` first")
     medium = MEDIA["install"]
-    machines = {}
-    for n in nodes:
-        iso = Layout(lab.name).artefact(n.name, "installer")
-        if not iso.exists():
-            raise InstallError(f"{iso} is missing: run `invoke build --lab {lab.path}` first")
-        drive = prepare(medium, fw, iso, workdir, f"{n.name}-installer")
-        spec = VmSpec(
-            f"{n.name}-installer", n.ram_mb, medium, fw, accel, drive, workdir, target_disk=disks[n.name]
-        )
-        machines[n.name] = Machine(spec)
+    drive = prepare(medium, fw, iso, workdir, f"{node.name}-installer")
+    return Machine(
+        VmSpec(f"{node.name}-installer", node.ram_mb, medium, fw, accel, drive, workdir, target_disk=disk)
+    )
+
+
+# Long on purpose: one polling loop with its deadline, stall watch, one retry and cleanup.
+def run_installers(
+    lab: Lab,
+    nodes: tuple[Node, ...],
+    disks: dict[str, Path],
+    fw: Firmware,
+    accel: str,
+    workdir: Path,
+    say,
+    retry_hung: bool = True,
+) -> dict[str, InstallRun]:
+    """Boot each node's installer ISO with its target disk attached; wait until each powers off.
+
+    An installer whose console stops changing for ``STALL_TIMEOUT`` is hung: it is killed
+    and, with ``retry_hung``, started once more on a fresh blank disk (the run records the
+    attempt and the first attempt's console stays in ``<node>-installer.hung.console.log``).
+    A second hang, or the overall deadline, is an :class:`InstallError` quoting the console.
+    """
+    by_name = {n.name: n for n in nodes}
+    machines = {n.name: _installer_vm(lab, n, disks[n.name], fw, accel, workdir) for n in nodes}
     t0 = time.monotonic()
     for m in machines.values():
         m.start()
     say(f"installing {len(machines)} node(s) ({fw.name}); consoles {workdir}/<node>-installer.console.log")
     deadline = t0 + INSTALL_TIMEOUT.get(accel, INSTALL_TIMEOUT["tcg"])
+    stall = STALL_TIMEOUT.get(accel, STALL_TIMEOUT["tcg"])
+    seen = {name: (-1, t0) for name in machines}  # console size, when it last changed
+    attempts = dict.fromkeys(machines, 1)
     runs: dict[str, InstallRun] = {}
     try:
         while len(runs) < len(machines):
+            now = time.monotonic()
             for name, m in machines.items():
-                if name not in runs and not m.is_running():
+                if name in runs:
+                    continue
+                if not m.is_running():
                     assert m.proc is not None
                     runs[name] = InstallRun(
                         name,
                         disks[name],
-                        round(time.monotonic() - t0, 1),
+                        round(now - t0, 1),
                         m.proc.returncode,
                         m.console_text(),
+                        attempts=attempts[name],
                     )
-                    say(
-                        f"{name}: installer powered off after {runs[name].seconds}s "
-                        f"({'installed' if runs[name].installed else 'REFUSED' if runs[name].refused else 'FAILED'})"
-                    )
-            if time.monotonic() > deadline:
-                late = [n for n in machines if n not in runs]
-                raise InstallError(
-                    f"installer still running after {deadline - t0:.0f}s on {', '.join(late)}; "
-                    f"consoles in {workdir}"
+                    say(f"{name}: installer powered off after {runs[name].seconds}s ({runs[name].verdict})")
+                    continue
+                size = m.console_log.stat().st_size if m.console_log.exists() else 0
+                if size != seen[name][0]:
+                    seen[name] = (size, now)
+                if now - seen[name][1] < stall and now < deadline:
+                    continue
+                m.stop()
+                hung = InstallRun(
+                    name,
+                    disks[name],
+                    round(now - t0, 1),
+                    None,
+                    m.console_text(),
+                    hung=True,
+                    attempts=attempts[name],
                 )
+                why = (
+                    f"console silent for {now - seen[name][1]:.0f}s" if now < deadline else "deadline passed"
+                )
+                if not retry_hung or attempts[name] > 1 or now >= deadline:
+                    raise InstallError(
+                        f"{name}: installer hung ({why}; attempt {attempts[name]}) after {hung.seconds}s; "
+                        f"consoles in {workdir}; last console lines:\n    {hung.tail()}"
+                    )
+                m.console_log.replace(workdir / f"{name}-installer.hung.console.log")
+                say(
+                    f"{name}: installer HUNG ({why}), retrying once on a fresh disk; last lines:\n    {hung.tail(4)}"
+                )
+                blank_disk(disks[name], by_name[name].disk_gb)
+                machines[name] = _installer_vm(lab, by_name[name], disks[name], fw, accel, workdir)
+                machines[name].start()
+                attempts[name] += 1
+                seen[name] = (-1, now)
             time.sleep(2)
     finally:
         for m in machines.values():

@@ -25,6 +25,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 
 CONFIG = "/etc/pvelab/install.json"
@@ -33,6 +34,7 @@ TARGET = "/mnt/pvelab-target"
 LOG = "/run/pvelab-install.log"
 INSTALLER_LAYER = "installer.squashfs"
 CONSOLES = ("/dev/ttyS0", "/dev/tty0")
+HEARTBEAT = 20  # seconds between "still working" lines during a long step
 
 
 def say(msg):
@@ -48,12 +50,26 @@ def say(msg):
 
 
 def run(cmd, **kw):
-    with open(LOG, "a") as fh:
-        fh.write("$ " + (cmd if isinstance(cmd, str) else shlex.join(cmd)) + "\n")
-        fh.flush()
-        res = subprocess.run(cmd, shell=isinstance(cmd, str), stdout=fh, stderr=subprocess.STDOUT, **kw)
+    """Run one step, its output to the log; a step that takes long says so every HEARTBEAT
+    seconds on the consoles (an operator, and the test harness, can tell slow from hung)."""
+    text = cmd if isinstance(cmd, str) else shlex.join(cmd)
+    done = threading.Event()
+
+    def heartbeat():
+        t0 = time.monotonic()
+        while not done.wait(HEARTBEAT):
+            say(f"  ... {text.split()[0]} still running ({time.monotonic() - t0:.0f} s)")
+
+    threading.Thread(target=heartbeat, daemon=True).start()
+    try:
+        with open(LOG, "a") as fh:
+            fh.write("$ " + text + "\n")
+            fh.flush()
+            res = subprocess.run(cmd, shell=isinstance(cmd, str), stdout=fh, stderr=subprocess.STDOUT, **kw)
+    finally:
+        done.set()
     if res.returncode != 0:
-        raise RuntimeError(f"{cmd if isinstance(cmd, str) else shlex.join(cmd)} exited {res.returncode}")
+        raise RuntimeError(f"{text} exited {res.returncode}")
 
 
 def capture(cmd):
@@ -177,7 +193,8 @@ def install(cfg, disk):
 
 def finish(cfg, code):
     action = cfg.get("after", "poweroff") if code == 0 else "poweroff"
-    say(f"{'done' if code == 0 else 'nothing was written'}; {action} in 5 s")
+    outcome = {0: "done", 2: "nothing was written"}.get(code, "the disk is incomplete: do not boot it")
+    say(f"{outcome}; {action} in 5 s")
     time.sleep(5)
     subprocess.run(["systemctl", "--no-block", action])
     return code
