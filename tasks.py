@@ -86,15 +86,16 @@ def recipes(c, lab=str(DEFAULT_LAB)):
     help={
         "node": "node to build (repeatable; default all)",
         "lab": "lab definition file",
-        "rebuild_base": "rebuild the shared base even if cached",
+        "refresh": "rebuild the shared base even if cached (the archive is re-read either way)",
+        "rebuild_base": "same as --refresh",
     },
 )
 @friendly
-def build(c, node=None, lab=str(DEFAULT_LAB), rebuild_base=False):
-    """Build qcow2 + bootable ISO + manifest for each node into build/<lab>/<node>/."""
+def build(c, node=None, lab=str(DEFAULT_LAB), refresh=False, rebuild_base=False):
+    """Build qcow2 + bootable ISO + installer ISO + manifest for each node into build/<lab>/<node>/."""
     from pvelab.build import build as run_build
 
-    for result in run_build(_lab(lab), node, force_base=rebuild_base):
+    for result in run_build(_lab(lab), node, force_base=refresh or rebuild_base):
         print(f"{result.node}: {result.qcow2} {result.iso} ({result.seconds:.0f}s)")
 
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from . import bootdisk, image, iso
+from . import bootdisk, image, iso, repro
 from .artefacts import ArtefactInfo, BuildManifest, Layout, sha256
 from .disk import copy_sparse, grow_disk, loop_partition, mounted, resize_fs, squash
 from .errors import PvelabError
 from .lab import Lab, Node
-from .node import Entry, apply_entries, installer_entries, layer_entries
+from .node import Entry, apply_entries, debugfs_script, installer_entries, layer_entries, run_debugfs
 from .paths import ROOT, build_root
 from .render import RenderedFile, render_files, render_node
 from .run import Steps
@@ -87,8 +87,9 @@ def preflight(lab: Lab, nodes: tuple[Node, ...]) -> None:
         raise PreflightError("cannot build:\n  - " + "\n  - ".join(problems))
 
 
-def _dpkg_packages(root: Path) -> dict[str, str]:
-    out = {}
+def _dpkg_packages(root: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Installed packages: (name -> version, name -> source package)."""
+    versions, sources = {}, {}
     status = (root / "var/lib/dpkg/status").read_text(errors="replace")
     for stanza in status.split("\n\n"):
         fields = dict(
@@ -96,8 +97,9 @@ def _dpkg_packages(root: Path) -> dict[str, str]:
         )
         name = fields.get("Package")
         if name and fields.get("Status", "").endswith(" installed"):
-            out[name] = fields.get("Version", "")
-    return dict(sorted(out.items()))
+            versions[name] = fields.get("Version", "")
+            sources[name] = fields.get("Source", name).split(" ", 1)[0]
+    return dict(sorted(versions.items())), dict(sorted(sources.items()))
 
 
 def tool_versions() -> dict[str, str]:
@@ -159,7 +161,7 @@ def build_node(lab: Lab, node: Node, base: image.Base, live: image.LiveParts, st
         files = render_files(lab, node)
         assert live.disk is not None, "build() makes the boot disk before the nodes"
         qcow2, units, packages = _disk_stage(lab, node, live.disk, files, work, steps)
-        iso_path = _iso_stage(node, live, work, steps)
+        iso_path = _iso_stage(lab, node, live, work, steps)
         installer = _installer_stage(lab, node, live, work, steps)
         found = base.info.get("password_found", ["(base not scanned: rebuild it)"]) + [
             f"node layer: {p}" for p in scan_tree(work / "layer", lab.user.password)
@@ -197,8 +199,11 @@ def build_node(lab: Lab, node: Node, base: image.Base, live: image.LiveParts, st
 
 def _disk_stage(
     lab: Lab, node: Node, disk: Path, files: list[RenderedFile], work: Path, steps: Steps
-) -> tuple[Path, list[str], dict[str, str]]:
-    """The node's disk: base grown to its size, its layer baked in; also stages the ISO layer."""
+) -> tuple[Path, list[str], tuple[dict[str, str], dict[str, str]]]:
+    """The node's disk: base grown to its size, its layer baked in; also stages the ISO layers.
+
+    The root file system is read through a read-only mount and written with debugfs
+    (:func:`pvelab.node.run_debugfs`), so the disk is the same bytes every time."""
     raw = work / "disk.raw"
     with steps.stage(f"disk: copy base, grow to {node.disk_gb} GB"):
         copy_sparse(disk, raw)
@@ -206,13 +211,18 @@ def _disk_stage(
     with loop_partition(raw, steps, number=bootdisk.ROOT_PARTITION) as part:
         with steps.stage("root file system: resize"):
             resize_fs(part, steps)
-        with mounted(part, work / "root", steps) as root, steps.stage("bake overlay + enable units"):
+        with (
+            steps.stage("node layer: render, stage the ISO layers"),
+            mounted(part, work / "root", steps, read_only=True) as root,
+        ):
             entries = layer_entries(lab, node, root, files)
-            apply_entries(entries, root, root)
             iso_layer = [*entries, Entry("/etc/fstab", "file", content=LIVE_FSTAB.encode())]
             apply_entries(iso_layer, work / "layer", root)
             apply_entries(installer_entries(lab, node, root), work / "installer-layer", root)
             packages = _dpkg_packages(root)
+            script = debugfs_script(entries, root, work / "debugfs")
+        with steps.stage("bake overlay + enable units (debugfs)"):
+            run_debugfs(script, part, steps)
     with steps.stage("qcow2 (zstd-compressed)"):
         qcow2 = work / f"{node.name}.qcow2"
         steps.run(
@@ -236,13 +246,26 @@ def _disk_stage(
     return qcow2, units, packages
 
 
-def _iso_stage(node: Node, live: image.LiveParts, work: Path, steps: Steps) -> Path:
+def _epoch(steps: Steps) -> int:
+    return int(steps.env.get("SOURCE_DATE_EPOCH", "0"))
+
+
+def _iso_stage(lab: Lab, node: Node, live: image.LiveParts, work: Path, steps: Steps) -> Path:
     with steps.stage("ISO (pycdlib, BIOS+UEFI hybrid)"):
         layer_sq = work / f"{node.name}.squashfs"
-        squash(work / "layer", layer_sq, steps, fast=True)
+        squash(work / "layer", layer_sq, steps, fast=True, all_time=_epoch(steps))
         iso_path = work / f"{node.name}.iso"
         iso.build_iso(
-            iso_path, node.name, live.kernel, live.initrd, live.squashfs, layer_sq, live.signed, steps
+            iso_path,
+            node.name,
+            live.kernel,
+            live.initrd,
+            live.squashfs,
+            layer_sq,
+            live.signed,
+            steps,
+            epoch=_epoch(steps),
+            seed=f"{lab.name}/{node.name}/iso",
         )
         steps.log(iso.verify_gpt(iso_path))
     return iso_path
@@ -253,7 +276,7 @@ def _installer_stage(lab: Lab, node: Node, live: image.LiveParts, work: Path, st
     assert live.disk is not None
     with steps.stage("installer ISO (the live ISO + installer layer + payload)"):
         layer = work / "installer.squashfs"
-        squash(work / "installer-layer", layer, steps, fast=True)
+        squash(work / "installer-layer", layer, steps, fast=True, all_time=_epoch(steps))
         payload = iso.InstallerPayload(
             layer, bootdisk.install_payload(live.disk, steps), lab.install.disk.describe(node)
         )
@@ -268,6 +291,8 @@ def _installer_stage(lab: Lab, node: Node, live: image.LiveParts, work: Path, st
             live.signed,
             steps,
             installer=payload,
+            epoch=_epoch(steps),
+            seed=f"{lab.name}/{node.name}/installer",
         )
         steps.log(iso.verify_gpt(out))
     return out
@@ -280,7 +305,7 @@ def _manifest(
     live: image.LiveParts,
     files: list[Path],
     units: list[str],
-    packages: dict[str, str],
+    packages: tuple[dict[str, str], dict[str, str]],
     overlay_files: list[str],
     steps: Steps,
 ) -> BuildManifest:
@@ -307,12 +332,14 @@ def _manifest(
         elements=list(image.BASE_ELEMENTS),
         overlay_files=overlay_files,
         enabled_units=units,
-        packages=packages,
+        packages=packages[0],
+        sources=packages[1],
         kernel=live.kernel_version,
         tools=dict(tool_versions(), **live.signed.versions),
         git_commit=git_commit(),
         built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         build_seconds=dict(steps.timings),
+        archive=base.info.get("archive_state", {}),
     )
 
 
@@ -326,9 +353,13 @@ def build(lab: Lab, names: list[str] | None = None, force_base: bool = False) ->
     base = image.build_base(lab, base_steps, force=force_base)
     live = image.live_parts(base, base_steps)
     live = dataclasses.replace(live, disk=bootdisk.base_disk(base.raw, live.signed, base_steps))
+    epoch = repro.source_date_epoch(base.info.get("archive_state", {}))
     results = []
     for n in nodes:
         log = layout.build_log(n.name)
-        log.write_text(f"pvelab build of {n.name}; base {base.key} (its DIB output: {base_steps.log_path})\n")
-        results.append(build_node(lab, n, base, live, Steps(n.name, log)))
+        log.write_text(
+            f"pvelab build of {n.name}; base {base.key} (its DIB output: {base_steps.log_path}); "
+            f"SOURCE_DATE_EPOCH={epoch}\n"
+        )
+        results.append(build_node(lab, n, base, live, Steps(n.name, log, env=repro.tool_env(epoch))))
     return results

@@ -45,7 +45,8 @@ def loop_partition(image: Path, steps: Steps, read_only: bool = False, number: i
 @contextmanager
 def mounted(device: str, mountpoint: Path, steps: Steps, read_only: bool = False):
     mountpoint.mkdir(parents=True, exist_ok=True)
-    steps.capture(["mount"] + (["-o", "ro"] if read_only else []) + [device, str(mountpoint)])
+    # ro,noload: nothing at all is written to the device (no journal replay either)
+    steps.capture(["mount"] + (["-o", "ro,noload"] if read_only else []) + [device, str(mountpoint)])
     try:
         yield mountpoint
     finally:
@@ -66,7 +67,9 @@ def grow_disk(raw: Path, size_gb: int, steps: Steps, partition: int = 1) -> None
 
 
 def resize_fs(part: str, steps: Steps) -> None:
-    res = subprocess.run(["e2fsck", "-f", "-y", part], capture_output=True, text=True)
+    res = subprocess.run(
+        ["e2fsck", "-f", "-y", part], capture_output=True, text=True, env=dict(os.environ, **steps.env)
+    )
     steps.log(res.stdout + res.stderr)
     if res.returncode not in (0, 1):
         raise StepError(f"e2fsck {part} exited {res.returncode}")
@@ -77,12 +80,18 @@ def copy_sparse(src: Path, dst: Path) -> None:
     subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)], check=True)
 
 
-def squash(tree: Path, out: Path, steps: Steps, fast: bool = False) -> None:
+def squash(tree: Path, out: Path, steps: Steps, fast: bool = False, all_time: int | None = None) -> None:
     """mksquashfs with zstd; the base layer is compressed harder than the tiny node layers.
 
     /boot is left out: the live ISO carries the kernel and initrd in /live already.
+    Reproducible: the file system's time is SOURCE_DATE_EPOCH when ``steps.env`` has it;
+    ``all_time`` also sets every file's time (node layers, written moments ago).
     """
     level = "3" if fast else "15"  # 15: nearly 19's size in about half its time
+    epoch = steps.env.get("SOURCE_DATE_EPOCH")
+    times = (["-mkfs-time", epoch] if epoch else []) + (
+        ["-all-time", str(all_time)] if all_time is not None else []
+    )
     steps.run(
         [
             "mksquashfs",
@@ -99,5 +108,6 @@ def squash(tree: Path, out: Path, steps: Steps, fast: bool = False) -> None:
             "-e",
             "boot/*",
             "lost+found",
+            *times,
         ]
     )

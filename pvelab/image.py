@@ -3,8 +3,11 @@
 All nodes share the same trixie base, packages and compat service code; they differ
 only in the role unit they enable and their rendered overlay.  The base is one DIB
 build (raw disk: MBR, ext4 root, GRUB) keyed by a hash of everything that goes into
-it: element files, package list, DIB version, release, user and DNS settings.
-Changing any of those rebuilds it; changing a template does not.
+it: element files, package list, DIB version, release, user and DNS settings, and the
+state of the Debian suites it installs from (:mod:`pvelab.archive`). Changing any of
+those, or Debian publishing a package update, rebuilds it; changing a template does not.
+When the archive cannot be reached, the newest cached base of the same inputs is reused
+(said on the console), so an offline rebuild of the nodes still works.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from . import dib_blockdev
+from . import archive, dib_blockdev
 from .disk import loop_partition, mounted, squash
 from .hostapt import dib_mirror_env
 from .lab import Lab
@@ -110,18 +113,44 @@ def dib_env(lab: Lab) -> dict[str, str]:
     return env
 
 
+def _newest_of_family(root: Path, family: str) -> Path | None:
+    """The newest complete cached base built from the same inputs (any archive state)."""
+    found = []
+    for d in root.iterdir():
+        try:
+            info = json.loads((d / "base.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("family") == family:
+            found.append(d)
+    return max(found, key=lambda d: d.stat().st_mtime, default=None)
+
+
+# Long on purpose: key (with the archive state), cache hit or offline reuse, DIB, export, move.
 def build_base(lab: Lab, steps: Steps, force: bool = False) -> Base:
-    """Return the cached base for this lab's inputs, building it with DIB if needed."""
+    """Return the cached base for this lab's inputs and the archive's state, building it
+    with DIB if needed (``force``: always)."""
     inputs = base_inputs(lab)
-    key = base_key(inputs)
+    family = base_key(inputs)
     root = cache_dir() / "base"
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        state = archive.fetch_state(lab.release)
+    except archive.ArchiveUnreachable as exc:
+        cached = _newest_of_family(root, family)
+        if cached is None or force:
+            raise StepError(f"cannot read the Debian archive's state to build the base: {exc}") from None
+        steps.say(f"archive unreachable ({exc}); reusing the newest cached base {cached.name}")
+        return Base(cached.name, cached)
+    inputs = dict(inputs, archive=archive.key_part(state))
+    key = base_key(inputs)
     final = root / key
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one base build at a time; others wait and reuse
         if final.is_dir() and (final / "base.json").exists() and not force:
-            steps.say(f"base {key}: cached")
+            steps.say(f"base {key}: cached (archive unchanged: {_describe(state)})")
             return Base(key, final)
+        steps.say(f"base {key}: building (archive: {_describe(state)})")
         work = root / f"{key}.tmp"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
@@ -144,7 +173,13 @@ def build_base(lab: Lab, steps: Steps, force: bool = False) -> Base:
         with steps.stage("base: kernel + live initramfs out of the disk image"):
             version, found = _export_live_boot(work, steps, lab.user.password)
         info = dict(
-            inputs, key=key, kernel_version=version, dib_log=str(steps.log_path), password_found=found
+            inputs,
+            key=key,
+            family=family,
+            archive_state=archive.to_json(state),
+            kernel_version=version,
+            dib_log=str(steps.log_path),
+            password_found=found,
         )
         (work / "base.json").write_text(json.dumps(info, indent=2) + "\n")
         if final.exists():
@@ -152,6 +187,10 @@ def build_base(lab: Lab, steps: Steps, force: bool = False) -> Base:
         os.replace(work, final)
         _prune(root, keep=final)
         return Base(key, final)
+
+
+def _describe(state: dict[str, archive.SuiteState]) -> str:
+    return ", ".join(f"{s.suite} {s.date or '?'}" for s in state.values())
 
 
 def _export_live_boot(work: Path, steps: Steps, password: str | None) -> tuple[str, list[str]]:

@@ -29,7 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pycdlib
+import pycdlib.dates
+import pycdlib.headervd
+import pycdlib.pycdlib
+import pycdlib.udf
 
+from . import repro
 from .bootdisk import esp_files
 from .run import StepError, Steps
 from .signedboot import SignedBoot
@@ -52,7 +57,9 @@ def volume_label(node: str) -> str:
     return re.sub(r"[^A-Z0-9_]", "_", node.upper())[:16]
 
 
-INSTALL_ARG = "pvelab.install=1"
+# panic=10: a kernel panic in the unattended installer restarts the machine (and ends a
+# test VM, which runs with -no-reboot) instead of freezing with the disk half written
+INSTALL_ARG = "pvelab.install=1 panic=10"
 INSTALL_WAIT = 10  # seconds the installer's boot menu waits before it erases the disk
 
 
@@ -130,12 +137,14 @@ def _esp_grub_cfg(label: str) -> str:
     )
 
 
-def make_efiboot(work: Path, label: str, signed: SignedBoot, steps: Steps) -> Path:
-    """FAT image with Debian's signed boot chain (Secure Boot) and the GRUB hop to the ISO."""
+def make_efiboot(work: Path, label: str, signed: SignedBoot, steps: Steps, seed: str = "") -> Path:
+    """FAT image with Debian's signed boot chain (Secure Boot) and the GRUB hop to the ISO.
+    Reproducible: the volume id comes from ``seed``, file times from SOURCE_DATE_EPOCH."""
     (work / "esp-grub.cfg").write_text(_esp_grub_cfg(label))
     img = work / "efiboot.img"
     img.unlink(missing_ok=True)
-    steps.run(["mkfs.vfat", "-C", "-n", "EFIBOOT", str(img), str(EFI_IMG_KB)])
+    volid = f"{repro.derived_u32(seed or label, 'efiboot'):08x}"
+    steps.run(["mkfs.vfat", "--invariant", "-i", volid, "-C", "-n", "EFIBOOT", str(img), str(EFI_IMG_KB)])
     steps.run(["mmd", "-i", str(img), "::/EFI", "::/EFI/BOOT", "::/EFI/debian"])
     for src, dst in _esp_files(work, signed):
         steps.run(["mcopy", "-i", str(img), str(src), "::" + dst])
@@ -159,14 +168,23 @@ def build_iso(
     signed: SignedBoot,
     steps: Steps,
     installer: InstallerPayload | None = None,
+    epoch: int = 0,
+    seed: str = "",
 ) -> None:
     """Write the hybrid ISO to ``out`` (callers write aside and rename); with
-    ``installer``, the installer ISO: the same live system plus its layer and payload."""
+    ``installer``, the installer ISO: the same live system plus its layer and payload.
+
+    Reproducible: every date is ``epoch``; the MBR id and GPT GUIDs derive from ``seed``
+    (lab/node/kind), so the same inputs give the same bytes."""
     label = volume_label(node)
     erases = installer.erases if installer else None
-    with tempfile.TemporaryDirectory(prefix="pvelab-iso-") as tmp:
+    seed = seed or node
+    with (
+        tempfile.TemporaryDirectory(prefix="pvelab-iso-") as tmp,
+        repro.fixed_clock(epoch, pycdlib.dates, pycdlib.headervd, pycdlib.pycdlib, pycdlib.udf),
+    ):
         work = Path(tmp)
-        efiboot = make_efiboot(work, label, signed, steps)
+        efiboot = make_efiboot(work, label, signed, steps, seed)
         (work / "isolinux.cfg").write_text(_isolinux_cfg(label, erases))
 
         (work / "grub.cfg").write_text(_grub_cfg(label, erases))
@@ -224,10 +242,10 @@ def build_iso(
         iso.add_eltorito(
             "/BOOT/EFIBOOT.IMG;1", efi=True, platform_id=0xEF, media_name="noemul", bootable=True
         )
-        iso.add_isohybrid(efi=True)
+        iso.add_isohybrid(efi=True, mbr_id=repro.derived_u32(seed, "mbr"))
         iso.write(str(out))
         iso.close()
-    fix_hybrid_gpt(out)
+    fix_hybrid_gpt(out, tuple(repro.derived_uuid(seed, part).bytes_le for part in ("disk", "iso", "efi")))
 
 
 # ----------------------------------------------------------------------------- GPT repair
@@ -244,7 +262,7 @@ def _mbr_entry(active: bool, ptype: int, start: int, count: int) -> bytes:
 
 
 # Long on purpose: one binary layout rewritten in place; the offsets it computes are shared by every write.
-def fix_hybrid_gpt(path: Path) -> None:
+def fix_hybrid_gpt(path: Path, guids: tuple[bytes, ...] | None = None) -> None:
     """Rewrite pycdlib's hybrid tables into a valid GPT with a matching hybrid MBR.
 
     pycdlib 1.22 (``add_isohybrid(efi=True)``) writes GPT partitions that overlap (the
@@ -256,7 +274,9 @@ def fix_hybrid_gpt(path: Path) -> None:
       ``efiboot.img``; identical primary and backup copies with full-array CRCs;
     * MBR (keeping pycdlib's isohybrid boot code, which chain-loads ISOLINUX by LBA):
       entry 1 type 0xEE protecting LBA 1 up to the EFI image, entry 2 type 0xEF
-      (active) over the EFI image, so BIOS and UEFI firmware both find their way.
+      (active) over the EFI image, so BIOS and UEFI firmware both find their way;
+    * with ``guids`` (disk, ISO partition, EFI partition; mixed-endian bytes), those
+      GUIDs instead of pycdlib's random ones.
     """
     size = path.stat().st_size
     if size % 512:
@@ -286,6 +306,8 @@ def fix_hybrid_gpt(path: Path) -> None:
         old = fh.read(2 * esize)
         iso_guid = _ENTRY.unpack_from(old, 0)[1]
         _t, efi_guid, efi_first, efi_last, _a, _n = _ENTRY.unpack_from(old, esize)
+        if guids is not None:
+            guid, iso_guid, efi_guid = guids
         if not first_usable < efi_first <= efi_last < last_lba:
             raise StepError(f"{path}: EFI image at LBA {efi_first}-{efi_last} is outside the disk")
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import configparser
 import os
 import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from .lab import Lab, Node
 from .render import INSTALLER_LAYER, INSTALLER_UNIT, RenderedFile, enabled_units, node_dirs, render_files
-from .run import StepError
+from .run import StepError, Steps
 
 UNIT_DIRS = ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
 
@@ -128,3 +129,75 @@ def installer_entries(lab: Lab, node: Node, image_root: Path) -> list[Entry]:
         Entry(f"/etc/systemd/system/multi-user.target.wants/{INSTALLER_UNIT}", "link", target=unit)
     )
     return entries
+
+
+_DEBUGFS_NOISE = ("debugfs ",)  # its version banner on stderr
+
+
+def debugfs_script(entries: list[Entry], image_root: Path, workdir: Path) -> Path:
+    """Write to ``workdir`` the debugfs commands (and the files they copy) that lay
+    ``entries`` into the ext4 file system whose current tree is mounted read-only at
+    ``image_root``. Missing parents are made 0755 root:root (as ``apply_entries`` does for
+    parents the image lacks). Returns the command file for :func:`run_debugfs`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    made: set[str] = set()
+
+    def exists(path: str) -> bool:
+        return path in made or os.path.lexists(image_root / path.lstrip("/"))
+
+    def meta(path: str, mode: int | None, uid: int, gid: int) -> None:
+        if mode is not None:
+            lines.append(f"sif {path} mode 0{mode:o}")
+        lines.extend([f"sif {path} uid {uid}", f"sif {path} gid {gid}"])
+
+    for i, e in enumerate(sorted(entries, key=lambda e: e.path)):
+        if any(c.isspace() for c in e.path + e.target):
+            raise StepError(f"{e.path!r}: paths with white space cannot be written by debugfs")
+        parts = e.path.strip("/").split("/")
+        for j in range(1, len(parts)):
+            parent = "/" + "/".join(parts[:j])
+            if not exists(parent):
+                lines.append(f"mkdir {parent}")
+                made.add(parent)
+        uid, gid = _ids(image_root, e.owner, "passwd"), _ids(image_root, e.group, "group")
+        if e.kind == "dir":
+            if not exists(e.path):
+                lines.append(f"mkdir {e.path}")
+                made.add(e.path)
+            meta(e.path, stat.S_IFDIR | e.mode, uid, gid)
+            continue
+        if exists(e.path):
+            lines.append(f"rm {e.path}")
+        if e.kind == "file":
+            source = workdir / f"f{i}"
+            source.write_bytes(e.content)
+            lines.append(f"write {source} {e.path}")
+            meta(e.path, stat.S_IFREG | e.mode, uid, gid)
+        else:
+            lines.append(f"symlink {e.path} {e.target}")
+            meta(e.path, None, uid, gid)
+        made.add(e.path)
+    script = workdir / "commands"
+    script.write_text("\n".join(lines) + "\n")
+    return script
+
+
+def run_debugfs(script: Path, device: str, steps: Steps) -> None:
+    """Run a :func:`debugfs_script` on the unmounted ext4 ``device``: no kernel mount, so
+    no journal traffic and no clock in the result (times come from E2FSPROGS_FAKE_TIME in
+    ``steps.env``); the same layer gives the same bytes. e2fsck checks the result."""
+    steps.log(f"debugfs commands ({script}):\n{script.read_text()}")
+    res = subprocess.run(
+        ["debugfs", "-w", "-f", str(script), device],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **steps.env),
+    )
+    errors = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith("debugfs ")]
+    if res.returncode != 0 or errors:
+        raise StepError(f"debugfs on {device}: {'; '.join(errors) or f'exit {res.returncode}'}")
+    check = subprocess.run(["e2fsck", "-f", "-n", device], capture_output=True, text=True)
+    steps.log(check.stdout + check.stderr)
+    if check.returncode != 0:
+        raise StepError(f"e2fsck -n {device} after laying the node layer: exit {check.returncode}")

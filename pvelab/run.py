@@ -39,9 +39,10 @@ def fmt_secs(seconds: float) -> str:
 
 
 class Steps:
-    def __init__(self, label: str, log_path: Path):
+    def __init__(self, label: str, log_path: Path, env: dict[str, str] | None = None):
         self.label = label
         self.log_path = log_path
+        self.env = dict(env or {})  # for every command of this run (e.g. repro.tool_env)
         self.start = time.monotonic()
         self.stage_name = "-"
         self.timings: dict[str, float] = {}
@@ -78,7 +79,7 @@ class Steps:
     ) -> None:
         """Run a command, its output appended to the log; raise StepError on failure."""
         self.log(f"$ {shlex.join(str(c) for c in cmd)}")
-        full_env = dict(os.environ, **(env or {}))
+        full_env = dict(os.environ, **self.env, **(env or {}))
         with open(self.log_path, "ab") as log:
             proc = subprocess.Popen(
                 [str(c) for c in cmd],
@@ -129,7 +130,10 @@ class Steps:
         """Run a short command and return its stdout (stderr to the log)."""
         self.log(f"$ {shlex.join(str(c) for c in cmd)}")
         res = subprocess.run(
-            [str(c) for c in cmd], capture_output=True, text=True, env=dict(os.environ, **(env or {}))
+            [str(c) for c in cmd],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, **self.env, **(env or {})),
         )
         if res.stderr:
             self.log(res.stderr)

@@ -20,6 +20,7 @@ from pvelab.bootdisk import ROOT_PARTITION
 from pvelab.build import build
 from pvelab.disk import loop_partition, mounted
 from pvelab.lab import FORBIDDEN_PACKAGES, FORBIDDEN_PREFIXES, load_lab
+from pvelab.media import ARTEFACT_KINDS
 from pvelab.paths import DEFAULT_LAB
 from pvelab.render import render_files
 from pvelab.roles import ROLES
@@ -412,6 +413,19 @@ def test_iso_squashfs_layers(built, lab, name, tmp_path):
     assert "squashfs-root/etc/fstab" in layer
 
 
+def test_rebuild_gives_identical_bytes(built, lab):
+    """Same base, same lab: rebuilding a node reproduces its qcow2, ISO and installer ISO
+    bit for bit (fixed clock, derived identifiers, debugfs instead of a kernel mount)."""
+    layout = Layout(lab.name)
+    files = [layout.artefact("pve-1", kind) for kind in ARTEFACT_KINDS]
+    before = {p.name: _sha(p) for p in files}
+    build(lab, ["pve-1"])
+    assert {p.name: _sha(p) for p in files} == before
+    manifest = json.loads(layout.manifest("pve-1").read_text())
+    assert {name: a["sha256"] for name, a in manifest["artefacts"].items()} == before
+    assert manifest["archive"] and all(s["index_sha256"] for s in manifest["archive"].values())
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
 def test_interrupted_build_keeps_the_last_good_artefacts(built, lab, sig):
     import signal as signals
@@ -446,6 +460,7 @@ def test_interrupted_build_keeps_the_last_good_artefacts(built, lab, sig):
     # the next build cleans up whatever a killed one left and succeeds
     rebuilt = build(lab, ["pve-2"])[0]
     assert rebuilt.qcow2.exists() and not (ndir / ".work").exists()
+    assert {p.name: _sha(p) for p in (ndir / "pve-2.qcow2", ndir / "pve-2.iso")} == before  # same bytes
     assert str(ndir) not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
 
 
