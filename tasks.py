@@ -6,7 +6,7 @@ invoke build [--node pve-1]      qcow2 + ISO + manifest per node in build/<lab>/
 invoke boot-test [--media iso --firmware uefi]   boot all four, run the scenario
 invoke boot --node pve-1         one node on this terminal
 invoke publish [--dest DIR] [--keep N]   gated, atomic release of tested artefacts
-invoke nightly [--dest DIR]      build + boot-test (qcow2, ISO BIOS/UEFI) + publish
+invoke nightly [--dest DIR]      build; if changed: boot-test every medium, rehearse, publish
 invoke bench                     stock DIB vs pvelab: times, sizes, ratios
 """
 
@@ -176,10 +176,13 @@ def boot(c, node, media="qcow2", firmware="bios", accel="auto", lab=str(DEFAULT_
         "lab": "lab definition file",
         "gpg_key": "sign SHA256SUMS with this GPG key (or set PVELAB_GPG_KEY)",
         "artefacts": "comma-separated artefact kinds to publish (default: qcow2,iso,installer)",
+        "force": "publish even when the artefacts are identical to the latest release's",
     }
 )
 @friendly
-def publish(c, dest=None, keep=None, lab=str(DEFAULT_LAB), gpg_key=None, artefacts="qcow2,iso,installer"):
+def publish(
+    c, dest=None, keep=None, lab=str(DEFAULT_LAB), gpg_key=None, artefacts="qcow2,iso,installer", force=False
+):
     """Publish what is built and boot-tested as DEST/<lab>/<timestamp>/ (gated, atomic)."""
     import os
 
@@ -191,8 +194,18 @@ def publish(c, dest=None, keep=None, lab=str(DEFAULT_LAB), gpg_key=None, artefac
         keep=_keep(keep),
         kinds=tuple(k for k in artefacts.split(",") if k),
         gpg_key=gpg_key or os.environ.get("PVELAB_GPG_KEY"),
+        force=force,
     )
-    print(f"published {rel.path} ({len(rel.files)} artefacts)")
+    _say_release(rel)
+
+
+def _say_release(rel):
+    if rel.new:
+        print(f"published {rel.path} ({len(rel.files)} artefacts)")
+    else:
+        print(
+            f"nothing new: the artefacts are identical to release {rel.path}; not published (--force to publish)"
+        )
 
 
 @task(
@@ -202,17 +215,30 @@ def publish(c, dest=None, keep=None, lab=str(DEFAULT_LAB), gpg_key=None, artefac
         "lab": "lab definition file",
         "accel": "auto, kvm or tcg",
         "gpg_key": "sign SHA256SUMS with this GPG key (or set PVELAB_GPG_KEY)",
+        "force": "test and publish even when the artefacts are identical to the latest release's",
+        "on_failure": "shell command run when the nightly fails ($PVELAB_STATUS: its status.json)",
     }
 )
 @friendly
-def nightly(c, dest=None, keep=None, lab=str(DEFAULT_LAB), accel="auto", gpg_key=None):
-    """Build all nodes, boot-test qcow2 (BIOS) and ISO (BIOS, UEFI), rehearse, then publish."""
+def nightly(
+    c, dest=None, keep=None, lab=str(DEFAULT_LAB), accel="auto", gpg_key=None, force=False, on_failure=None
+):
+    """Build; unless identical to the latest release, boot-test every medium, rehearse, publish."""
     import os
 
     from pvelab.nightly import nightly as run
 
-    rel = run(_lab(lab), dest, _keep(keep), accel, gpg_key or os.environ.get("PVELAB_GPG_KEY"))
-    print(f"published {rel.path} ({len(rel.files)} artefacts)")
+    rel = run(
+        _lab(lab),
+        dest,
+        _keep(keep),
+        accel,
+        gpg_key or os.environ.get("PVELAB_GPG_KEY"),
+        force=force,
+        on_failure=on_failure,
+    )
+    if rel is not None:
+        _say_release(rel)
 
 
 @task(help={"boots": "boots of each image for the boot-to-SSH figure (median; default 3)"})

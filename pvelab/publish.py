@@ -53,6 +53,58 @@ class Release:
     path: Path
     name: str
     files: list[str]
+    new: bool = True  # False: the artefacts were identical to this (existing) release; nothing written
+
+
+def destination(lab: Lab, dest: str | Path | None) -> Path:
+    """Where this lab's releases go: ``DEST/<lab>``, or ``build/<lab>/releases``."""
+    return Layout(lab.name).releases if dest is None else Path(dest).absolute() / lab.name
+
+
+def latest_release(lab: Lab, labdir: Path) -> Path | None:
+    """The release ``latest`` names (``LATEST`` file), else the newest one pvelab wrote."""
+    if not labdir.is_dir():
+        return None
+    releases = _releases(lab, labdir)
+    try:
+        named = (labdir / "LATEST").read_text().strip()
+    except OSError:
+        named = ""
+    return next((r for r in releases if r.name == named), releases[-1] if releases else None)
+
+
+def released_files(release: Path) -> dict[str, str]:
+    """file name -> sha256 of every node artefact in a release (from its manifest)."""
+    m = json.loads((release / "manifest.json").read_text())
+    return {f["name"]: f["sha256"] for n in m["nodes"] for f in n["files"].values()}
+
+
+def built_files(lab: Lab, kinds: tuple[str, ...] = ARTEFACT_KINDS) -> dict[str, str] | None:
+    """file name -> sha256 of the built artefacts per their manifests (None: not all built)."""
+    out = {}
+    for node in lab.nodes:
+        try:
+            m = BuildManifest.from_json(Layout(lab.name).manifest(node.name))
+        except RecordError:
+            return None
+        for kind in kinds:
+            name = Layout(lab.name).artefact(node.name, kind).name
+            if name not in m.artefacts:
+                return None
+            out[name] = m.artefacts[name].sha256
+    return out
+
+
+def unchanged_since(lab: Lab, labdir: Path, kinds: tuple[str, ...] = ARTEFACT_KINDS) -> Path | None:
+    """The latest release when the built artefacts are byte for byte the ones it holds."""
+    latest = latest_release(lab, labdir)
+    if latest is None:
+        return None
+    try:
+        same = released_files(latest) == built_files(lab, kinds)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return latest if same else None
 
 
 def _checkpoint(step: str) -> None:
@@ -344,19 +396,25 @@ def publish(
     gpg_key: str | None = None,
     now: float | None = None,
     kinds: tuple[str, ...] = ARTEFACT_KINDS,
+    force: bool = False,
 ) -> Release:
     """Publish to ``DEST/<lab>/<timestamp>/``; without ``dest``, ``build/<lab>/releases/``.
 
-    ``kinds`` limits the release to some artefact kinds (e.g. only the qcow2 images)."""
+    ``kinds`` limits the release to some artefact kinds (e.g. only the qcow2 images).
+    When the gated artefacts are identical to the latest release's, nothing is written
+    and that release is returned with ``new=False`` (``force``: publish anyway)."""
     unknown = [k for k in kinds if k not in ARTEFACT_KINDS]
     if unknown or not kinds:
         raise PublishError(f"--artefacts: {','.join(kinds)!r}: choose from {', '.join(ARTEFACT_KINDS)}")
     if keep is not None and keep < 1:
         raise PublishError(f"--keep: {keep}: must be at least 1 (the newest release always stays)")
-    labdir = Layout(lab.name).releases if dest is None else Path(dest).absolute() / lab.name
+    labdir = destination(lab, dest)
     if labdir.exists() and not labdir.is_dir():
         raise PublishError(f"--dest: {labdir} exists and is not a folder")
     checked = gate(lab, kinds)
+    same = None if force else unchanged_since(lab, labdir, kinds)
+    if same is not None:
+        return Release(same, same.name, sorted(released_files(same)), new=False)
     try:
         labdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -212,7 +212,7 @@ def test_injected_failure_leaves_no_partial_release(lab, built, tmp_path, monkey
     first = publish(lab, tmp_path / "rel")
     monkeypatch.setenv("PVELAB_PUBLISH_FAIL_AT", step)
     with pytest.raises(PublishError, match="injected"):
-        publish(lab, tmp_path / "rel")
+        publish(lab, tmp_path / "rel", force=True)
     labdir = tmp_path / "rel" / lab.name
     assert sorted(p.name for p in labdir.iterdir() if not p.name.startswith(".")) == sorted(
         [first.name, "latest", "LATEST"]
@@ -220,7 +220,7 @@ def test_injected_failure_leaves_no_partial_release(lab, built, tmp_path, monkey
     assert (labdir / "latest").resolve() == first.path
     monkeypatch.delenv("PVELAB_PUBLISH_FAIL_AT")
     time.sleep(1.1)
-    second = publish(lab, tmp_path / "rel")  # re-run is safe
+    second = publish(lab, tmp_path / "rel", force=True)  # re-run is safe
     assert (labdir / "latest").resolve() == second.path
 
 
@@ -233,7 +233,7 @@ def test_kill_minus_9_midway(lab, built, tmp_path, step):
     env = dict(os.environ, PVELAB_PUBLISH_PAUSE_AT=step, PVELAB_PUBLISH_PAUSE_MARKER=str(marker))
     code = (
         "from pvelab.lab import load_lab; from pvelab.publish import publish; "
-        f"publish(load_lab({str(lab.path)!r}), {str(dest)!r})"
+        f"publish(load_lab({str(lab.path)!r}), {str(dest)!r}, force=True)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT)
     try:
@@ -257,15 +257,37 @@ def test_kill_minus_9_midway(lab, built, tmp_path, step):
         assert visible == sorted([first.name, "latest", "LATEST"])
         assert (labdir / "latest").resolve() == first.path
     time.sleep(1.1)
-    rel = publish(lab, dest)
+    rel = publish(lab, dest, force=True)
     assert (labdir / "latest").resolve() == rel.path
     assert not list(labdir.glob(".pvelab-stage-*"))
+
+
+def test_identical_artefacts_publish_nothing_new(lab, built, tmp_path):
+    """A second publish of the same bytes writes nothing and says which release has them;
+    --force publishes anyway."""
+    first = publish(lab, tmp_path / "rel")
+    time.sleep(1.05)
+    again = publish(lab, tmp_path / "rel")
+    assert not again.new and again.path == first.path
+    labdir = tmp_path / "rel" / lab.name
+    assert [p.name for p in labdir.iterdir() if p.name[0].isdigit()] == [first.name]
+    forced = publish(lab, tmp_path / "rel", force=True)
+    assert forced.new and forced.path != first.path and (labdir / "latest").resolve() == forced.path
+    out = subprocess.run(
+        [sys.executable, "-m", "invoke", "publish", "--dest", str(tmp_path / "rel"), "--lab", str(lab.path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and f"identical to release {forced.path}" in out.stdout, (
+        out.stdout + out.stderr
+    )
 
 
 def test_retention_keeps_newest(lab, built, tmp_path):
     made = []
     for _i in range(4):
-        made.append(publish(lab, tmp_path / "rel", keep=2).name)
+        made.append(publish(lab, tmp_path / "rel", keep=2, force=True).name)
         time.sleep(1.05)
     labdir = tmp_path / "rel" / lab.name
     left = sorted(p.name for p in labdir.iterdir() if p.name[0].isdigit())
@@ -359,7 +381,7 @@ def test_only_pvelab_folders_are_cleaned_or_retired(lab, built, tmp_path):
     lookalike.mkdir()
     (lookalike / "precious.txt").write_text("keep me")
     for _ in range(3):
-        publish(lab, tmp_path / "rel", keep=1)
+        publish(lab, tmp_path / "rel", keep=1, force=True)
         time.sleep(1.05)
     assert user_tmp.exists() and (lookalike / "precious.txt").read_text() == "keep me"
     ours = [p for p in labdir.iterdir() if p.name[0].isdigit() and p != lookalike]
