@@ -3,7 +3,9 @@
 Layout: ``DEST/<lab>/<YYYYMMDD>T<HHMMSS>Z/`` (default ``build/<lab>/releases/<timestamp>/``)
 with each node's qcow2 and ISO (copies, never links into ``build/``), ``SHA256SUMS``
 (+ ``SHA256SUMS.asc`` when a GPG key is configured), ``manifest.json``, the boot-test and
-rehearsal reports, ``topology.svg`` and a ``README.md`` for the provisioning team.
+rehearsal reports, ``lab.yaml`` and ``rendered/<node>/`` (what was built from),
+``CHANGES.md`` + ``changes.json`` (since the previous release, :mod:`pvelab.changes`),
+``topology.svg`` and a ``README.md`` for the provisioning team.
 ``DEST/<lab>/latest`` (a symlink, plus a ``LATEST`` file for mounts without symlinks)
 names the newest complete release.
 
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import jinja2
 
+from . import changes
 from .artefacts import BootReport, BuildManifest, Layout, RecordError, RehearsalReport, sha256
 from .errors import PvelabError
 from .iso import INSTALL_WAIT
@@ -293,6 +296,8 @@ def _node_entry(node: Node, entry: dict) -> dict:
         "enabled_units": m.enabled_units,
         "build_seconds": m.build_seconds,
         "base": {"key": m.base_key, "elements": m.elements},
+        "packages": m.packages,
+        "sources": m.sources,
     }
 
 
@@ -335,6 +340,7 @@ def release_manifest(lab: Lab, name: str, checked: dict) -> dict:
         "boot_tests": {k: _boot_test_entry(r) for k, r in checked["reports"].items()},
         "scenario": lab.scenario.name,
         "rehearsals": {media: _rehearsal_entry(r) for media, r in checked.get("rehearsals", {}).items()},
+        "archive": first.archive,
     }
 
 
@@ -426,7 +432,7 @@ def publish(
         stage = labdir / f"{STAGE_PREFIX}{name}-{os.getpid()}"
         stage.mkdir()
         try:
-            files = _stage_release(lab, stage, name, checked)
+            files = _stage_release(lab, stage, name, checked, latest_release(lab, labdir))
             _checksums(stage, checked, gpg_key)
             _fsync_tree(stage)
             _checkpoint("rename")
@@ -464,8 +470,9 @@ def _release_name(labdir: Path, now: float | None) -> str:
     return name
 
 
-def _stage_release(lab: Lab, stage: Path, name: str, checked: dict) -> list[str]:
-    """Artefacts, reports, manifest, topology and README into the staging folder."""
+def _stage_release(lab: Lab, stage: Path, name: str, checked: dict, previous: Path | None) -> list[str]:
+    """Artefacts, reports, manifest, the lab file and rendered files, the changes since
+    ``previous``, topology and README into the staging folder."""
     files = []
     for node in lab.nodes:
         for f in checked["nodes"][node.name]["files"].values():
@@ -485,6 +492,13 @@ def _stage_release(lab: Lab, stage: Path, name: str, checked: dict) -> list[str]
                 shutil.copyfile(src, stage / "rehearsal" / f"{media}.{fname}")
     manifest = release_manifest(lab, name, checked)
     (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.copyfile(lab.path, stage / "lab.yaml")
+    for node in lab.nodes:
+        if layout.overlay(node.name).is_dir():
+            shutil.copytree(layout.overlay(node.name), stage / "rendered" / node.name, symlinks=True)
+    record = changes.compare(previous, stage)
+    (stage / "changes.json").write_text(json.dumps(record, indent=2) + "\n")
+    (stage / "CHANGES.md").write_text(changes.markdown(record))
     (stage / "topology.svg").write_text(topology_svg(lab))
     (stage / "README.md").write_text(_readme(lab, manifest))
     _checkpoint("metadata")
