@@ -73,6 +73,10 @@ class Layout:
     def manifest(self, node: str) -> Path:
         return self.node_dir(node) / "manifest.json"
 
+    def sbom(self, node: str) -> Path:
+        """CycloneDX JSON (:mod:`pvelab.sbom`)."""
+        return self.node_dir(node) / f"{node}.cdx.json"
+
     def build_log(self, node: str) -> Path:
         return self.node_dir(node) / "build.log"
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from . import bootdisk, image, iso, repro
+from . import bootdisk, image, iso, repro, sbom
 from .artefacts import ArtefactInfo, BuildManifest, Layout, sha256
 from .disk import copy_sparse, grow_disk, loop_partition, mounted, resize_fs, squash
 from .errors import PvelabError
@@ -26,7 +26,7 @@ from .lab import Lab, Node
 from .node import Entry, apply_entries, debugfs_script, installer_entries, layer_entries, run_debugfs
 from .paths import ROOT, build_root
 from .render import RenderedFile, render_files, render_node
-from .run import Steps
+from .run import StepError, Steps
 from .secrets import scan_tree
 
 HOST_TOOLS = (
@@ -180,9 +180,16 @@ def build_node(lab: Lab, node: Node, base: image.Base, live: image.LiveParts, st
             )
             manifest = dataclasses.replace(manifest, password_found=found)
             (work / "manifest.json").write_text(manifest.to_json())
+        with steps.stage("SBOM (CycloneDX 1.6)"):
+            bom = sbom.node_sbom(manifest, packages[2], _epoch(steps), lab.release)
+            invalid = sbom.validate(bom)
+            if invalid:
+                raise StepError(f"{node.name}: the SBOM does not validate: {invalid}")
+            (work / "sbom.json").write_text(bom)
         # Everything is complete: move into place (same file system, atomic per file).
         for kind, src in (("qcow2", qcow2), ("iso", iso_path), ("installer", installer)):
             os.replace(src, layout.artefact(node.name, kind))
+        os.replace(work / "sbom.json", layout.sbom(node.name))
         os.replace(work / "manifest.json", layout.manifest(node.name))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -199,7 +206,7 @@ def build_node(lab: Lab, node: Node, base: image.Base, live: image.LiveParts, st
 
 def _disk_stage(
     lab: Lab, node: Node, disk: Path, files: list[RenderedFile], work: Path, steps: Steps
-) -> tuple[Path, list[str], tuple[dict[str, str], dict[str, str]]]:
+) -> tuple[Path, list[str], tuple[dict[str, str], dict[str, str], dict[str, list[str]]]]:
     """The node's disk: base grown to its size, its layer baked in; also stages the ISO layers.
 
     The root file system is read through a read-only mount and written with debugfs
@@ -220,6 +227,7 @@ def _disk_stage(
             apply_entries(iso_layer, work / "layer", root)
             apply_entries(installer_entries(lab, node, root), work / "installer-layer", root)
             packages = _dpkg_packages(root)
+            licences = sbom.licenses(root, packages[0])
             script = debugfs_script(entries, root, work / "debugfs")
         with steps.stage("bake overlay + enable units (debugfs)"):
             run_debugfs(script, part, steps)
@@ -243,7 +251,7 @@ def _disk_stage(
         )
         raw.unlink()
     units = [e.path.rsplit("/", 1)[1] for e in entries if e.kind == "link"]
-    return qcow2, units, packages
+    return qcow2, units, (*packages, licences)
 
 
 def _epoch(steps: Steps) -> int:
@@ -305,7 +313,7 @@ def _manifest(
     live: image.LiveParts,
     files: list[Path],
     units: list[str],
-    packages: tuple[dict[str, str], dict[str, str]],
+    packages: tuple[dict[str, str], dict[str, str], dict[str, list[str]]],
     overlay_files: list[str],
     steps: Steps,
 ) -> BuildManifest:

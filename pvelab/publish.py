@@ -3,7 +3,7 @@
 Layout: ``DEST/<lab>/<YYYYMMDD>T<HHMMSS>Z/`` (default ``build/<lab>/releases/<timestamp>/``)
 with each node's qcow2 and ISO (copies, never links into ``build/``), ``SHA256SUMS``
 (+ ``SHA256SUMS.asc`` when a GPG key is configured), ``manifest.json``, the boot-test and
-rehearsal reports, ``lab.yaml`` and ``rendered/<node>/`` (what was built from),
+rehearsal reports, each node's SBOM (``<node>.cdx.json``, CycloneDX), ``lab.yaml`` and ``rendered/<node>/`` (what was built from),
 ``CHANGES.md`` + ``changes.json`` (since the previous release, :mod:`pvelab.changes`),
 ``topology.svg`` and a ``README.md`` for the provisioning team.
 ``DEST/<lab>/latest`` (a symlink, plus a ``LATEST`` file for mounts without symlinks)
@@ -202,6 +202,10 @@ def gate(lab: Lab, kinds: tuple[str, ...] = ARTEFACT_KINDS) -> dict:
             problems.append(
                 f"{node.name}: the lab's plain password is in the image: "
                 f"{', '.join(manifest.password_found[:3])} (see {mpath})"
+            )
+        if not Layout(lab.name).sbom(node.name).exists():
+            problems.append(
+                f"{node.name}: {Layout(lab.name).sbom(node.name)} missing (rebuild: `invoke build`)"
             )
         entry: dict = {"manifest": manifest, "files": {}}
         for kind in kinds:
@@ -480,6 +484,8 @@ def _stage_release(lab: Lab, stage: Path, name: str, checked: dict, previous: Pa
             files.append(f["name"])
             _checkpoint("copy")
     layout = Layout(lab.name)
+    for node in lab.nodes:
+        _copy(layout.sbom(node.name), stage / layout.sbom(node.name).name)
     (stage / "boot-test").mkdir()
     for key in checked["reports"]:
         for fname in ("report.json", "junit.xml"):

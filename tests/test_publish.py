@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from pvelab import sbom
 from pvelab.artefacts import (
     ArtefactInfo,
     ArtefactRef,
@@ -74,6 +75,7 @@ def make_built(lab):
             build_seconds={"qcow2": 1.0},
         )
         (d / "manifest.json").write_text(manifest.to_json())
+        Layout(lab.name).sbom(n.name).write_text(sbom.node_sbom(manifest, {}, 0, lab.release))
     for media, firmware in (("qcow2", "bios"), ("iso", "bios"), ("iso", "uefi"), ("install", "bios")):
         write_report(lab, media, firmware, shas, passed=True)
     return shas

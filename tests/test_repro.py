@@ -110,3 +110,19 @@ def test_debugfs_script_lays_a_layer_and_the_result_is_reproducible(tmp_path):
             subprocess.run(["sha256sum", str(img)], capture_output=True, text=True).stdout.split()[0]
         )
     assert digests[0] == digests[1]
+
+
+def test_sbom_licences_from_dep5_copyright(tmp_path):
+    from pvelab import sbom
+
+    doc = tmp_path / "usr/share/doc"
+    (doc / "a").mkdir(parents=True)
+    (doc / "a/copyright").write_text(
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\n"
+        "Files: *\nLicense: GPL-2+ or Expat\n\nFiles: x\nLicense: BSD-3-clause\n Some text\n"
+    )
+    (doc / "b").mkdir()
+    (doc / "b/copyright").write_text("This package was debianized by someone.\n")
+    got = sbom.licenses(tmp_path, {"a": "1", "b": "1", "c": "1"})
+    assert got == {"a": ["GPL-2+", "Expat", "BSD-3-clause"], "b": [], "c": []}
+    assert [sbom._license(n).id for n in got["a"]] == ["GPL-2.0-or-later", "MIT", "BSD-3-Clause"]
