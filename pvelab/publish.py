@@ -5,7 +5,8 @@ with each node's qcow2 and ISO (copies, never links into ``build/``), ``SHA256SU
 (+ ``SHA256SUMS.asc`` when a GPG key is configured), ``manifest.json``, the boot-test and
 rehearsal reports, each node's SBOM (``<node>.cdx.json``, CycloneDX), ``lab.yaml`` and ``rendered/<node>/`` (what was built from),
 ``CHANGES.md`` + ``changes.json`` (since the previous release, :mod:`pvelab.changes`),
-``topology.svg`` and a ``README.md`` for the provisioning team.
+``topology.svg``, ``index.html`` (:mod:`pvelab.page`) and a ``README.md`` for the
+provisioning team.
 ``DEST/<lab>/latest`` (a symlink, plus a ``LATEST`` file for mounts without symlinks)
 names the newest complete release.
 
@@ -41,10 +42,11 @@ from .errors import PvelabError
 from .iso import INSTALL_WAIT
 from .lab import Lab, Node
 from .media import ARTEFACT_KINDS, MEDIA
+from .page import release_page
 from .paths import ROOT
 from .quorum import table as quorum_table
 from .secrets import DEFAULT_PASSWORD
-from .topology import topology_svg
+from .topology import checks_from, topology_svg
 
 
 class PublishError(PvelabError):
@@ -505,7 +507,11 @@ def _stage_release(lab: Lab, stage: Path, name: str, checked: dict, previous: Pa
     record = changes.compare(previous, stage)
     (stage / "changes.json").write_text(json.dumps(record, indent=2) + "\n")
     (stage / "CHANGES.md").write_text(changes.markdown(record))
-    (stage / "topology.svg").write_text(topology_svg(lab))
+    results = [r.result for r in checked["reports"].values()]
+    rehearsals = list(checked.get("rehearsals", {}).values())
+    checks = checks_from(lab, results, all(r.passed for r in rehearsals) if rehearsals else None)
+    (stage / "topology.svg").write_text(topology_svg(lab, checks))
+    (stage / "index.html").write_text(release_page(lab, manifest, record, checks))
     (stage / "README.md").write_text(_readme(lab, manifest))
     _checkpoint("metadata")
     return files

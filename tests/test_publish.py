@@ -312,7 +312,38 @@ def test_topology_svg(lab):
     )
     labels = [t.text for t in root.findall(".//s:g[@id='links']/s:text", ns)]
     assert labels.count("8006/5404/5405") == 3 and labels.count("5403") == 3
-    assert len(root.findall(".//s:g[@id='links']/s:line", ns)) == len(lab.connections)
+    assert len(root.findall(".//s:g[@id='links']/s:path", ns)) == len(lab.connections)
+
+
+@pytest.mark.parametrize("lab_file", ["proxmox-3node-cluster.yaml", "proxmox-2node-qdevice.yaml"])
+def test_every_link_clears_the_other_boxes(lab_file):
+    """pve-1 to pve-3 would run under pve-2 as a straight line: it bows around it."""
+    from pvelab.lab import load_lab
+    from pvelab.topology import BOX_H, BOX_W, _bezier, route
+
+    lab = load_lab(ROOT / "labs" / lab_file)
+    for c in lab.connections:
+        p0, ctrl, p2 = route(lab, c)
+        for n in lab.nodes:
+            if n.name in (c.source, c.target):
+                continue
+            for i in range(4, 37):
+                x, y = _bezier(p0, ctrl, p2, i / 40)
+                assert not (abs(x - n.diagram[0]) <= BOX_W / 2 and abs(y - n.diagram[1]) <= BOX_H / 2), (
+                    c,
+                    n.name,
+                )
+    straight = [
+        c
+        for c in lab.connections
+        if route(lab, c)[1]
+        != tuple(
+            (a + b) / 2 for a, b in zip(lab.node(c.source).diagram, lab.node(c.target).diagram, strict=True)
+        )
+    ]
+    assert [(c.source, c.target) for c in straight] == (
+        [("pve-1", "pve-3")] if lab_file.startswith("proxmox-3node") else []
+    )
 
 
 def test_gpg_signature(lab, built, tmp_path, monkeypatch):
