@@ -22,6 +22,8 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+    # tests marked `last` use what the others built and tested (the end-to-end nightly)
+    items.sort(key=lambda item: "last" in item.keywords)
     if config.getoption("--full"):
         return
     skip = pytest.mark.skip(reason="image/boot test: run with --full")

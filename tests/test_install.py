@@ -68,3 +68,37 @@ def test_installer_refuses_a_used_disk(built, lab, tmp_path):
     assert run.refused and not run.installed, run.console[-2000:]
     assert "is not blank" in run.console and "nothing was written" in run.console
     assert digest() == before  # every byte of the disk unchanged
+
+
+def test_a_silent_installer_is_killed_retried_once_and_quoted(lab, tmp_path, monkeypatch):
+    """An installer whose console goes quiet (here: UEFI firmware with nothing bootable,
+    waiting at its shell) is killed after the stall timeout, retried once on a fresh
+    disk, then reported with its console's last lines: never a silent 30-minute wait."""
+    from pvelab import installtest
+    from pvelab.artefacts import Layout
+    from pvelab.installtest import InstallError, blank_disk
+
+    node = lab.node("pbs-witness")
+    accel, _ = choose_accel(lab, node, "auto")  # probes with the real build's kernel
+    monkeypatch.setenv("PVELAB_BUILD_DIR", str(tmp_path / "build"))
+    monkeypatch.setitem(installtest.STALL_TIMEOUT, "tcg", 20.0)
+    monkeypatch.setitem(installtest.STALL_TIMEOUT, "kvm", 20.0)
+    fake = Layout(lab.name).artefact(node.name, "installer")
+    fake.parent.mkdir(parents=True)
+    fake.write_bytes(b"\0" * 2**20)  # boots nothing
+    disk = blank_disk(tmp_path / "disk.qcow2", node.disk_gb)
+    lines = []
+    with pytest.raises(InstallError) as err:
+        run_installers(lab, (node,), {node.name: disk}, FIRMWARES["uefi"], accel, tmp_path, lines.append)
+    msg = str(err.value)
+    assert "installer hung (console silent for" in msg and "attempt 2" in msg, msg
+    assert "Shell>" in msg or "UEFI" in msg, msg  # the console's last lines are quoted
+    assert any("HUNG" in line and "retrying once" in line for line in lines), lines
+    assert (tmp_path / "pbs-witness-installer.hung.console.log").exists()
+    assert not installtest_running(tmp_path)
+
+
+def installtest_running(workdir):
+    """A QEMU of this test still running (the runner must stop every VM it started)."""
+    out = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True).stdout
+    return str(workdir) in out
