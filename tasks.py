@@ -241,14 +241,23 @@ def nightly(
         _say_release(rel)
 
 
-@task(help={"boots": "boots of each image for the boot-to-SSH figure (median; default 3)"})
+@task(
+    help={
+        "boots": "boots of each image for the boot-to-SSH figure (median; default 3)",
+        "icount": "also boot each image under TCG -icount (instruction-counted guest time) and report "
+        "systemd-analyze per boot: repeatable figures for changes worth a few percent",
+    }
+)
 @friendly
-def bench(c, boots=3):
+def bench(c, boots=3, icount=False):
     """Stock DIB vs pvelab side by side: build times, boot to SSH, sizes; ratios + JSON."""
     import subprocess
 
     from pvelab.paths import ROOT
 
     raise Exit(
-        code=subprocess.call([sys.executable, str(ROOT / "bench" / "bench.py"), "--boots", str(int(boots))])
+        code=subprocess.call(
+            [sys.executable, str(ROOT / "bench" / "bench.py"), "--boots", str(int(boots))]
+            + (["--icount"] if icount else [])
+        )
     )

@@ -124,6 +124,7 @@ class VmSpec:
     tap: str | None = None  # lab network tap (None: QEMU user net, restricted)
     mac: str | None = None
     target_disk: Path | None = None  # a second, writable disk (the installer's target)
+    icount: bool = False  # TCG: guest time from the instruction count (repeatable figures; bench --icount)
 
     @property
     def console_log(self) -> Path:
@@ -193,6 +194,10 @@ def qemu_command(spec: VmSpec, interactive: bool = False) -> list[str]:
         "-pidfile",
         str(spec.workdir / f"{spec.name}.pid"),
     ]
+    if spec.icount and spec.accel == "tcg":
+        # one instruction = 1 ns of guest time, no waiting for the host clock: a guest's own
+        # timings (systemd-analyze) count instructions, the same in every run
+        args += ["-icount", "shift=0,sleep=off"]
     # Under TCG: QEMU's default CPU without SVM. The lab never runs nested guests, and
     # an SVM flag makes the guest load kvm_amd (and ccp, irqbypass) on every boot.
     args += ["-cpu", "host"] if spec.accel == "kvm" else ["-cpu", "qemu64,-svm"]
