@@ -148,7 +148,6 @@ def nightly(
         same = None if force else unchanged_since(lab, labdir)
         if same is not None:
             status.result, status.release, status.latest = "unchanged", same.name, same.name
-            print(f"nightly: the artefacts are identical to release {same}; nothing published", flush=True)
             return Release(same, same.name, [], new=False)
         layout = Layout(lab.name)
         for media, firmware in BOOT_TESTS:
@@ -163,6 +162,7 @@ def nightly(
         report = layout.rehearsal_dir(REHEARSAL_MEDIA) / "report.json"
         if _passed_on_these_bytes(lab, report, REHEARSAL_MEDIA, MEDIA[REHEARSAL_MEDIA].artefact):
             status.skipped.append(f"rehearsal {REHEARSAL_MEDIA}")
+            print(f"nightly: rehearsal {REHEARSAL_MEDIA} already passed on these bytes", flush=True)
         else:
             stage(f"rehearsal {REHEARSAL_MEDIA}")
             if not rehearse(lab, media=REHEARSAL_MEDIA, accel=accel).passed:
