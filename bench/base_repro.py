@@ -13,7 +13,6 @@ Written to ``build/bench/base-repro/report.json`` and printed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pvelab import image  # noqa: E402
+from pvelab.artefacts import sha256 as sha  # noqa: E402
 from pvelab.disk import loop_partition, mounted  # noqa: E402
 from pvelab.lab import load_lab  # noqa: E402
 from pvelab.paths import DEFAULT_LAB, build_root  # noqa: E402
@@ -33,14 +33,6 @@ from pvelab.run import Steps  # noqa: E402
 
 OUT = build_root() / "bench" / "base-repro"
 OUTPUTS = ("base.raw", "filesystem.squashfs", "vmlinuz", "initrd.img")
-
-
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tree(root: Path) -> dict[str, dict]:

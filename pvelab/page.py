@@ -10,14 +10,20 @@ from .paths import ROOT
 from .topology import Checks, topology_svg
 
 
-def release_page(lab: Lab, manifest: dict, changes_record: dict, checks: Checks) -> str:
-    env = jinja2.Environment(
+def template_env(html: bool) -> jinja2.Environment:
+    """The release documents' templates (``pvelab/templates``); ``html`` escapes values."""
+    return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(ROOT / "pvelab" / "templates")),
         undefined=jinja2.StrictUndefined,
-        autoescape=True,
+        autoescape=html,
         trim_blocks=True,
         lstrip_blocks=True,
+        keep_trailing_newline=True,
     )
+
+
+def release_page(lab: Lab, manifest: dict, changes_record: dict, checks: Checks) -> str:
+    env = template_env(html=True)
     boot_ok = sum(1 for b in manifest["boot_tests"].values() if b["passed"])
     rehearsal_ok = all(r["passed"] for r in manifest["rehearsals"].values())
     if changes_record.get("first_release"):

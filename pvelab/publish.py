@@ -34,16 +34,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
-
 from . import changes
 from .artefacts import BootReport, BuildManifest, Layout, RecordError, RehearsalReport, sha256
 from .errors import PvelabError
 from .iso import INSTALL_WAIT
 from .lab import Lab, Node
 from .media import ARTEFACT_KINDS, MEDIA
-from .page import release_page
-from .paths import ROOT
+from .page import release_page, template_env
 from .quorum import table as quorum_table
 from .secrets import DEFAULT_PASSWORD
 from .topology import checks_from, topology_svg
@@ -351,19 +348,16 @@ def release_manifest(lab: Lab, name: str, checked: dict) -> dict:
 
 
 def _readme(lab: Lab, manifest: dict) -> str:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(ROOT / "pvelab" / "templates")),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    return env.get_template("release-README.md.j2").render(
-        lab=lab,
-        manifest=manifest,
-        quorum_table=quorum_table(lab),
-        default_password=DEFAULT_PASSWORD,
-        install_wait=INSTALL_WAIT,
+    return (
+        template_env(html=False)
+        .get_template("release-README.md.j2")
+        .render(
+            lab=lab,
+            manifest=manifest,
+            quorum_table=quorum_table(lab),
+            default_password=DEFAULT_PASSWORD,
+            install_wait=INSTALL_WAIT,
+        )
     )
 
 
