@@ -268,6 +268,7 @@ class BootReport:
     secure_boot_required: bool = False
     install_seconds: dict[str, float] = field(default_factory=dict)  # --media install: power-on to power-off
     install_attempts: dict[str, int] = field(default_factory=dict)  # 2: the first attempt hung (retried once)
+    lab_sha256: str = ""  # of the lab file the test ran with (a pass counts only for that lab)
     after: Any = None  # what a test's ``after`` hook returned (tests only)
     wall_seconds: float = 0.0
     schema: int = REPORT_SCHEMA
@@ -347,6 +348,7 @@ class RehearsalReport:
     walk_seconds: float = 0.0
     wall_seconds: float = 0.0
     error: str = ""
+    lab_sha256: str = ""  # of the lab file the rehearsal ran with
     schema: int = REHEARSAL_SCHEMA
 
     @property

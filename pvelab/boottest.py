@@ -247,6 +247,7 @@ def boot_test(
             secure_boot_required=fw.secure_boot,
             install_seconds={n: r.seconds for n, r in installs.items()},
             install_attempts={n: r.attempts for n, r in installs.items()},
+            lab_sha256=sha256(lab.path),
         )
         _diagnose(booted, report, analyze)
         if after:

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .artefacts import BootReport, Layout, RecordError, RehearsalReport, write_atomic
+from .artefacts import BootReport, Layout, RecordError, RehearsalReport, sha256, write_atomic
 from .boottest import boot_test
 from .build import build, git_commit
 from .errors import PvelabError
@@ -95,8 +95,8 @@ def _passed_on_these_bytes(lab: Lab, report_path: Path, media: str, kind: str) -
         report = loader.from_json(report_path)
     except RecordError:
         return False
-    if built is None or not report.passed or report.media != media:
-        return False
+    if built is None or not report.passed or report.media != media or report.lab_sha256 != sha256(lab.path):
+        return False  # a pass with another version of the lab file (its scenario, its wiring) does not count
     layout = Layout(lab.name)
     return all(
         report.artefacts.get(n.name) is not None

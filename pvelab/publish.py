@@ -180,11 +180,17 @@ def gate(lab: Lab, kinds: tuple[str, ...] = ARTEFACT_KINDS) -> dict:
         reports = _load_reports(lab)
     except RecordError as exc:
         raise PublishError(f"refusing to publish: {exc}") from None
+    lab_sha = sha256(lab.path)
     for key, r in reports.items():
         if r.lab != lab.name or r.result.scenario != lab.scenario.name:
             problems.append(
                 f"boot-test/{key}: report is of lab {r.lab!r}, scenario "
                 f"{r.result.scenario!r}, not {lab.name!r}/{lab.scenario.name!r}"
+            )
+        elif r.lab_sha256 and r.lab_sha256 != lab_sha:
+            problems.append(
+                f"boot-test/{key}: ran with another version of {lab.path} ({r.lab_file}); "
+                f"run `invoke boot-test --lab {lab.path}` again"
             )
     nodes: dict[str, dict] = {}
     for node in lab.nodes:
@@ -238,6 +244,8 @@ def _rehearsals_on_these_bytes(
         except RecordError as exc:
             problems.append(str(exc))
             continue
+        if r.lab_sha256 and r.lab_sha256 != sha256(lab.path):
+            continue  # a rehearsal of another version of the lab file says nothing about this one
         kind = MEDIA[r.media].artefact
         same = all(
             kind in e["files"]

@@ -385,6 +385,7 @@ def rehearse(
         accel="",
         artefacts={k: ArtefactRef(str(p), sha256(p)) for k, p in refs.items()},
         packages={k: [d.name for d in v.debs] for k, v in packages.items()},
+        lab_sha256=sha256(lab.path),
     )
     try:
         with booted_lab(lab, lab.nodes, medium, fw, accel, outdir, say) as booted:

@@ -15,6 +15,7 @@ from pvelab import nightly as nightly_mod
 from pvelab.artefacts import ArtefactInfo, BuildManifest, Layout
 from pvelab.nightly import NightlyFailed, nightly
 from pvelab.paths import ROOT
+from pvelab.publish import PublishError
 
 
 class Stages(list):
@@ -58,6 +59,16 @@ def test_boot_tests_passed_on_these_bytes_are_not_rerun_and_unchanged_publishes_
     assert stages == ["build"]  # identical artefacts: no test, no publish
     status = json.loads((tmp_path / "rel" / lab.name / "status.json").read_text())
     assert status["result"] == "unchanged" and status["release"] == rel.name
+
+
+def test_passes_with_another_lab_file_are_run_again(lab, stages, tmp_path):
+    make_built(lab)
+    for key in ("qcow2-bios", "iso-bios", "install-bios"):
+        report = Layout(lab.name).root / "boot-test" / key / "report.json"
+        report.write_text(report.read_text().replace(_sha(lab.path), "0" * 64))
+    with pytest.raises(PublishError, match="ran with another version of"):
+        nightly(lab, tmp_path / "rel", None, "tcg", None)  # the stand-in boot tests write no report
+    assert stages[:4] == ["build", "boot-test qcow2/bios", "boot-test iso/bios", "boot-test iso/uefi-sb"]
 
 
 def test_failed_nightly_is_loud_and_harmless(lab, stages, tmp_path):

@@ -99,6 +99,7 @@ def write_report(lab, media, firmware, shas, passed, lab_name=None):
         result=result,
         ssh_ready_seconds={"pve-1": 150.0},
         wall_seconds=200.0,
+        lab_sha256=_sha(lab.path),
     )
     (out / "report.json").write_text(report.to_json())
     (out / "junit.xml").write_text('<?xml version="1.0"?><testsuite name="x" tests="0"/>')
@@ -262,6 +263,15 @@ def test_kill_minus_9_midway(lab, built, tmp_path, step):
     rel = publish(lab, dest, force=True)
     assert (labdir / "latest").resolve() == rel.path
     assert not list(labdir.glob(".pvelab-stage-*"))
+
+
+def test_a_pass_with_another_lab_file_does_not_count(lab, built, tmp_path):
+    report = report_dir(lab, "qcow2", "bios") / "report.json"
+    data = json.loads(report.read_text())
+    data["lab_sha256"] = "0" * 64  # ran with an edited lab file (another scenario, say)
+    report.write_text(json.dumps(data))
+    with pytest.raises(PublishError, match=r"boot-test/qcow2-bios: ran with another version of"):
+        publish(lab, tmp_path / "rel")
 
 
 def test_identical_artefacts_publish_nothing_new(lab, built, tmp_path):
