@@ -118,7 +118,7 @@ def test_sbom_licences_from_dep5_copyright(tmp_path):
     doc = tmp_path / "usr/share/doc"
     (doc / "a").mkdir(parents=True)
     (doc / "a/copyright").write_text(
-        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\n"
+        "Format: https://example.invalid/copyright-format/1.0/\n\n"
         "Files: *\nLicense: GPL-2+ or Expat\n\nFiles: x\nLicense: BSD-3-clause\n Some text\n"
     )
     (doc / "b").mkdir()
