@@ -87,12 +87,14 @@ def _logs(lab: Lab, stage: str) -> list[str]:
     return []
 
 
-def _passed_on_these_bytes(lab: Lab, report_path: Path, media: str, kind: str) -> bool:
+def _passed_on_these_bytes(
+    lab: Lab, report_path: Path, record: type[BootReport] | type[RehearsalReport], media: str
+) -> bool:
     """A passed boot test / rehearsal report whose artefacts are exactly the built ones."""
+    kind = MEDIA[media].artefact
     built = built_files(lab, (kind,))
     try:
-        loader = RehearsalReport if "rehearsal" in report_path.parts else BootReport
-        report = loader.from_json(report_path)
+        report = record.from_json(report_path)
     except RecordError:
         return False
     if built is None or not report.passed or report.media != media or report.lab_sha256 != sha256(lab.path):
@@ -152,7 +154,7 @@ def nightly(
         layout = Layout(lab.name)
         for media, firmware in BOOT_TESTS:
             report = layout.boot_test_dir(media, firmware) / "report.json"
-            if _passed_on_these_bytes(lab, report, media, MEDIA[media].artefact):
+            if _passed_on_these_bytes(lab, report, BootReport, media):
                 status.skipped.append(f"boot-test {media}/{firmware}")
                 print(f"nightly: boot test {media}/{firmware} already passed on these bytes", flush=True)
                 continue
@@ -160,7 +162,7 @@ def nightly(
             if not boot_test(lab, media=media, firmware=firmware, accel=accel).passed:
                 raise NightlyFailed(f"boot test {media}/{firmware} FAILED")
         report = layout.rehearsal_dir(REHEARSAL_MEDIA) / "report.json"
-        if _passed_on_these_bytes(lab, report, REHEARSAL_MEDIA, MEDIA[REHEARSAL_MEDIA].artefact):
+        if _passed_on_these_bytes(lab, report, RehearsalReport, REHEARSAL_MEDIA):
             status.skipped.append(f"rehearsal {REHEARSAL_MEDIA}")
             print(f"nightly: rehearsal {REHEARSAL_MEDIA} already passed on these bytes", flush=True)
         else:
