@@ -29,7 +29,7 @@ def release_page(lab: Lab, manifest: dict, changes_record: dict, checks: Checks)
     if changes_record.get("first_release"):
         change_line = "first release"
     else:
-        changed = [p for p in changes_record["packages"]]
+        changed = changes_record["packages"]
         security = [p for p in changed if p["security"]]
         change_line = (
             f"{len(changed)} package change(s)"

@@ -222,7 +222,7 @@ def gate(lab: Lab, kinds: tuple[str, ...] = ARTEFACT_KINDS) -> dict:
         nodes[node.name] = entry
     if problems:
         raise PublishError("refusing to publish:\n  - " + "\n  - ".join(problems))
-    rehearsals = _rehearsals_on_these_bytes(lab, nodes, problems)
+    rehearsals = _rehearsals_on_these_bytes(lab, nodes, problems, lab_sha)
     if problems:
         raise PublishError("refusing to publish:\n  - " + "\n  - ".join(problems))
     used = {k for e in nodes.values() for f in e["files"].values() for k in f["boot_tests"]}
@@ -234,7 +234,7 @@ def gate(lab: Lab, kinds: tuple[str, ...] = ARTEFACT_KINDS) -> dict:
 
 
 def _rehearsals_on_these_bytes(
-    lab: Lab, nodes: dict[str, dict], problems: list[str]
+    lab: Lab, nodes: dict[str, dict], problems: list[str], lab_sha: str
 ) -> dict[str, RehearsalReport]:
     """Rehearsals run on exactly the gated files: a failed one blocks the release like a failed boot test."""
     out = {}
@@ -244,7 +244,7 @@ def _rehearsals_on_these_bytes(
         except RecordError as exc:
             problems.append(str(exc))
             continue
-        if r.lab_sha256 and r.lab_sha256 != sha256(lab.path):
+        if r.lab_sha256 and r.lab_sha256 != lab_sha:
             continue  # a rehearsal of another version of the lab file says nothing about this one
         kind = MEDIA[r.media].artefact
         same = all(
