@@ -115,6 +115,9 @@ def test_single_node_boots(built, lab, media, firmware):
         m.wait_for_unit(node.role_def.unit)
         m.wait_for_open_port(5403)
         cmdline = m.succeed("cat /proc/cmdline")
+        # the initramfs runs without address-space randomisation (scripts/init-top/pvelab-aslr);
+        # the booted system must have it back
+        assert m.succeed("cat /proc/sys/kernel/randomize_va_space").strip() == "2"
         if medium.artefact == "iso":
             assert "boot=live" in cmdline
         else:  # the installed layout: GPT, BIOS boot + ESP + root grown to the disk
