@@ -18,8 +18,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .disk import loop_disk, loop_partition, mounted
-from .run import Steps
+from .disk import copy_data, loop_disk, mounted, partition_extent
+from .run import StepError, Steps
 from .signedboot import SignedBoot
 
 MIB = 1024**2
@@ -70,11 +70,18 @@ def _make(base_raw: Path, tmp: Path, signed: SignedBoot, steps: Steps) -> None:
     with open(tmp, "wb") as fh:
         fh.truncate(base_raw.stat().st_size + (BIOS_BOOT_MIB + ESP_MIB + 2) * MIB)
     steps.run(["sfdisk", "--no-reread", "--no-tell-kernel", str(tmp)], input=LAYOUT.encode())
+    # the base's root file system into partition 3, its data extents only (not 2 GB of dd)
+    src_offset, src_size = partition_extent(base_raw, 1)
+    dst_offset, dst_size = partition_extent(tmp, ROOT_PARTITION)
+    if dst_size < src_size:
+        raise StepError(f"{tmp}: root partition ({dst_size} B) smaller than the base's ({src_size} B)")
+    copied = copy_data(base_raw, src_offset, src_size, tmp, dst_offset)
+    steps.log(
+        f"copied {copied / 1e6:.0f} MB of data (of {src_size / 1e6:.0f} MB) into partition {ROOT_PARTITION}"
+    )
     work = tmp.parent / "disk.mnt"
     with loop_disk(tmp, steps, partitions=ROOT_PARTITION) as dev:
         root, esp = f"{dev}p{ROOT_PARTITION}", f"{dev}p{ESP_PARTITION}"
-        with loop_partition(base_raw, steps, read_only=True) as src:
-            steps.run(["dd", f"if={src}", f"of={root}", "bs=4M", "conv=sparse,fsync", "status=none"])
         uuid = steps.capture(["blkid", "-s", "UUID", "-o", "value", root]).strip()
         steps.run(["mkfs.vfat", "-F", "32", "-n", "ESP", esp])
         # mtools, not a mount: FAT needs no kernel module on the build host

@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from . import bootdisk, image, iso, repro, sbom
 from .artefacts import ArtefactInfo, BuildManifest, Layout, sha256
@@ -360,14 +362,82 @@ def build(lab: Lab, names: list[str] | None = None, force_base: bool = False) ->
     base_steps = Steps("base", layout.base_log)
     base = image.build_base(lab, base_steps, force=force_base)
     live = image.live_parts(base, base_steps)
-    live = dataclasses.replace(live, disk=bootdisk.base_disk(base.raw, live.signed, base_steps))
+    disk = bootdisk.base_disk(base.raw, live.signed, base_steps)
+    live = dataclasses.replace(live, disk=disk)
     epoch = repro.source_date_epoch(base.info.get("archive_state", {}))
-    results = []
+    # what every node's installer ISO shares is made once, before the nodes run side by side
+    bootdisk.install_payload(disk, base_steps)
+    jobs = []
     for n in nodes:
         log = layout.build_log(n.name)
         log.write_text(
             f"pvelab build of {n.name}; base {base.key} (its DIB output: {base_steps.log_path}); "
             f"SOURCE_DATE_EPOCH={epoch}\n"
         )
-        results.append(build_node(lab, n, base, live, Steps(n.name, log, env=repro.tool_env(epoch))))
-    return results
+        jobs.append((lab, n, base, live, Steps(n.name, log, env=repro.tool_env(epoch))))
+    return _run_nodes(jobs)
+
+
+def _die_with_parent() -> None:
+    """A node build in a worker process ends when the build it belongs to is killed
+    (PR_SET_PDEATHSIG), as it would have as part of that one process."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+_STOP: Any = None  # multiprocessing.Event of a parallel build: set when it is interrupted
+
+
+def _node_job(*job: Any) -> NodeBuild:
+    if _STOP is not None and _STOP.is_set():
+        raise KeyboardInterrupt("the build was interrupted before this node started")
+    return build_node(*job)
+
+
+def _run_nodes(jobs: list[tuple]) -> list[NodeBuild]:
+    """Build the nodes, two or more at a time when the host has the cores: a node's build
+    is mostly single-threaded (qemu-img, pycdlib, debugfs) and writes only its own
+    folder. Worker processes, not threads: pycdlib's clock is replaced per process
+    (repro.fixed_clock). The first failure is raised once every started node has ended."""
+    workers = min(len(jobs), os.cpu_count() or 1, 4)
+    if workers < 2:
+        return [build_node(*job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    global _STOP
+    ctx = multiprocessing.get_context("fork")
+    _STOP = ctx.Event()  # inherited by the forked workers
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_die_with_parent) as pool:
+            futures = [pool.submit(_node_job, *job) for job in jobs]
+            try:
+                errors = [f.exception() for f in futures]
+            except BaseException:
+                # interrupted: no queued node starts, the running ones stop through their
+                # own cleanup (as Ctrl-C in a terminal would)
+                _STOP.set()
+                for f in futures:
+                    f.cancel()
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    if proc.pid and proc.is_alive():
+                        os.kill(proc.pid, signal.SIGINT)
+                raise
+    except BaseException:
+        # a worker interrupted between a mount or losetup and its cleanup leaves them: the
+        # workers have ended here, so what is left under a node's .work is released
+        for lab, node, *_ in jobs:
+            work = Layout(lab.name).node_dir(node.name) / ".work"
+            release_leftovers(work)
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return [f.result() for f in futures]

@@ -488,6 +488,38 @@ def test_interrupted_build_keeps_the_last_good_artefacts(built, lab, sig):
     assert str(ndir) not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
 
 
+def test_interrupted_parallel_build_replaces_nothing_and_leaves_nothing(built, lab):
+    """All four nodes build side by side (worker processes); Ctrl-C while they run stops
+    every worker, starts no queued node, replaces no artefact and leaves no .work folder,
+    mount or loop device, whatever each worker was doing at the moment."""
+    import signal as signals
+    import sys
+    import time
+
+    from pvelab.paths import ROOT
+
+    layout = Layout(lab.name)
+    files = [layout.artefact(n, kind) for n in NODES for kind in ("qcow2", "iso")]
+    before = {p.name: _sha(p) for p in files}
+    log = layout.build_log("pve-1")
+    log.write_text("")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "invoke", "build"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while "== qcow2" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "build ended before pve-1's qcow2 stage"
+        time.sleep(0.05)
+    proc.send_signal(signals.SIGINT)
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode != 0
+    assert "built " not in err, err[-2000:]  # no node finished after the interrupt
+    assert {p.name: _sha(p) for p in files} == before
+    assert not [n for n in NODES if (layout.node_dir(n) / ".work").exists()]
+    assert str(layout.root) not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert str(layout.root) not in Path("/proc/mounts").read_text()
+
+
 def _sha(p):
     import hashlib
 
