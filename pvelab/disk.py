@@ -129,7 +129,9 @@ def squash(tree: Path, out: Path, steps: Steps, fast: bool = False, all_time: in
     Reproducible: the file system's time is SOURCE_DATE_EPOCH when ``steps.env`` has it;
     ``all_time`` also sets every file's time (node layers, written moments ago).
     """
-    level = "3" if fast else "15"  # 15: nearly 19's size in about half its time
+    # zstd 9, not 15: the base squashfs in 1.8 s instead of 10.2 s for 4.5 % more bytes
+    # (129 vs 124 MB); unpacking speed is the same at every level
+    level = "3" if fast else "9"
     epoch = steps.env.get("SOURCE_DATE_EPOCH")
     times = (["-mkfs-time", epoch] if epoch else []) + (
         ["-all-time", str(all_time)] if all_time is not None else []

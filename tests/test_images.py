@@ -114,6 +114,18 @@ def test_root_fs_uses_the_disk(roots, lab, name):
     assert st.f_blocks * st.f_frsize > 0.9 * lab.node(name).disk_gb * 1024**3
 
 
+def test_kernel_payload_is_pruned_and_indexed(roots):
+    """Module trees no node loads never reach the image (dpkg path-exclude), and the
+    kernel's own depmod indexed what is there: the storage and NIC drivers resolve."""
+    (kdir,) = (roots["pve-1"] / "usr/lib/modules").iterdir()
+    for gone in ("sound", "drivers/gpu", "drivers/net/wireless", "drivers/media"):
+        assert not list((kdir / "kernel" / gone).rglob("*.ko*")), gone  # (empty folders may stay)
+    dep = (kdir / "modules.dep").read_text()
+    assert "kernel/sound/" not in dep and "kernel/drivers/gpu/" not in dep
+    for needed in ("virtio_blk", "virtio_net", "ahci", "nvme", "megaraid_sas", "usb-storage"):
+        assert re.search(rf"/{needed}\.ko(\.xz|\.zst)?:", dep), needed
+
+
 @pytest.mark.parametrize("name", NODES)
 def test_spec_files_modes_owners(roots, lab, name):
     root = roots[name]
