@@ -152,7 +152,9 @@ def build_base(lab: Lab, steps: Steps, force: bool = False) -> Base:
             return Base(key, final)
         steps.say(f"base {key}: building (archive: {_describe(state)})")
         work = root / f"{key}.tmp"
-        shutil.rmtree(work, ignore_errors=True)
+        # what killed base builds left (of any key): none can be running, they hold the lock
+        for stale in root.glob("*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         work.mkdir()
         with steps.stage(f"base image (DIB, key {key})"):
             cmd = [

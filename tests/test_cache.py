@@ -53,3 +53,40 @@ def test_template_and_node_identity_do_not_change_the_key(lab, raw_lab, write_la
     assert key(load_lab(write_lab(raw_lab))) == key(lab)
     inputs = image.base_inputs(lab)
     assert not any(k.startswith("overlays") for k in inputs["element_files"])
+
+
+def test_a_base_build_clears_what_killed_builds_left(lab, tmp_path, monkeypatch):
+    """Half-written base folders (``<key>.tmp``) of builds that were killed are removed
+    by the next base build, under the lock that keeps two from running at once; a
+    failing build leaves its own behind for reading, and no finished base is touched."""
+    import pytest
+
+    from pvelab import archive
+    from pvelab.run import StepError, Steps
+
+    state = {"trixie": archive.SuiteState("trixie", "http://mirror.invalid/debian", "ab" * 32, "d", "13")}
+    monkeypatch.setattr(archive, "fetch_state", lambda release: state)
+    monkeypatch.setenv("PVELAB_CACHE_DIR", str(tmp_path / "cache"))
+    real_run = Steps.run
+
+    def failing_dib(self, cmd, *args, **kwargs):
+        if cmd[0] == "disk-image-create":
+            raise StepError("fake DIB: failing on purpose")
+        return real_run(self, cmd, *args, **kwargs)
+
+    monkeypatch.setattr(Steps, "run", failing_dib)
+    root = tmp_path / "cache" / "base"
+    (root / "0123456789abcdef.tmp" / "base").mkdir(parents=True)  # killed, another key
+    (root / "fedcba9876543210").mkdir()  # a finished base
+    (root / "fedcba9876543210" / "base.json").write_text("{}")
+    with pytest.raises(StepError):
+        image.build_base(lab, Steps("base", tmp_path / "base.log"))
+    assert not (root / "0123456789abcdef.tmp").exists()
+    assert (root / "fedcba9876543210" / "base.json").exists()
+    assert [p.name for p in root.glob("*.tmp")] == [f"{key_with(lab, state)}.tmp"]
+
+
+def key_with(lab, state):
+    from pvelab import archive
+
+    return image.base_key(dict(image.base_inputs(lab), archive=archive.key_part(state)))
