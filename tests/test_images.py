@@ -276,6 +276,8 @@ def test_lean_disk_boot_and_live_initramfs(roots, built, tmp_path):
         "scripts/init-top/pvelab-coldplug",
         "scripts/local-block/pvelab-coldplug",
         "scripts/init-bottom/pvelab-move-dev",
+        "scripts/init-top/pvelab-aslr",  # no ASLR while the initramfs runs, restored at the end
+        "scripts/init-bottom/pvelab-aslr",
     } <= set(names)
     assert b"\x28\xb5\x2f\xfd" in disk[0].read_bytes()[: 4 << 20], "disk initramfs not zstd"
     pkgs = installed(root)
@@ -291,7 +293,14 @@ def test_lean_disk_boot_and_live_initramfs(roots, built, tmp_path):
     _xorriso(built["pve-1"].iso, "-osirrox", "on", "-extract", "/live/initrd.img", str(tmp_path / "i"))
     live = initrd_names(tmp_path / "i")
     assert "usr/bin/live-boot" in live and any(n.endswith("/squashfs.ko.xz") for n in live)
-    assert "usr/lib/systemd/systemd-udevd" in live and not any("pvelab-" in n for n in live)
+    assert "usr/lib/systemd/systemd-udevd" in live
+    assert not any(p in n for n in live for p in ("pvelab-coldplug", "pvelab-move-dev", "pvelab-no-udev"))
+    assert {"scripts/init-top/pvelab-aslr", "scripts/init-bottom/pvelab-aslr"} <= set(live)
+    # no network drivers (but virtio_net) and no iSCSI: the live media are a CD or a USB stick
+    net = [n for n in live if "/drivers/net/" in n and ".ko" in n]
+    assert sorted(n.split("/")[-1] for n in net) == ["net_failover.ko.xz", "virtio_net.ko.xz"], net
+    assert not [n for n in live if "iscsi" in n.split("/")[-1] and ".ko" in n]
+    assert "usr/sbin/iscsistart" not in live and "scripts/local-top/iscsi" not in live
 
 
 def _xorriso(iso, *args):
