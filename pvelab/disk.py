@@ -83,7 +83,7 @@ def partition_extent(image: Path, number: int) -> tuple[int, int]:
     table = json.loads(res.stdout)["partitiontable"]
     sector = int(table.get("sectorsize", 512))
     for part in table["partitions"]:
-        if part["node"].endswith(str(number)) and part["node"][: -len(str(number))].endswith(image.name):
+        if part["node"] == f"{table['device']}{number}":
             return int(part["start"]) * sector, int(part["size"]) * sector
     raise StepError(f"{image}: no partition {number}")
 
