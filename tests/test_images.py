@@ -231,11 +231,11 @@ def test_identity_hygiene(roots, name):
     assert "console=ttyS0" in grub and re.search(r"set timeout=0\b", grub)
 
 
-def initrd_names(path: Path) -> list[str]:
-    """File names in an initramfs: concatenated newc cpio archives, each plain, gzip or zstd."""
+def initrd_files(path: Path) -> dict[str, bytes]:
+    """Files in an initramfs: concatenated newc cpio archives, each plain, gzip or zstd."""
     import gzip
 
-    data, names = path.read_bytes(), []
+    data, files = path.read_bytes(), {}
     while data := data.lstrip(b"\0"):
         if data[:2] == b"\x1f\x8b":
             data = gzip.decompress(data)  # the compressed main archive ends the file
@@ -249,12 +249,13 @@ def initrd_names(path: Path) -> list[str]:
             size, namesize = int(data[off + 54 : off + 62], 16), int(data[off + 94 : off + 102], 16)
             name = data[off + 110 : off + 110 + namesize - 1].decode()
             off = (off + 110 + namesize + 3) & ~3
+            body = data[off : off + size]
             off = (off + size + 3) & ~3
             if name == "TRAILER!!!":
                 break
-            names.append(name)
+            files[name] = body
         data = data[off:]
-    return names
+    return files
 
 
 def test_lean_disk_boot_and_live_initramfs(roots, built, tmp_path):
@@ -265,7 +266,8 @@ def test_lean_disk_boot_and_live_initramfs(roots, built, tmp_path):
     assert linux and " quiet" in linux[0], linux  # the default entry (recovery stays verbose)
     disk = sorted((root / "boot").glob("initrd.img-*"))
     assert len(disk) == 1 and not (root / "boot/pvelab-live").exists()
-    names = initrd_names(disk[0])
+    files = initrd_files(disk[0])
+    names = list(files)
     assert any(n.endswith("/virtio_blk.ko.xz") for n in names)
     assert any(n.endswith("/ext4.ko.xz") for n in names)
     assert not any("live" in n.split("/")[-1] or "/live/" in n for n in names), "live-boot in disk initrd"
@@ -291,7 +293,8 @@ def test_lean_disk_boot_and_live_initramfs(roots, built, tmp_path):
     assert "ExecStartPre=\n" in (root / "etc/systemd/system/ssh.service.d/10-pvelab.conf").read_text()
     # the ISO boots live-boot's initramfs
     _xorriso(built["pve-1"].iso, "-osirrox", "on", "-extract", "/live/initrd.img", str(tmp_path / "i"))
-    live = initrd_names(tmp_path / "i")
+    live_files = initrd_files(tmp_path / "i")
+    live = list(live_files)
     assert "usr/bin/live-boot" in live and any(n.endswith("/squashfs.ko.xz") for n in live)
     assert "usr/lib/systemd/systemd-udevd" in live
     assert not any(p in n for n in live for p in ("pvelab-coldplug", "pvelab-move-dev", "pvelab-no-udev"))
@@ -301,6 +304,15 @@ def test_lean_disk_boot_and_live_initramfs(roots, built, tmp_path):
     assert sorted(n.split("/")[-1] for n in net) == ["net_failover.ko.xz", "virtio_net.ko.xz"], net
     assert not [n for n in live if "iscsi" in n.split("/")[-1] and ".ko" in n]
     assert "usr/sbin/iscsistart" not in live and "scripts/local-top/iscsi" not in live
+    # no modprobe for the kernel's requests before /init; the first init-top script puts it back
+    for image, first_user in ((files, "pvelab-coldplug"), (live_files, "udev")):
+        assert "usr/sbin/modprobe" not in image and "usr/sbin/modprobe.pvelab-late" in image
+        order = [
+            l.split()[0].rsplit("/", 1)[-1]
+            for l in image["scripts/init-top/ORDER"].decode().splitlines()
+            if l.startswith("/scripts/")
+        ]
+        assert order.index("pvelab-modprobe") < order.index(first_user), order
 
 
 def _xorriso(iso, *args):
