@@ -4,14 +4,17 @@ The scenario comes from the lab model (never a second copy). Each assertion runs
 its ``on_vm`` through an executor ``(vm, command) -> (exit status, output)`` (SSH on
 the booted guests; a local shell in the fast tests) and is polled until it passes or
 its deadline passes. What each assertion type runs and when it passes is defined once,
-in :mod:`pvelab.assertions`.
+in :mod:`pvelab.assertions`. Tests run one after the other; inside a test, the VMs are
+polled side by side (each VM's own assertions in the lab file's order), and the results
+keep the lab file's order.
 """
 
 from __future__ import annotations
 
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .artefacts import AssertionResult, BootReport, ScenarioResult, TestResult, write_atomic
@@ -58,6 +61,29 @@ def run_assertion(a: Assertion, execute: Executor, timeout: float, interval: flo
         time.sleep(interval)
 
 
+def run_test_assertions(
+    assertions: Sequence[Assertion], execute: Executor, timeout: float, interval: float
+) -> list[AssertionResult]:
+    """One test's assertions: one worker per VM, each VM's in order; results in file order."""
+    by_vm: dict[str, list[int]] = {}
+    for i, a in enumerate(assertions):
+        by_vm.setdefault(a.on_vm, []).append(i)
+    results: dict[int, AssertionResult] = {}
+
+    def run_vm(indices: list[int]) -> None:
+        for i in indices:
+            results[i] = run_assertion(assertions[i], execute, timeout, interval)
+
+    if len(by_vm) <= 1:
+        for indices in by_vm.values():
+            run_vm(indices)
+    else:
+        with ThreadPoolExecutor(max_workers=len(by_vm), thread_name_prefix="assert") as pool:
+            for done in [pool.submit(run_vm, indices) for indices in by_vm.values()]:
+                done.result()
+    return [results[i] for i in range(len(assertions))]
+
+
 def run_scenario(
     scenario: Scenario, execute: Executor, timeout: float = 120.0, interval: float = 3.0
 ) -> ScenarioResult:
@@ -65,7 +91,7 @@ def run_scenario(
     tests = []
     for test in scenario.custom_tests:
         ts = time.monotonic()
-        results = [run_assertion(a, execute, timeout, interval) for a in test.assertions]
+        results = run_test_assertions(test.assertions, execute, timeout, interval)
         tests.append(
             TestResult(test.name, all(r.passed for r in results), round(time.monotonic() - ts, 2), results)
         )

@@ -3,6 +3,7 @@
 import json
 import socket
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -213,3 +214,29 @@ def test_missing_qemu_is_one_clear_line(lab, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing on it
     with pytest.raises(BootTestError, match="qemu-system-x86_64 not found: it boots the lab"):
         boot_test(lab, media="qcow2", firmware="bios", accel="tcg")
+
+
+def test_a_tests_vms_are_polled_side_by_side_each_vm_in_order():
+    """Inside one test the VMs run at once; one VM's assertions run one after another."""
+    spans: list[tuple[str, str, float, float]] = []
+
+    def timed(vm, command):
+        t0 = time.monotonic()
+        status, out = local(vm, command)
+        spans.append((vm, command, t0, time.monotonic()))
+        return status, out
+
+    assertions = tuple(
+        Assertion("command_output", vm, command=f"sleep 0.4; echo {vm}-{n}", expected_output=f"{vm}-{n}")
+        for n in (1, 2)
+        for vm in ("a", "b")
+    )
+    report = run_scenario(Scenario("s", (CustomTest("t", assertions),)), timed, timeout=5, interval=0.2)
+    assert report.passed, summary(report)
+    # results in the lab file's order, not in the order they finished
+    assert [a.last_output for a in report.tests[0].assertions] == ["a-1", "b-1", "a-2", "b-2"]
+    by_vm = {vm: sorted(s[2:] for s in spans if s[0] == vm) for vm in ("a", "b")}
+    for (_s1, e1), (s2, _e2) in [by_vm["a"], by_vm["b"]]:
+        assert e1 <= s2  # same VM: the second starts after the first ended
+    (a_start, a_end), (b_start, b_end) = by_vm["a"][0], by_vm["b"][0]
+    assert a_start < b_end and b_start < a_end  # different VMs: overlapping
