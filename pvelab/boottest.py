@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,6 +231,10 @@ def boot_test(
     outdir = outdir or Layout(lab.name).boot_test_dir(medium.name, fw.value)
     say = Progress("boot-test")
     refs = {n.name: artefact(lab, n, medium.artefact) for n in nodes}
+    # the tested artefacts' digests (hundreds of MB) are taken while the VMs boot
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+    hashed = hasher.submit(lambda: {k: ArtefactRef(str(p), sha256(p)) for k, p in refs.items()})
+    hasher.shutdown(wait=False)
     disks, installs = _install_first(lab, nodes, medium, fw, accel, outdir, say)
     with booted_lab(lab, nodes, medium, fw, accel, outdir, say, disks) as booted:
         report = BootReport(
@@ -239,7 +244,7 @@ def boot_test(
             firmware=fw.value,
             accel=booted.accel,
             accel_reason=booted.accel_reason,
-            artefacts={k: ArtefactRef(str(p), sha256(p)) for k, p in refs.items()},
+            artefacts=hashed.result(),
             result=_scenario(booted, timeout),
             ssh_ready_seconds=booted.ssh_ready_seconds,
             dhcp_leases=booted.net.leases(),
