@@ -74,13 +74,8 @@ def run_test_assertions(
         for i in indices:
             results[i] = run_assertion(assertions[i], execute, timeout, interval)
 
-    if len(by_vm) <= 1:
-        for indices in by_vm.values():
-            run_vm(indices)
-    else:
-        with ThreadPoolExecutor(max_workers=len(by_vm), thread_name_prefix="assert") as pool:
-            for done in [pool.submit(run_vm, indices) for indices in by_vm.values()]:
-                done.result()
+    with ThreadPoolExecutor(max_workers=max(1, len(by_vm)), thread_name_prefix="assert") as pool:
+        list(pool.map(run_vm, by_vm.values()))  # re-raises a worker's exception
     return [results[i] for i in range(len(assertions))]
 
 
