@@ -96,7 +96,8 @@ class LabNet:
         # no address yet waits out ARP; with the kernel's defaults a guest that takes its
         # DHCP address just after a request went unanswered is noticed up to a second
         # late, which every "SSH up after" figure then carries.
-        _ip("sysctl", "-q", "-w", *(f"net.ipv4.neigh.{self.bridge}.{k}={v}" for k, v in NEIGH_PROBING.items()), ns=ns)
+        probing = [f"net.ipv4.neigh.{self.bridge}.{k}={v}" for k, v in NEIGH_PROBING.items()]
+        _ip("sysctl", "-q", "-w", *probing, ns=ns)
         for vm in self.vms:
             tap = self.taps[vm]
             _ip("ip", "tuntap", "add", "dev", tap, "mode", "tap", ns=ns)
