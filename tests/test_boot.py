@@ -6,6 +6,7 @@ These are the gate for everything published. They take minutes under TCG.
 import dataclasses
 import json
 import os
+import re
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -118,6 +119,13 @@ def test_single_node_boots(built, lab, media, firmware):
         # the initramfs runs without address-space randomisation (scripts/init-top/pvelab-aslr);
         # the booted system must have it back
         assert m.succeed("cat /proc/sys/kernel/randomize_va_space").strip() == "2"
+        # coldplug ran both its triggers, network interfaces first (install.d/60-pvelab-system),
+        # and the interface carries its predictable name
+        trigger = m.succeed("systemctl show -p ExecStart --value systemd-udev-trigger.service")
+        assert trigger.count("udevadm trigger") == 2, trigger
+        assert len(re.findall(r"code=exited ; status=0 ", trigger)) == 2, trigger
+        assert trigger.index("--subsystem-match=net --settle") < trigger.index("--type=all"), trigger
+        assert any(n.startswith("en") for n in m.succeed("ls /sys/class/net").split())
         if medium.artefact == "iso":
             assert "boot=live" in cmdline
         else:  # the installed layout: GPT, BIOS boot + ESP + root grown to the disk

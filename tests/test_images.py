@@ -291,6 +291,14 @@ def test_lean_disk_boot_and_live_initramfs(roots, built, tmp_path):
         assert os.readlink(root / "etc/systemd/system-generators" / gen) == "/dev/null"
     assert os.readlink(root / "etc/systemd/system/sys-kernel-debug.mount") == "/dev/null"
     assert "ExecStartPre=\n" in (root / "etc/systemd/system/ssh.service.d/10-pvelab.conf").read_text()
+    # udev coldplug names network interfaces first, then runs Debian's own line unchanged
+    trigger = root / "etc/systemd/system/systemd-udev-trigger.service.d/10-pvelab.conf"
+    upstream = (root / "usr/lib/systemd/system/systemd-udev-trigger.service").read_text()
+    assert [l for l in trigger.read_text().splitlines() if l.startswith("ExecStart=")] == [
+        "ExecStart=",
+        "ExecStart=-udevadm trigger --type=devices --action=add --subsystem-match=net --settle",
+        *[l for l in upstream.splitlines() if l.startswith("ExecStart=")],
+    ]
     # the ISO boots live-boot's initramfs
     _xorriso(built["pve-1"].iso, "-osirrox", "on", "-extract", "/live/initrd.img", str(tmp_path / "i"))
     live_files = initrd_files(tmp_path / "i")
