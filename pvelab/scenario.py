@@ -22,6 +22,10 @@ from .assertions import Assertion
 from .lab import Scenario
 
 Executor = Callable[[str, str], tuple[int, str]]
+# Pause before an assertion's next attempt. Each attempt runs a command in a guest that
+# may still be booting, so not much shorter; a scenario started right after the last SSH
+# login mostly waits for services that are seconds away, so not much longer.
+RETRY_INTERVAL = 1.0
 
 
 def run_assertion(a: Assertion, execute: Executor, timeout: float, interval: float) -> AssertionResult:
@@ -80,7 +84,7 @@ def run_test_assertions(
 
 
 def run_scenario(
-    scenario: Scenario, execute: Executor, timeout: float = 120.0, interval: float = 3.0
+    scenario: Scenario, execute: Executor, timeout: float = 120.0, interval: float = RETRY_INTERVAL
 ) -> ScenarioResult:
     t0 = time.monotonic()
     tests = []
