@@ -418,7 +418,7 @@ def main(argv: list[str]) -> int:
         print(f"  {'MET ' if ok else 'MISS'} {k:22s} {v:8.2f}  (target <= {limit}; {what})")
     print(f"\n{met} of {len(ratios)} targets met")
     if icount:
-        print("\nunder -icount (guest seconds = instructions / 1e9; repeatable run to run):")
+        print("\nunder -icount (guest seconds = instructions / 1e9; steadier than wall time, not exact):")
         for label, r in icount.items():
             g = r["guest"]
             print(

@@ -124,7 +124,7 @@ class VmSpec:
     tap: str | None = None  # lab network tap (None: QEMU user net, restricted)
     mac: str | None = None
     target_disk: Path | None = None  # a second, writable disk (the installer's target)
-    icount: bool = False  # TCG: guest time from the instruction count (repeatable figures; bench --icount)
+    icount: bool = False  # TCG: guest time from the instruction count (bench --icount)
 
     @property
     def console_log(self) -> Path:
