@@ -5,6 +5,7 @@ invoke recipes                   JSON recipes + scenario in build/<lab>/recipes/
 invoke build [--node pve-1]      qcow2 + ISO + manifest per node in build/<lab>/<node>/
 invoke boot-test [--media iso --firmware uefi]   boot all four, run the scenario
 invoke boot --node pve-1         one node on this terminal
+invoke up [--cluster]            boot the lab and leave it running; status, ssh, console, fault, down
 invoke publish [--dest DIR] [--keep N]   gated, atomic release of tested artefacts
 invoke nightly [--dest DIR]      build; if changed: boot-test every medium, rehearse, publish
 invoke bench                     stock DIB vs pvelab: times, sizes, ratios
@@ -140,16 +141,118 @@ def boot_test(
         "firmware": "bios or uefi",
         "accel": "auto, kvm or tcg",
         "keep_going": "walk every step even after a mismatch",
+        "keep": "leave the lab running at the end (invoke status / ssh / down), as invoke up does",
+        "running": "walk the lab that `invoke up --cluster` left running (it stays up)",
     }
 )
 @friendly
-def rehearse(c, lab=str(DEFAULT_LAB), media="qcow2", firmware="bios", accel="auto", keep_going=False):
+def rehearse(
+    c,
+    lab=str(DEFAULT_LAB),
+    media="qcow2",
+    firmware="bios",
+    accel="auto",
+    keep_going=False,
+    keep=False,
+    running=False,
+):
     """Form the real corosync cluster from the baked wiring on the booted lab; walk the quorum cases."""
     from pvelab.rehearse import rehearse as run
 
-    report = run(_lab(lab), media=media, firmware=firmware, accel=accel, keep_going=keep_going)
+    report = run(
+        _lab(lab),
+        media=media,
+        firmware=firmware,
+        accel=accel,
+        keep_going=keep_going,
+        keep=keep,
+        running=running,
+    )
     if not report.passed:
         raise Exit("rehearsal FAILED", code=1)
+
+
+# ------------------------------------------------------------------ the running lab
+
+
+@task(
+    help={
+        "lab": "lab definition file",
+        "media": "qcow2, iso, usb or install",
+        "firmware": "bios, uefi or uefi-sb",
+        "accel": "auto, kvm or tcg",
+        "cluster": "also deploy real corosync + the QDevice (as the rehearsal does) and wait until quorate",
+        "replace": "take a running lab of the same name down first",
+    }
+)
+@friendly
+def up(c, lab=str(DEFAULT_LAB), media="qcow2", firmware="bios", accel="auto", cluster=False, replace=False):
+    """Boot the lab and leave it running (build/<lab>/run/); prints how to reach each node."""
+    from pvelab.labctl import describe
+    from pvelab.labctl import up as run
+
+    the_lab = _lab(lab)
+    print(describe(the_lab, run(the_lab, media, firmware, accel, cluster=cluster, replace=replace)))
+
+
+@task(help={"lab": "lab definition file", "json": "machine-readable output"})
+@friendly
+def status(c, lab=str(DEFAULT_LAB), json=False):
+    """Per node: power, addresses, SSH, corosync's quorum and links; the witness's clients; faults."""
+    from pvelab.labctl import status as run
+    from pvelab.labctl import status_json, status_table
+
+    s = run(_lab(lab))
+    print(status_json(s) if json else status_table(s))
+    if not s["up"]:
+        raise Exit(code=3)
+
+
+@task(
+    positional=["node"],
+    help={"node": "the node", "lab": "lab definition file", "root": "as root (sudo) instead of the lab user"},
+)
+@friendly
+def ssh(c, node, lab=str(DEFAULT_LAB), root=False):
+    """A shell on NODE, or one command after `--` (its exit status is passed through)."""
+    from pvelab.labctl import ssh as run
+
+    raise Exit(code=run(_lab(lab), node, c.remainder, root=root))
+
+
+@task(positional=["node"], help={"node": "the node", "lab": "lab definition file"})
+@friendly
+def console(c, node, lab=str(DEFAULT_LAB)):
+    """NODE's serial console on this terminal (Ctrl-] leaves)."""
+    from pvelab.labctl import console as run
+
+    raise Exit(code=run(_lab(lab), node))
+
+
+@task(
+    positional=["action", "target"],
+    help={
+        "action": "power-off, kill, power-on, cut, partition, heal, qnetd",
+        "target": "NODE[,NODE] | 'A,B C' (partition: groups) | all (heal) | stop|start (qnetd)",
+        "lab": "lab definition file",
+    },
+)
+@friendly
+def fault(c, action, target, lab=str(DEFAULT_LAB)):
+    """Break the running lab on purpose, or mend it: one line of output, recorded in its state."""
+    from pvelab.labctl import fault as run
+
+    print(run(_lab(lab), action, target))
+
+
+@task(help={"lab": "lab definition file"})
+@friendly
+def down(c, lab=str(DEFAULT_LAB)):
+    """Stop every VM; remove taps, dnsmasq, the namespace and the overlays (stale state too)."""
+    from pvelab.labctl import down as run
+
+    for line in run(_lab(lab)):
+        print(line)
 
 
 @task(

@@ -5,6 +5,7 @@ One lab, one folder::
     build/<lab>/<node>/<node>.qcow2, <node>.iso, manifest.json, build.log, overlay/
     build/<lab>/boot-test/<media>-<firmware>/   report.json, junit.xml, consoles
     build/<lab>/rehearsal/<media>/              report.json, junit.xml, consoles
+    build/<lab>/run/                            the running lab: state.json, overlays, consoles
     build/<lab>/releases/                       default publish destination
     build/cache/                                shared by every lab (base images, packages)
 
@@ -96,6 +97,11 @@ class Layout:
 
     def rehearsal_dir(self, media: str) -> Path:
         return self.root / "rehearsal" / media
+
+    @property
+    def run_dir(self) -> Path:
+        """The running lab (``invoke up``): its state, overlays, consoles, leases."""
+        return self.root / "run"
 
     @property
     def releases(self) -> Path:

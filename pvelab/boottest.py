@@ -11,32 +11,26 @@ the lab's scenario on it and writes the reports under
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pycdlib
 
 from .artefacts import ArtefactRef, BootReport, Layout, sha256
+from .driver import Driver, Progress, sigterm_unwinds
 from .errors import PvelabError
 from .installtest import blank_disk, run_installers
 from .lab import Lab, Node
-from .labnet import LabNet
-from .machine import Machine, MachineError
+from .machine import Machine
 from .media import MEDIA, Firmware, Medium, boot_combination
 from .qemu import QEMU, VmSpec, prepare, qemu_command, resolve_accel
 from .scenario import run_scenario, summary, write_reports
 
-SSH_TIMEOUT = {"tcg": 900.0, "kvm": 240.0}
 # the SecureBoot variable: 4 attribute bytes, then 1 when Secure Boot is enforced
 SECURE_BOOT = "od -An -tu1 /sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
 ANALYZE = "systemd-analyze time; echo '--- blame'; systemd-analyze blame | head -n 12"
@@ -66,60 +60,11 @@ def kernel_from_iso(iso: Path, dest: Path) -> Path:
     return dest
 
 
-class Progress:
-    """``[label 12.3s] message`` lines on stderr, timed from the start of the run."""
-
-    def __init__(self, label: str):
-        self.label, self.t0 = label, time.monotonic()
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0
-
-    def __call__(self, msg: str) -> None:
-        print(f"[{self.label} {self.elapsed():6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-@contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """SIGTERM (CI timeouts, kill) unwinds like Ctrl-C, so everything is cleaned up."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def choose_accel(lab: Lab, node: Node, requested: str) -> tuple[str, str]:
     with tempfile.TemporaryDirectory(prefix="pvelab-boot-") as tmp:
         return resolve_accel(requested, kernel_from_iso(artefact(lab, node, "iso"), Path(tmp) / "vmlinuz"))
 
 
-@dataclass
-class BootedLab:
-    """The running lab: its network, one Machine per node, and when each got SSH."""
-
-    lab: Lab
-    net: LabNet
-    machines: dict[str, Machine]
-    accel: str
-    accel_reason: str
-    outdir: Path
-    say: Progress
-    medium: Medium
-    ssh_ready_seconds: dict[str, float] = field(default_factory=dict)
-
-    def on_all(self, command: str, names: list[str] | None = None) -> dict[str, str]:
-        """Run one command on the given (default: all) VMs at once; name -> output or error."""
-        machines = {n: self.machines[n] for n in (names or self.machines)}
-        results, errors = parallel(machines, lambda m: m.execute(command, timeout=60)[1].strip())
-        return {n: results[n] if n in results else f"error: {errors.get(n, '')}" for n in machines}
-
-
-# Long on purpose: network, machines and their cleanup share one ExitStack.
 @contextmanager
 def booted_lab(
     lab: Lab,
@@ -130,79 +75,23 @@ def booted_lab(
     outdir: Path,
     say: Progress,
     disks: dict[str, Path] | None = None,
-) -> Iterator[BootedLab]:
-    """Boot ``nodes`` together on an isolated lab network; yield when every one has SSH.
-
-    ``disks`` boots each node from that disk (an installed one) instead of its artefact."""
+    **driver_kw: Any,
+) -> Iterator[Driver]:
+    """Boot ``nodes`` together on an isolated lab network (a :class:`Driver`); yield when
+    every one has SSH. ``disks`` boots each node from that disk (an installed one)
+    instead of its artefact."""
     if disks is not None:
-        files, medium = disks, MEDIA["qcow2"]
+        medium = MEDIA["qcow2"]
     else:
-        files = {n.name: artefact(lab, n, medium.artefact) for n in nodes}
+        for n in nodes:
+            artefact(lab, n, medium.artefact)
     for tool in (QEMU, "qemu-img", "dnsmasq", "ip"):
         if shutil.which(tool) is None:
             raise BootTestError(f"{tool} not found: it boots the lab (run scripts/setup)")
     chosen, why = choose_accel(lab, nodes[0], accel)
     say(f"accelerator: {chosen} ({why})")
-    outdir.mkdir(parents=True, exist_ok=True)
-    with sigterm_unwinds(), ExitStack() as stack:
-        net = stack.enter_context(LabNet([n.name for n in nodes], outdir))
-        machines = {}
-        for n in nodes:
-            drive = prepare(medium, fw, files[n.name], outdir, n.name, copy_on_write=disks is None)
-            spec = VmSpec(
-                n.name,
-                n.ram_mb,
-                medium,
-                fw,
-                chosen,
-                drive,
-                outdir,
-                tap=net.taps[n.name],
-                mac=net.macs[n.name],
-            )
-            m = Machine(spec, net, user=lab.user.name, password=lab.user.login_password)
-            stack.callback(m.stop)
-            machines[n.name] = m
-        for m in machines.values():
-            m.start()
-        say(f"started {len(machines)} VM(s) ({medium.name}, {fw.value}); consoles in {outdir}")
-        booted = BootedLab(lab, net, machines, chosen, why, outdir, say, medium)
-        booted.ssh_ready_seconds = wait_all_ssh(booted)
-        yield booted
-        say("stopping the VMs and the lab network")
-
-
-def wait_all_ssh(booted: BootedLab) -> dict[str, float]:
-    timeout = SSH_TIMEOUT.get(booted.accel, SSH_TIMEOUT["tcg"])
-
-    def wait(m: Machine) -> float:
-        seconds = round(m.wait_for_ssh(timeout), 1)
-        booted.say(f"{m.name}: SSH up after {seconds}s at {m.address}")
-        return seconds
-
-    results, errors = parallel(booted.machines, wait)
-    if errors:
-        raise BootTestError("; ".join(errors.values()))
-    return results
-
-
-def parallel(machines: dict[str, Machine], fn: Callable[[Machine], Any]) -> tuple[dict, dict[str, str]]:
-    """fn(machine) on every VM at once: (name -> result, name -> MachineError text)."""
-    results: dict = {}
-    errors: dict[str, str] = {}
-
-    def run(m: Machine) -> None:
-        try:
-            results[m.name] = fn(m)
-        except MachineError as exc:
-            errors[m.name] = str(exc)
-
-    threads = [threading.Thread(target=run, args=(m,), daemon=True) for m in machines.values()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results, errors
+    with Driver(lab, nodes, medium, fw, chosen, why, outdir, say, disks, **driver_kw) as driver:
+        yield driver
 
 
 After = Callable[[dict[str, Machine], BootReport], Any]
@@ -288,7 +177,7 @@ def _install_first(
     return disks, runs
 
 
-def _scenario(booted: BootedLab, timeout: float):
+def _scenario(booted: Driver, timeout: float):
     booted.say("running scenario " + booted.lab.scenario.name)
     result = run_scenario(
         booted.lab.scenario, lambda vm, cmd: booted.machines[vm].execute(cmd, timeout=60), timeout=timeout
@@ -297,7 +186,7 @@ def _scenario(booted: BootedLab, timeout: float):
     return result
 
 
-def _diagnose(booted: BootedLab, report: BootReport, analyze: bool) -> None:
+def _diagnose(booted: Driver, report: BootReport, analyze: bool) -> None:
     """Failed units on every VM (always) and systemd-analyze (opt-in), after the verdict."""
     report.failed_units = booted.on_all("systemctl --failed --no-legend --plain")
     if report.firmware != "bios":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -42,6 +43,9 @@ def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.Com
     if check and res.returncode != 0:
         raise LabNetError(f"{' '.join(cmd)}: {res.stderr.strip()}")
     return res
+
+
+BRIDGE_MAC = "52:54:00:81:00:fe"  # the lab bridge (guests: 52:54:00:81:00:01 onwards)
 
 
 def mac_for(index: int) -> str:
@@ -88,7 +92,9 @@ class LabNet:
         _ip("ip", "netns", "add", self.name)
         ns = self.name
         _ip("ip", "link", "set", "lo", "up", ns=ns)
-        _ip("ip", "link", "add", self.bridge, "type", "bridge", ns=ns)
+        # a fixed MAC: a bridge left to itself takes its lowest port's, and changes it when
+        # a cut moves that port away (every guest's ARP entry for the gateway goes stale)
+        _ip("ip", "link", "add", self.bridge, "address", BRIDGE_MAC, "type", "bridge", ns=ns)
         _ip("ip", "addr", "add", f"{self.gateway}/{self.prefix}", "dev", self.bridge, ns=ns)
         _ip("ip", "link", "set", self.bridge, "up", ns=ns)
         # Neighbour probing for the runner's polls: an ARP request every 100 ms, ten
@@ -127,11 +133,16 @@ class LabNet:
         ]
         for vm in self.vms:
             args.append(f"--dhcp-host={self.macs[vm]},{self.addresses[vm]},{vm}")
-        self.dnsmasq = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # its own session and a log file for stderr: a lab brought up by `invoke up` outlives
+        # the process that started dnsmasq
+        with open(self.logdir / "dnsmasq.stderr", "wb") as err:
+            self.dnsmasq = subprocess.Popen(
+                args, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         time.sleep(0.3)
         if self.dnsmasq.poll() is not None:
-            err = self.dnsmasq.stderr.read().decode().strip() if self.dnsmasq.stderr else ""
-            raise LabNetError(f"dnsmasq failed to start: {err}")
+            text = (self.logdir / "dnsmasq.stderr").read_text(errors="replace").strip()
+            raise LabNetError(f"dnsmasq failed to start: {text}")
 
     def down(self) -> None:
         if self.dnsmasq and self.dnsmasq.poll() is None:
@@ -151,27 +162,65 @@ class LabNet:
             _ip("ip", "netns", "del", self.name, check=False)
 
     # -------------------------------------------------------------- faults
-    def isolate(self, vm: str) -> None:
-        """Cut ``vm`` off from every other VM: its tap moves to a bridge of its own.
+    def segments(self) -> dict[str, str]:
+        """VM -> the bridge its tap is on now (read from the kernel, not remembered)."""
+        out = {}
+        links = json.loads(_ip("ip", "-j", "link", "show", ns=self.name).stdout or "[]")
+        by_name = {link["ifname"]: link.get("master", "") for link in links}
+        for vm, tap in self.taps.items():
+            out[vm] = by_name.get(tap, "")
+        return out
+
+    def separated(self) -> list[list[str]]:
+        """The groups of VMs that are off the lab bridge, one list per island bridge."""
+        groups: dict[str, list[str]] = {}
+        for vm, bridge in self.segments().items():
+            if bridge and bridge != self.bridge:
+                groups.setdefault(bridge, []).append(vm)
+        return [sorted(g) for _, g in sorted(groups.items())]
+
+    def island(self, vms: list[str]) -> str:
+        """Move ``vms`` onto a bridge of their own: they reach each other and nothing else.
 
         The island bridge has the lab bridge's MAC and gateway address (a /32) and a
-        host route to the VM, so the runner's SSH session to it survives; frames to or
-        from the other VMs (corosync, qnetd) have no way across."""
-        ns, tap, island = self.name, self.taps[vm], f"br-cut{self.vms.index(vm)}"
-        mac = _ip("ip", "-br", "link", "show", self.bridge, ns=ns).stdout.split()[2]
-        _ip("ip", "link", "add", island, "type", "bridge", ns=ns)
-        _ip("ip", "link", "set", island, "address", mac, ns=ns)
+        host route to each of its VMs, so the runner's SSH sessions to them survive;
+        frames between islands (corosync, qnetd) have no way across."""
+        ns = self.name
+        used = set(self.segments().values())
+        island = next(f"br-seg{i}" for i in range(1, 64) if f"br-seg{i}" not in used)
+        _ip("ip", "link", "add", island, "address", BRIDGE_MAC, "type", "bridge", ns=ns)
         _ip("ip", "addr", "add", f"{self.gateway}/32", "dev", island, ns=ns)
         _ip("ip", "link", "set", island, "up", ns=ns)
-        _ip("ip", "link", "set", tap, "master", island, ns=ns)
-        _ip("ip", "route", "add", f"{self.addresses[vm]}/32", "dev", island, ns=ns)
+        for vm in vms:
+            _ip("ip", "link", "set", self.taps[vm], "master", island, ns=ns)
+            _ip("ip", "route", "replace", f"{self.addresses[vm]}/32", "dev", island, ns=ns)
+        return island
 
-    def rejoin(self, vm: str) -> None:
-        """Undo :meth:`isolate`: the tap back on the lab bridge, the island removed."""
-        ns, tap, island = self.name, self.taps[vm], f"br-cut{self.vms.index(vm)}"
-        _ip("ip", "link", "set", tap, "master", self.bridge, ns=ns)
-        _ip("ip", "route", "del", f"{self.addresses[vm]}/32", "dev", island, ns=ns, check=False)
-        _ip("ip", "link", "del", island, ns=ns)
+    def isolate(self, vm: str) -> None:
+        """Cut ``vm`` off from every other VM (an island of one)."""
+        self.rejoin(vm)
+        self.island([vm])
+
+    def partition(self, groups: list[list[str]]) -> None:
+        """The first group stays on the lab bridge, each further group gets an island."""
+        self.rejoin()
+        for group in groups[1:]:
+            self.island(group)
+
+    def rejoin(self, vm: str | None = None) -> None:
+        """Undo :meth:`isolate`/:meth:`partition` for ``vm`` (default: every VM); an
+        island left with no VM is removed."""
+        ns = self.name
+        seg = self.segments()
+        for name, bridge in seg.items():
+            if bridge and bridge != self.bridge and vm in (None, name):
+                _ip("ip", "link", "set", self.taps[name], "master", self.bridge, ns=ns)
+                _ip("ip", "route", "del", f"{self.addresses[name]}/32", "dev", bridge, ns=ns, check=False)
+        left = set(self.segments().values())
+        links = json.loads(_ip("ip", "-j", "link", "show", "type", "bridge", ns=ns).stdout or "[]")
+        for link in links:
+            if link["ifname"].startswith("br-seg") and link["ifname"] not in left:
+                _ip("ip", "link", "del", link["ifname"], ns=ns)
 
     # -------------------------------------------------------------- use
     def exec_args(self) -> list[str]:

@@ -24,7 +24,17 @@ import paramiko
 from .labnet import LabNet
 from .qemu import MachineError, VmSpec, qemu_command
 
-__all__ = ["Machine", "MachineError"]
+__all__ = ["Machine", "MachineError", "qemu_alive"]
+
+
+def qemu_alive(pid: int, name: str) -> bool:
+    """Is ``pid`` still the QEMU of guest ``name``? (not a zombie, not a reused pid)"""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and b"-name" in cmdline and name.encode() in cmdline
 
 
 @dataclass
@@ -34,6 +44,7 @@ class Machine:
     user: str = "ops"
     password: str = ""
     proc: subprocess.Popen | None = None
+    pid: int | None = None  # QEMU's pid: set by start(), or given to adopt a running guest
     client: paramiko.SSHClient | None = None
     started_at: float = 0.0
     ssh_ready_after: float | None = None
@@ -54,9 +65,11 @@ class Machine:
         return self.net.addresses[self.name]
 
     def start(self) -> None:
-        if self.proc is None:  # a first start: a fresh console log (a restart appends)
+        if self.proc is None and self.pid is None:  # a first start: a fresh console log (a restart appends)
             self.console_log.unlink(missing_ok=True)
         prefix = self.net.exec_args() if self.net else []
+        # its own session (a running lab outlives the process that started it); the
+        # working directory holds the console socket, named relative to it
         with open(self.spec.workdir / f"{self.name}.qemu.log", "wb") as qemu_log:
             self.proc = subprocess.Popen(
                 prefix + qemu_command(self.spec),
@@ -64,11 +77,33 @@ class Machine:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                cwd=self.spec.workdir,
             )
+        self.pid = self.proc.pid
         self.started_at = time.monotonic()
 
     def is_running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self.pid is not None and qemu_alive(self.pid, self.name)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode if self.proc is not None else None
+
+    def wait(self, timeout: float) -> None:
+        """Until QEMU has exited; MachineError after ``timeout`` seconds."""
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=timeout)
+                return
+            except subprocess.TimeoutExpired:
+                raise MachineError(f"{self.name}: still running after {timeout:.0f}s") from None
+        deadline = time.monotonic() + timeout
+        while self.is_running():
+            if time.monotonic() > deadline:
+                raise MachineError(f"{self.name}: still running after {timeout:.0f}s")
+            time.sleep(0.2)
 
     def console_text(self) -> str:
         try:
@@ -80,7 +115,7 @@ class Machine:
         if not self.is_running():
             qemu = (self.spec.workdir / f"{self.name}.qemu.log").read_text(errors="replace").strip()
             raise MachineError(
-                f"{self.name}: QEMU exited ({self.proc.returncode if self.proc else '-'})"
+                f"{self.name}: QEMU exited ({'-' if self.returncode is None else self.returncode})"
                 f"{': ' + qemu.splitlines()[-1] if qemu else ''}; console: {self.console_log}"
             )
 
@@ -223,10 +258,9 @@ class Machine:
         """A clean shutdown from inside the guest; returns when QEMU has exited."""
         self.sudo("systemctl --no-block poweroff", timeout=30)
         self._disconnect()
-        assert self.proc is not None
         try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+            self.wait(timeout)
+        except MachineError:
             raise MachineError(
                 f"{self.name}: still running {timeout:.0f}s after poweroff; console: {self.console_log}"
             ) from None
@@ -253,16 +287,16 @@ class Machine:
             self.client = None
 
     def _kill_process(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
+        if self.pid is not None and self.is_running():
             try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(timeout=10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(self.pid, sig)
+                self.wait(10)
+            except (ProcessLookupError, MachineError):
                 try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    os.killpg(self.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                self.proc.wait(timeout=10)
+                self.wait(10)
 
     def stop(self) -> None:
         """End the guest and remove its throwaway files (overlay, UEFI variables)."""

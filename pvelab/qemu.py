@@ -125,6 +125,13 @@ class VmSpec:
     mac: str | None = None
     target_disk: Path | None = None  # a second, writable disk (the installer's target)
     icount: bool = False  # TCG: guest time from the instruction count (bench --icount)
+    console_socket: bool = False  # the serial console also on a socket `invoke console` attaches to
+
+    @property
+    def console_sock(self) -> Path:
+        """The console socket, named relative to ``workdir`` (QEMU runs there): a UNIX
+        socket path is limited to 107 bytes, a checkout's path is not."""
+        return Path(f"{self.name}.console.sock")
 
     @property
     def console_log(self) -> Path:
@@ -223,6 +230,17 @@ def qemu_command(spec: VmSpec, interactive: bool = False) -> list[str]:
         args += ["-nic", "user,restrict=on,model=virtio-net-pci"]
     if interactive:
         args += ["-serial", "mon:stdio"]
+    elif spec.console_socket:
+        args += [
+            "-chardev",
+            # a socket a terminal can attach to at any time; everything also goes to the log
+            f"socket,id=ser0,path={spec.console_sock},server=on,wait=off,"
+            f"logfile={spec.console_log},logappend=on",
+            "-serial",
+            "chardev:ser0",
+            "-monitor",
+            "none",
+        ]
     else:
         args += [
             "-chardev",

@@ -30,13 +30,16 @@ from .artefacts import (
     sha256,
     write_atomic,
 )
-from .boottest import BootedLab, Progress, artefact, booted_lab, parallel
+from .boottest import artefact, booted_lab
+from .corotools import parse_quorumtool
 from .deploy import FIRST, MEMBERS, WITNESS, Action, actions
+from .driver import Driver, DriverError, Fault, Progress, RunState, netns_name, parallel, read_state
 from .errors import PvelabError
 from .guestpkgs import PackageSet, fetch
 from .lab import CustomTest, Lab, Scenario
+from .labctl import claim, describe, locked
 from .machine import Machine, MachineError
-from .media import boot_combination
+from .media import Firmware, Medium, boot_combination
 from .paths import cache_dir
 from .quorum import Event, Expect, Step, walk
 from .run import Steps
@@ -56,28 +59,6 @@ class RehearsalError(PvelabError):
 
 
 # --------------------------------------------------------------------------- parsing the tools
-
-
-def parse_quorumtool(text: str) -> dict[str, Any]:
-    """The figures of ``corosync-quorumtool -s`` that the walk compares."""
-
-    def num(label: str) -> int | None:
-        m = re.search(rf"^{label}:\s+(\d+)", text, re.M)
-        return int(m.group(1)) if m else None
-
-    flags = re.search(r"^Flags:\s+(.*)$", text, re.M)
-    local = re.search(r"^\s*\d+\s+\d+\s+(\S*)\s+.*\(local\)\s*$", text, re.M)
-    qdevice = re.search(r"^\s*0\s+(\d+)\s+Qdevice\b", text, re.M)
-    local_flags = local.group(1).split(",") if local else []
-    return {
-        "quorate": bool(re.search(r"^Quorate:\s+Yes\s*$", text, re.M)),
-        "expected_votes": num("Expected votes"),
-        "total_votes": num("Total votes"),
-        "quorum": num("Quorum"),
-        "flags": flags.group(1).split() if flags else [],
-        "qdevice_vote": "V" in local_flags,
-        "qdevice_votes_line": int(qdevice.group(1)) if qdevice else None,
-    }
 
 
 def matches(expected: Expect, observed: dict[str, Any], with_qdevice: bool) -> bool:
@@ -111,7 +92,7 @@ class Rehearsal:
     def __init__(
         self,
         lab: Lab,
-        booted: BootedLab,
+        booted: Driver,
         packages: dict[str, PackageSet],
         report: RehearsalReport,
         say: Progress,
@@ -245,29 +226,18 @@ class Rehearsal:
 
     # ---------------------------------------------------------------- walk
     def apply(self, event: Event) -> None:
-        if event.kind == "power-off":
-            for n in event.nodes:
-                self.machines[n].power_off()
-                self.down.add(n)
-        elif event.kind == "kill":
-            for n in event.nodes:
-                self.machines[n].crash()
-                self.down.add(n)
-        elif event.kind == "power-on":
-            self.on_hosts(list(event.nodes), lambda m: m.restart(BOOT_TIMEOUT))
+        """One walk event, as the running lab's fault of the same name."""
+        if event.kind == "none":
+            return
+        fault = Fault(event.kind)
+        line = self.booted.fault(fault, list(event.nodes), boot_timeout=BOOT_TIMEOUT)
+        self.say(f"fault: {line}")
+        if fault in (Fault.POWER_OFF, Fault.KILL):
+            self.down |= set(event.nodes)
+        elif fault is Fault.POWER_ON:
             self.down -= set(event.nodes)
             if not self.booted.medium.copy_on_write:
                 self.redeploy(set(event.nodes))
-        elif event.kind in ("qnetd-stop", "qnetd-start"):
-            verb = "stop" if event.kind == "qnetd-stop" else "start"
-            assert self.witness is not None
-            self.root(self.witness, f"systemctl {verb} corosync-qnetd.service")
-        elif event.kind == "cut":
-            for n in event.nodes:
-                self.booted.net.isolate(n)
-        elif event.kind == "heal":
-            for n in event.nodes:
-                self.booted.net.rejoin(n)
 
     def observe(self, name: str) -> tuple[dict[str, Any], str, int | None]:
         _, text = self.machines[name].sudo("corosync-quorumtool -s", timeout=30)
@@ -365,9 +335,20 @@ def rehearse(
     accel: str = "auto",
     keep_going: bool = False,
     outdir: Path | None = None,
+    keep: bool = False,
+    running: bool = False,
 ) -> RehearsalReport:
-    medium, fw = boot_combination(media, firmware)
+    """Boot the lab as ``invoke up --cluster`` does, walk the quorum cases as faults, take
+    it down. ``keep`` leaves the lab running at the end (``invoke status``/``ssh``/``down``),
+    even after a failed step; ``running`` walks the lab ``invoke up --cluster`` left
+    running (and leaves it up)."""
     layout = Layout(lab.name)
+    state = read_state(lab) if running else None
+    if running and (state is None or state.liveness() or not state.cluster):
+        raise RehearsalError(
+            f"lab {lab.name} is not up with its cluster: invoke up --cluster --lab {lab.path}"
+        )
+    medium, fw = boot_combination(state.media, state.firmware) if state else boot_combination(media, firmware)
     outdir = outdir or layout.rehearsal_dir(medium.name)
     say = Progress("rehearse")
     for n in lab.nodes:
@@ -388,21 +369,82 @@ def rehearse(
         lab_sha256=sha256(lab.path),
     )
     try:
-        with booted_lab(lab, lab.nodes, medium, fw, accel, outdir, say) as booted:
-            report.accel = booted.accel
-            report.boot_seconds = round(say.elapsed(), 1)
-            run = Rehearsal(lab, booted, packages, report, say)
-            run.deploy()
-            t_walk = time.monotonic()
-            run.walk(keep_going)
-            report.walk_seconds = round(time.monotonic() - t_walk, 1)
-    except (RehearsalError, MachineError) as exc:
+        if state is not None:
+            _walk_running(lab, state, packages, report, say, keep_going)
+        else:
+            _boot_and_walk(lab, medium, fw, accel, outdir, packages, report, say, keep_going, keep)
+    except (RehearsalError, MachineError, DriverError) as exc:
         report.error = str(exc)
         say(f"FAILED: {exc}")
     report.wall_seconds = round(say.elapsed(), 1)
     write_reports(report, outdir)
     print(table(report), flush=True)
     return report
+
+
+def _boot_and_walk(
+    lab: Lab,
+    medium: Medium,
+    fw: Firmware,
+    accel: str,
+    outdir: Path,
+    packages: dict[str, PackageSet],
+    report: RehearsalReport,
+    say: Progress,
+    keep_going: bool,
+    keep: bool,
+) -> None:
+    # --keep: the lab is booted as `invoke up` boots it, findable by status/ssh/down
+    state_file = claim(lab) if keep else None
+    kept: dict[str, Any] = {"netns": netns_name(lab), "state_file": state_file} if keep else {}
+    workdir = Layout(lab.name).run_dir if keep else outdir
+    with booted_lab(lab, lab.nodes, medium, fw, accel, workdir, say, **kept) as booted:
+        report.accel = booted.accel
+        report.boot_seconds = round(say.elapsed(), 1)
+        run = Rehearsal(lab, booted, packages, report, say)
+        try:
+            run.deploy()
+            t_walk = time.monotonic()
+            run.walk(keep_going)
+            report.walk_seconds = round(time.monotonic() - t_walk, 1)
+        finally:
+            if state_file is not None:
+                kept_state = booted.detach(state_file)
+                kept_state.cluster = bool(report.deploy) and all(d.passed for d in report.deploy)
+                booted.save()
+                print(describe(lab, kept_state), flush=True)
+
+
+def _walk_running(
+    lab: Lab,
+    state: RunState,
+    packages: dict[str, PackageSet],
+    report: RehearsalReport,
+    say: Progress,
+    keep_going: bool,
+) -> None:
+    """The walk on a running lab (deployed by ``up --cluster``); it must start healed."""
+    with locked(lab):
+        driver = Driver.attach(lab, say)
+        off = [n for n, m in driver.machines.items() if not m.is_running()]
+        cut = driver.net.separated()
+        if off or cut:
+            raise RehearsalError(
+                f"lab {lab.name} has faults in force ({', '.join(off)} off; {cut} cut): the walk starts"
+                " from every node up and connected (invoke fault power-on / heal all)"
+            )
+        errors = driver.connect()
+        if errors:
+            raise RehearsalError("; ".join(errors.values()))
+        report.accel = driver.accel
+        report.boot_seconds = state.up_seconds
+        deployed = Layout(lab.name).run_dir / "deploy.json"
+        if deployed.exists():
+            report.deploy = RehearsalReport.from_json(deployed).deploy
+        run = Rehearsal(lab, driver, packages, report, say)
+        t_walk = time.monotonic()
+        run.walk(keep_going)
+        report.walk_seconds = round(time.monotonic() - t_walk, 1)
 
 
 # --------------------------------------------------------------------------- output

@@ -27,6 +27,7 @@ class Role:
     qdevice_host: bool  # runs the QDevice daemon (qnetd) for the cluster
     dirs: tuple[str, ...]  # directories created (mode 0750, owned by the lab user)
     compat_config: Callable[[Lab, Node], dict[str, Any]]
+    host_ports: tuple[tuple[str, int], ...] = ()  # service -> guest port a running lab forwards
 
 
 def _pve_host_config(lab: Lab, node: Node) -> dict[str, Any]:
@@ -72,6 +73,7 @@ ROLES: dict[str, Role] = {
                 "/etc/pve/priv",
             ),
             compat_config=_pve_host_config,
+            host_ports=(("api", 8006),),
         ),
         Role(
             name="qdevice-witness",

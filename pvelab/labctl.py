@@ -1,0 +1,549 @@
+"""The lab an operator's hands know: ``up``, ``status``, ``ssh``, ``console``, ``fault``, ``down``.
+
+``up`` boots the lab through :class:`pvelab.driver.Driver` in ``build/<lab>/run/`` and
+detaches it: the VMs, dnsmasq and the loopback port forwarder run on after the command
+returns. Every later command finds the lab again from its run state. One running lab per
+lab name (a lock file and the run state guard it); different labs run side by side, each
+in its own network namespace ``pvelab-<lab>``.
+
+A lab whose processes were killed, or whose host rebooted, leaves stale state: it is
+detected (:meth:`RunState.liveness`), said in one line, and cleaned by ``down`` (and by
+``up`` before it starts).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import select
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .artefacts import Layout, RehearsalReport, write_atomic
+from .corotools import parse_cfgtool, parse_qnetd_clients, parse_quorumtool
+from .driver import (
+    KEY_NAME,
+    Driver,
+    DriverError,
+    Fault,
+    Progress,
+    RunState,
+    Target,
+    _pid_alive,
+    netns_name,
+    parallel,
+    parse_groups,
+    parse_nodes,
+    read_state,
+)
+from .lab import Lab
+from .machine import Machine, qemu_alive
+
+CONSOLE_ESCAPE = b"\x1d"  # Ctrl-]
+
+
+# --------------------------------------------------------------------------- lock and state
+
+
+@contextmanager
+def locked(lab: Lab) -> Iterator[None]:
+    """One lifecycle command at a time per lab (``build/<lab>/run.lock``)."""
+    path = Layout(lab.name).root / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise DriverError(
+                f"lab {lab.name} is busy: another pvelab command (pid {holder}) is bringing it up or down"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+
+
+def claim(lab: Lab) -> Path:
+    """The run state's path for a new running lab; DriverError if the lab is up already.
+    Stale state (or a namespace left without state) is said and cleaned first."""
+    state = read_state(lab)
+    if state is not None:
+        why = state.liveness()
+        if not why:
+            raise DriverError(
+                f"lab {lab.name} is already up (since {state.started_at}): invoke status --lab {lab.path};"
+                f" take it down with invoke down, or up --replace"
+            )
+        print(f"lab {lab.name}: stale state ({why}); cleaning it up first", flush=True)
+        cleanup(lab, state)
+    elif Path(f"/run/netns/{netns_name(lab)}").exists():
+        print(f"lab {lab.name}: a network namespace {netns_name(lab)} without state; removing it", flush=True)
+        cleanup(lab, None)
+    return Layout(lab.name).run_dir / "state.json"
+
+
+def cleanup(lab: Lab, state: RunState | None) -> list[str]:
+    """Kill whatever of the lab still runs, remove its namespace and throwaway files; what was done."""
+    done = []
+    ns = state.netns if state else netns_name(lab)
+    if state is not None:
+        for name, rec in state.nodes.items():
+            if qemu_alive(rec.pid, name):
+                os.kill(rec.pid, signal.SIGKILL)
+                done.append(f"QEMU of {name} killed")
+        if state.forwarder_pid and _pid_alive(state.forwarder_pid):
+            os.kill(state.forwarder_pid, signal.SIGTERM)
+    if Path(f"/run/netns/{ns}").exists():
+        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        done.append(f"network namespace {ns} (bridge, taps, dnsmasq) removed")
+    workdir = Path(state.workdir) if state else Layout(lab.name).run_dir
+    removed = 0
+    patterns = ("*.overlay.qcow2", "*.disk.qcow2", "*.OVMF_VARS.fd", "*.console.sock", "*.pid", "dnsmasq.pid")
+    for pattern in patterns:
+        for f in workdir.glob(pattern):
+            f.unlink(missing_ok=True)
+            removed += 1
+    for name in (KEY_NAME, f"{KEY_NAME}.pub", "state.json"):
+        (workdir / name).unlink(missing_ok=True)
+    (Layout(lab.name).run_dir / "state.json").unlink(missing_ok=True)
+    if removed:
+        done.append(f"{removed} throwaway file(s) (overlays, UEFI variables, sockets) removed")
+    return done
+
+
+# --------------------------------------------------------------------------- up / down
+
+
+def up(
+    lab: Lab,
+    media: str = "qcow2",
+    firmware: str = "bios",
+    accel: str = "auto",
+    cluster: bool = False,
+    replace: bool = False,
+) -> RunState:
+    """Boot the lab, leave it running; with ``cluster``, real corosync + QDevice, quorate."""
+    from .boottest import _install_first, artefact, choose_accel
+    from .media import boot_combination
+
+    medium, fw = boot_combination(media, firmware)
+    say = Progress("up")
+    with locked(lab):
+        if replace and read_state(lab) is not None:
+            for line in cleanup(lab, read_state(lab)):
+                say(line)
+        state_file = claim(lab)
+        for n in lab.nodes:
+            artefact(lab, n, medium.artefact)
+        packages = _cluster_packages(lab) if cluster else {}
+        run_dir = Layout(lab.name).run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        chosen, why = choose_accel(lab, lab.nodes[0], accel)
+        say(f"accelerator: {chosen} ({why})")
+        disks, _ = _install_first(lab, lab.nodes, medium, fw, accel, run_dir, say)
+        boot_medium = boot_combination("qcow2", fw.name)[0] if disks else medium
+        driver = Driver(
+            lab,
+            lab.nodes,
+            boot_medium,
+            fw,
+            chosen,
+            why,
+            run_dir,
+            say,
+            disks,
+            netns=netns_name(lab),
+            state_file=state_file,
+        )
+        with driver:
+            if cluster:
+                _form_cluster(lab, driver, packages, say)
+            state = driver.detach(state_file)
+            state.cluster = cluster
+            state.up_seconds = round(say.elapsed(), 1)
+            driver.save()
+        say(f"lab {lab.name} is up after {state.up_seconds}s")
+    return state
+
+
+def _cluster_packages(lab: Lab) -> dict:
+    from .rehearse import guest_packages
+    from .run import Steps
+
+    return guest_packages(lab, Steps("up", Layout(lab.name).run_dir / "packages.log"))
+
+
+def _form_cluster(lab: Lab, driver: Driver, packages: dict, say: Progress) -> None:
+    """The rehearsal's deployment, then wait until every member is quorate as the lab's
+    arithmetic says (the walk's first step)."""
+    from .quorum import walk
+    from .rehearse import SETTLE_TIMEOUT, Rehearsal
+
+    report = _empty_report(lab, driver)
+    run = Rehearsal(lab, driver, packages, report, say)
+    try:
+        run.deploy()
+        step = walk(lab)[0]
+        settled = run.settle(step, time.monotonic(), SETTLE_TIMEOUT)
+    finally:
+        write_atomic(Layout(lab.name).run_dir / "deploy.json", report.to_json())
+    if not settled.passed:
+        raise DriverError(
+            f"the cluster did not become quorate within {SETTLE_TIMEOUT:.0f}s: "
+            + "; ".join(f"{n.node} {n.observed}" for n in settled.nodes if not n.passed)
+        )
+    say(f"cluster {lab.cluster_name} quorate on every member after {settled.settle_seconds}s")
+
+
+def _empty_report(lab: Lab, driver: Driver) -> RehearsalReport:
+    return RehearsalReport(
+        lab=lab.name,
+        lab_file=str(lab.path),
+        media=driver.medium.name,
+        firmware=driver.fw.value,
+        accel=driver.accel,
+        artefacts={},
+        packages={},
+    )
+
+
+def down(lab: Lab) -> list[str]:
+    """Stop every VM, remove taps, dnsmasq, namespace and overlays; idempotent."""
+    with locked(lab):
+        state = read_state(lab)
+        leftover_ns = Path(f"/run/netns/{netns_name(lab)}").exists()
+        if state is None and not leftover_ns:
+            return [f"lab {lab.name} is not up; nothing to do"]
+        lines = []
+        if state is not None and (why := state.liveness()):
+            lines.append(f"lab {lab.name}: stale state ({why}); cleaning up")
+        done = cleanup(lab, state)
+        lines += done
+        lines.append(f"lab {lab.name} is down")
+        return lines
+
+
+# --------------------------------------------------------------------------- describe / status
+
+
+def describe(lab: Lab, state: RunState) -> str:
+    """What ``up`` prints: per node its addresses, how to log in, its console log."""
+    lines = [
+        f"lab {lab.name} is up ({state.media}, {state.firmware}, {state.accel})"
+        + (f"; corosync cluster {lab.cluster_name} with its QDevice, quorate" if state.cluster else ""),
+        f"{'node':<12} {'lab address':<13} {'DHCP address':<14} {'SSH on the host':<17} {'API on the host':<17} console log",
+    ]
+    for name, rec in state.nodes.items():
+        fw = rec.forwards
+        lines.append(
+            f"{name:<12} {rec.alias:<13} {rec.address:<14} "
+            f"{'127.0.0.1:' + str(fw['ssh']) if 'ssh' in fw else '-':<17} "
+            f"{'127.0.0.1:' + str(fw['api']) if 'api' in fw else '-':<17} {rec.console_log}"
+        )
+    flag = f" --lab {lab.path}" if lab.path.resolve() != _default_lab() else ""
+    first = next(iter(state.nodes))
+    lines += [
+        f"log in:   invoke ssh {first}{flag}          (as {lab.user.name}; sudo needs no password here)",
+        f"run:      invoke ssh {first}{flag} --root -- corosync-quorumtool -s",
+        f"console:  invoke console {first}{flag}      (Ctrl-] leaves)",
+        f"faults:   invoke fault cut pve-3{flag}, invoke fault heal all{flag}, ... ; invoke status{flag}",
+        f"stop:     invoke down{flag}",
+    ]
+    return "\n".join(lines)
+
+
+def _default_lab() -> Path:
+    from .paths import DEFAULT_LAB
+
+    return DEFAULT_LAB.resolve()
+
+
+def status(lab: Lab) -> dict[str, Any]:
+    """Per node: power, addresses, SSH, corosync's own figures; the witness's qnetd clients; faults."""
+    state = read_state(lab)
+    if state is None:
+        return {"lab": lab.name, "up": False, "stale": ""}
+    why = state.liveness()
+    if why:
+        return {"lab": lab.name, "up": False, "stale": why}
+    driver = Driver.attach(lab, Progress("status"))
+    connect_errors = driver.connect(timeout=15)
+    nodes: dict[str, Any] = {}
+    for name, rec in state.nodes.items():
+        m = driver.machines[name]
+        nodes[name] = {
+            "power": "running" if m.is_running() else "off",
+            "address": rec.address,
+            "alias": rec.alias,
+            "ssh": m.client is not None,
+            "ssh_error": connect_errors.get(name, ""),
+            "forwards": {k: f"127.0.0.1:{v}" for k, v in rec.forwards.items()},
+            "console_log": rec.console_log,
+        }
+    reachable = {n: m for n, m in driver.machines.items() if m.client is not None}
+    results, _ = parallel(reachable, lambda m: _node_status(lab, m))
+    for name, extra in results.items():
+        nodes[name].update(extra)
+    separated = driver.net.separated()
+    in_force = [f"{n} powered off" for n, v in nodes.items() if v["power"] == "off"]
+    in_force += [f"{','.join(g)} cut off from the rest" for g in separated]
+    witness = lab.witness.name if lab.witness else None
+    if state.cluster and witness and nodes.get(witness, {}).get("qnetd") == "inactive":
+        in_force.append(f"corosync-qnetd stopped on {witness}")
+    return {
+        "lab": lab.name,
+        "up": True,
+        "media": state.media,
+        "firmware": state.firmware,
+        "accel": state.accel,
+        "started_at": state.started_at,
+        "up_seconds": state.up_seconds,
+        "cluster": state.cluster,
+        "netns": state.netns,
+        "nodes": nodes,
+        "faults_in_force": in_force,
+        "fault_history": state.faults,
+    }
+
+
+def _node_status(lab: Lab, m: Machine) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    _, addrs = m.execute("ip -4 -o addr show scope global", timeout=20)
+    out["alias_up"] = str(lab.node(m.name).alias.ip) in addrs
+    role = lab.node(m.name).role_def
+    if role.cluster_member:
+        _, active = m.execute("systemctl is-active corosync.service", timeout=20)
+        out["corosync"] = active.strip()
+        if active.strip() == "active":
+            _, text = m.sudo("corosync-quorumtool -s", timeout=30)
+            q = parse_quorumtool(text)
+            out["quorum"] = {
+                k: q[k] for k in ("quorate", "total_votes", "expected_votes", "quorum", "qdevice_vote")
+            }
+            _, links = m.sudo("corosync-cfgtool -s", timeout=30)
+            ids = {str(n.nodeid): n.name for n in lab.pve_hosts}
+            out["links"] = {
+                link: {ids.get(nid, nid): st for nid, st in peers.items()}
+                for link, peers in parse_cfgtool(links).items()
+            }
+    if role.qdevice_host:
+        _, active = m.execute("systemctl is-active corosync-qnetd.service", timeout=20)
+        out["qnetd"] = active.strip()
+        if active.strip() == "active":
+            _, text = m.sudo("corosync-qnetd-tool -l", timeout=30)
+            clients = parse_qnetd_clients(text)
+            by_id = {n.nodeid: n.name for n in lab.pve_hosts}
+            out["qnetd_clients"] = [by_id.get(i, str(i)) for i in clients["node_ids"]]
+    return out
+
+
+def status_table(s: dict[str, Any]) -> str:
+    if not s["up"]:
+        return f"lab {s['lab']}: not up" + (
+            f" (stale state: {s['stale']}; clean it with invoke down)" if s["stale"] else ""
+        )
+    lines = [
+        f"lab {s['lab']}: up since {s['started_at']} ({s['media']}, {s['firmware']}, {s['accel']})"
+        + ("; corosync + QDevice deployed" if s["cluster"] else ""),
+        f"{'node':<12} {'power':<8} {'ssh':<4} {'address':<14} {'lab address':<13} {'ssh/api on 127.0.0.1':<22} corosync",
+    ]
+    for name, n in s["nodes"].items():
+        ports = "/".join(v.split(":")[1] for v in n["forwards"].values())
+        lines.append(
+            f"{name:<12} {n['power']:<8} {'yes' if n['ssh'] else 'no':<4} {n['address']:<14} "
+            f"{n['alias'] + ('' if n.get('alias_up', True) else '?'):<13} {ports:<22} {_corosync_cell(n)}"
+        )
+    lines.append("faults in force: " + ("; ".join(s["faults_in_force"]) or "none"))
+    return "\n".join(lines)
+
+
+def _corosync_cell(n: dict[str, Any]) -> str:
+    if "quorum" in n:
+        q = n["quorum"]
+        links = " ".join(
+            f"link{lid}: " + ",".join(f"{peer} {st}" for peer, st in peers.items() if st != "localhost")
+            for lid, peers in n.get("links", {}).items()
+        )
+        return (
+            f"{'quorate' if q['quorate'] else 'NOT quorate'} {q['total_votes']}/{q['expected_votes']}"
+            f"{' +qd' if q['qdevice_vote'] else ''}; {links}"
+        )
+    if "qnetd_clients" in n:
+        return f"qnetd: {len(n['qnetd_clients'])} client(s) {', '.join(n['qnetd_clients'])}"
+    if "qnetd" in n:
+        return f"qnetd {n['qnetd']}"
+    return n.get("corosync", "-") if n["ssh"] else "-"
+
+
+# --------------------------------------------------------------------------- ssh / console
+
+
+def _running(lab: Lab, node: str) -> RunState:
+    state = read_state(lab)
+    if state is None:
+        raise DriverError(f"lab {lab.name} is not up (start it: invoke up --lab {lab.path})")
+    if why := state.liveness():
+        raise DriverError(
+            f"lab {lab.name} is not up: stale state, {why} (clean it: invoke down --lab {lab.path})"
+        )
+    if node not in state.nodes:
+        raise DriverError(f"{node!r}: no such node in lab {lab.name} (nodes: {', '.join(state.nodes)})")
+    if not qemu_alive(state.nodes[node].pid, node):
+        raise DriverError(f"{node} is powered off (invoke fault power-on {node} --lab {lab.path})")
+    return state
+
+
+def ssh_command(
+    lab: Lab, node: str, command: str = "", root: bool = False, tty: bool | None = None
+) -> list[str]:
+    state = _running(lab, node)
+    rec = state.nodes[node]
+    tty = sys.stdin.isatty() if tty is None else tty
+    remote = command
+    if root:
+        remote = f"sudo -i sh -c {shlex.quote(command)}" if command else "sudo -i"
+    return [
+        "ip",
+        "netns",
+        "exec",
+        state.netns,
+        "ssh",
+        "-i",
+        str(Path(state.workdir) / KEY_NAME),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=15",
+        # a throwaway lab: host keys change with every up (and with every live boot)
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        *(["-t"] if tty and not command else []),
+        f"{lab.user.name}@{rec.address}",
+        *([remote] if remote else []),
+    ]
+
+
+def ssh(lab: Lab, node: str, command: str = "", root: bool = False) -> int:
+    """An interactive shell on ``node``, or one command: its exit status passed through."""
+    return subprocess.call(ssh_command(lab, node, command, root))
+
+
+def console(lab: Lab, node: str) -> int:
+    """The node's serial console on this terminal (Ctrl-] leaves); the log keeps it all."""
+    state = _running(lab, node)
+    workdir = os.open(state.workdir, os.O_PATH)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # the socket is named relative to the run folder; /proc/self/fd keeps the path short
+        sock.connect(f"/proc/self/fd/{workdir}/{node}.console.sock")
+    except OSError as exc:
+        raise DriverError(f"{node}: its console socket does not answer ({exc})") from None
+    finally:
+        os.close(workdir)
+    tty = sys.stdin.isatty()
+    if tty:
+        import termios
+        import tty as ttymod
+
+        saved = termios.tcgetattr(sys.stdin.fileno())
+        ttymod.setraw(sys.stdin.fileno())
+        print(f"[{node} console; Ctrl-] leaves]\r", file=sys.stderr, flush=True)
+    try:
+        _pump_console(sock, tty)
+    finally:
+        if tty:
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+        sock.close()
+    return 0
+
+
+def _pump_console(sock: socket.socket, tty: bool) -> None:
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    eof_at: float | None = None
+    while True:
+        wait = [sock] + ([] if eof_at else [stdin])
+        ready, _, _ = select.select(wait, [], [], 0.5)
+        if sock in ready:
+            data = sock.recv(4096)
+            if not data:
+                return
+            os.write(stdout, data)
+        if stdin in ready:
+            data = os.read(stdin, 1024)
+            if tty and CONSOLE_ESCAPE in data:
+                return
+            if not data:
+                eof_at = time.monotonic()  # piped input ended: show what the guest answers, then leave
+            else:
+                sock.sendall(data)
+        if eof_at and time.monotonic() - eof_at > 3:
+            return
+
+
+# --------------------------------------------------------------------------- fault
+
+
+def fault(lab: Lab, action: str, target: str = "") -> str:
+    """``invoke fault ACTION TARGET``: parse first (exit 2 on a bad name), then apply."""
+    word = action if action != "qnetd" else f"qnetd-{target}"
+    f = Fault.parse(word)
+    nodes: list[str] = []
+    groups: list[list[str]] | None = None
+    if f.target is Target.GROUPS:
+        groups = parse_groups(lab, target)
+    elif f.target is Target.NODES_OR_ALL:
+        nodes = [] if target in ("", "all") else parse_nodes(lab, target, f.value)
+    elif f.target is Target.NODES:
+        nodes = parse_nodes(lab, target, f.value)
+    with locked(lab):
+        driver = Driver.attach(lab, Progress("fault"))
+        if f is Fault.POWER_OFF:  # a clean shutdown is asked for over SSH
+            driver.connect(nodes)
+        line = driver.fault(f, nodes, groups)
+        assert driver.state is not None
+        if f is Fault.POWER_ON and driver.state.cluster and not driver.medium.copy_on_write:
+            _redeploy(lab, driver, set(nodes))
+            line += "; corosync deployed on it again (live medium)"
+        return line
+
+
+def _redeploy(lab: Lab, driver: Driver, names: set[str]) -> None:
+    from .rehearse import Rehearsal
+
+    driver.connect()
+    run = Rehearsal(lab, driver, _cluster_packages(lab), _empty_report(lab, driver), Progress("fault"))
+    run.redeploy(names)
+
+
+def status_json(s: dict[str, Any]) -> str:
+    return json.dumps(s, indent=2)
+
+
+__all__ = ["console", "down", "fault", "ssh", "status", "up"]

@@ -1,0 +1,235 @@
+"""The lab you can touch: `invoke up --cluster`, status, ssh, faults, a second lab beside
+it, the rehearsal's walk on the running lab, and `invoke down` leaving nothing behind.
+
+One running lab serves the whole sequence (booting is the expensive part). Every step
+goes through the operator's own commands (`.venv/bin/invoke ...` in a subprocess), so
+`up` is shown to return while its lab keeps running.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pvelab.artefacts import BuildManifest, Layout, RehearsalReport, sha256
+from pvelab.build import build
+from pvelab.lab import load_lab
+from pvelab.paths import LABS, ROOT
+from pvelab.quorum import walk
+
+pytestmark = [pytest.mark.boot, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, taps)")]
+
+INVOKE = str(Path(sys.executable).parent / "invoke")
+THREE = LABS / "proxmox-3node-cluster.yaml"
+TWO = LABS / "proxmox-2node-qdevice.yaml"
+SETTLE = 300  # seconds for corosync to agree after a fault (TCG, loaded host)
+
+
+def invoke(*args, check=True, timeout=3600):
+    res = subprocess.run(
+        [INVOKE, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+    print(f"$ invoke {' '.join(args)}  -> {res.returncode}\n{res.stdout}{res.stderr}", flush=True)
+    if check:
+        assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+def status(lab_file):
+    return json.loads(invoke("status", "--json", "--lab", str(lab_file)).stdout)
+
+
+def settle(lab_file, want, timeout=SETTLE):
+    """Poll `invoke status --json` until want(status) holds; return that status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = status(lab_file)
+        if want(s):
+            return s
+        assert time.monotonic() < deadline, json.dumps(s, indent=2)
+        time.sleep(5)
+
+
+def quorate(s, names, total, expected):
+    nodes = s["nodes"]
+    return all(
+        nodes[n].get("quorum", {}).get("quorate")
+        and nodes[n]["quorum"]["total_votes"] == total
+        and nodes[n]["quorum"]["expected_votes"] == expected
+        for n in names
+    )
+
+
+def lab_processes(lab):
+    """Live (not zombie) processes that belong to ``lab``'s running lab."""
+    run_dir = str(Layout(lab.name).run_dir)
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and (run_dir in cmd or f"pvelab-{lab.name}" in cmd):
+            found.append(f"{proc.name}: {cmd[:160]}")
+    return found
+
+
+def leftovers(lab):
+    """Everything `down` must have removed: processes, namespace, overlays, state."""
+    run_dir = Layout(lab.name).run_dir
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    time.sleep(1)  # killed processes are reaped by init, not by us
+    return {
+        "processes": lab_processes(lab),
+        "netns": [line for line in netns.splitlines() if line.split()[0] == f"pvelab-{lab.name}"],
+        "throwaway files": sorted(
+            p.name
+            for pattern in ("*.overlay.qcow2", "*.OVMF_VARS.fd", "*.console.sock", "state.json", "id_ed25519*")
+            for p in run_dir.glob(pattern)
+        ),
+    }
+
+
+def listening(port):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2):
+            return True
+    except OSError as exc:
+        return "refused" not in str(exc).lower()
+
+
+@pytest.fixture(scope="module")
+def labs():
+    three, two = load_lab(THREE), load_lab(TWO)
+    for lab in (three, two):
+        layout = Layout(lab.name)
+        if not all(layout.manifest(n.name).exists() for n in lab.nodes):
+            build(lab)
+    yield three, two
+    for f in (THREE, TWO):  # whatever happened, nothing stays up
+        invoke("down", "--lab", str(f), check=False)
+
+
+# Long on purpose: one running lab serves every step, in the order an operator takes them.
+def test_up_work_break_walk_down(labs):
+    three, two = labs
+    layout = Layout(three.name)
+    before = {n.name: sha256(layout.artefact(n.name, "qcow2")) for n in three.nodes}
+    members = [n.name for n in three.pve_hosts]
+
+    # up --cluster returns (its process has exited) and the lab keeps running
+    t0 = time.monotonic()
+    up = invoke("up", "--cluster", "--lab", str(THREE))
+    print(f"up --cluster to a quorate cluster: {time.monotonic() - t0:.1f}s", flush=True)
+    assert "is up" in up.stdout and "127.0.0.1:" in up.stdout
+    for n in three.nodes:
+        assert n.name in up.stdout and str(n.alias.ip) in up.stdout
+    again = invoke("up", "--lab", str(THREE), check=False)
+    assert again.returncode == 2 and "already up" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1, again.stderr
+
+    # status --json: every member quorate with 4 of 4 votes, the QDevice voting; qnetd serves all
+    s = status(THREE)
+    assert s["up"] and s["cluster"] and s["faults_in_force"] == []
+    assert quorate(s, members, 4, 4), json.dumps(s, indent=2)
+    assert all(s["nodes"][m]["quorum"]["qdevice_vote"] for m in members)
+    for m in members:  # knet: every peer connected on link 0
+        peers = s["nodes"][m]["links"]["0"]
+        assert {p for p, st in peers.items() if st == "connected"} == set(members) - {m}, peers
+    assert sorted(s["nodes"]["pbs-witness"]["qnetd_clients"]) == sorted(members)
+    assert all(n["alias_up"] for n in s["nodes"].values())
+
+    # ssh: the real tool's output and exit status, and a failing command's status passed through
+    q = invoke("ssh", "pve-1", "--root", "--lab", str(THREE), "--", "corosync-quorumtool", "-s")
+    assert "Quorate:          Yes" in q.stdout and "Total votes:      4" in q.stdout
+    assert invoke("ssh", "pve-1", "--lab", str(THREE), "--", "false", check=False).returncode == 1
+    assert invoke("ssh", "pve-2", "--lab", str(THREE), "--", "hostname").stdout.strip() == "pve-2"
+
+    # a bad fault is one line and exit 2, naming the valid names
+    bad = invoke("fault", "cut", "pve-9", "--lab", str(THREE), check=False)
+    assert bad.returncode == 2 and "pve-9" in bad.stderr and "pve-1, pve-2, pve-3, pbs-witness" in bad.stderr
+    twice = invoke("fault", "partition", "pve-1,pve-2 pve-2,pve-3,pbs-witness", "--lab", str(THREE), check=False)
+    assert twice.returncode == 2 and "named twice" in twice.stderr
+    missing = invoke("fault", "partition", "pve-1,pve-2 pve-3", "--lab", str(THREE), check=False)
+    assert missing.returncode == 2 and "pbs-witness in no group" in missing.stderr
+
+    # cut pve-3: it alone is not quorate (1 vote: ffsplit gives a minority no QDevice vote);
+    # the other two keep quorum with the QDevice (3 of 4)
+    line = invoke("fault", "cut", "pve-3", "--lab", str(THREE)).stdout.strip()
+    assert line == "pve-3: cut off from every other node"
+    s = settle(
+        THREE,
+        lambda s: quorate(s, ["pve-1", "pve-2"], 3, 4)
+        and s["nodes"]["pve-3"].get("quorum", {}).get("quorate") is False,
+    )
+    assert s["nodes"]["pve-3"]["quorum"]["total_votes"] == 1
+    assert s["faults_in_force"] == ["pve-3 cut off from the rest"]
+    assert s["nodes"]["pve-1"]["links"]["0"]["pve-3"] != "connected"
+    assert invoke("fault", "heal", "all", "--lab", str(THREE)).stdout.strip() == "every node: back on the lab network"
+    s = settle(THREE, lambda s: quorate(s, members, 4, 4))
+    assert s["faults_in_force"] == [] and [f["fault"] for f in s["fault_history"]] == ["cut", "heal"]
+
+    # the host reaches the lab on loopback only: the API and SSH of every node
+    api = s["nodes"]["pve-1"]["forwards"]["api"]
+    assert api.startswith("127.0.0.1:")
+    with urllib.request.urlopen(f"http://{api}/api2/json/version", timeout=30) as resp:
+        assert resp.status == 200 and json.load(resp)["data"]["repoid"] == "pve-1"
+    ports = [int(v.split(":")[1]) for n in s["nodes"].values() for v in n["forwards"].values()]
+    listeners = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout
+    for port in ports:
+        bound = [line.split()[3] for line in listeners.splitlines() if line.split()[3].endswith(f":{port}")]
+        assert bound == [f"127.0.0.1:{port}"], bound
+
+    # a second lab beside it; killed with SIGKILL, it is stale, and `down` leaves nothing of it
+    invoke("up", "--lab", str(TWO))
+    s2 = status(TWO)
+    assert s2["up"] and s2["netns"] != s["netns"] and not s2["cluster"]
+    assert quorate(status(THREE), members, 4, 4)  # the first lab did not notice
+    two_ports = [int(v.split(":")[1]) for n in s2["nodes"].values() for v in n["forwards"].values()]
+    assert not set(two_ports) & set(ports)
+    for entry in lab_processes(two):
+        os.kill(int(entry.split(":")[0]), signal.SIGKILL)
+    stale = invoke("status", "--lab", str(TWO), check=False)
+    assert stale.returncode == 3 and "stale" in stale.stdout
+    gone = invoke("down", "--lab", str(TWO))
+    assert "stale state" in gone.stdout and "is down" in gone.stdout
+    assert leftovers(two) == {"processes": [], "netns": [], "throwaway files": []}
+    assert not any(listening(p) for p in two_ports)
+    assert "nothing to do" in invoke("down", "--lab", str(TWO)).stdout
+
+    # the rehearsal's walk, as faults on the running lab
+    t0 = time.monotonic()
+    walked = invoke("rehearse", "--running", "--keep-going", "--lab", str(THREE), check=False)
+    print(f"walk on the running lab: {time.monotonic() - t0:.1f}s", flush=True)
+    report = RehearsalReport.from_json(layout.rehearsal_dir("qcow2") / "report.json")
+    assert walked.returncode == 0 and report.passed, walked.stdout + walked.stderr
+    plan = walk(three)
+    assert [st.title for st in report.steps] == [st.title for st in plan]
+    for got, want in zip(report.steps, plan, strict=True):
+        assert {n.node for n in got.nodes} == set(want.expect)
+        assert all(n.observed["total_votes"] == n.expected["total_votes"] for n in got.nodes)
+    assert report.deploy and all(d.passed for d in report.deploy)  # what up --cluster deployed
+    assert report.checks and all(c["passed"] for c in report.checks.values())
+    assert report.scenario is not None and report.scenario.passed
+    assert status(THREE)["up"]  # still up: the operator brought it up
+
+    # down: nothing of the lab is left
+    done = invoke("down", "--lab", str(THREE))
+    assert "is down" in done.stdout
+    assert leftovers(three) == {"processes": [], "netns": [], "throwaway files": []}
+    assert not any(listening(p) for p in ports)
+    assert "not up" in invoke("status", "--lab", str(THREE), check=False).stdout
+    # the built artefacts are untouched and carry no corosync package
+    for n in three.nodes:
+        assert sha256(layout.artefact(n.name, "qcow2")) == before[n.name]
+        manifest = BuildManifest.from_json(layout.manifest(n.name))
+        assert not [p for p in manifest.packages if p.startswith(("corosync", "libcorosync", "libknet"))]
