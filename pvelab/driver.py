@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import json
 import os
 import signal
@@ -275,7 +276,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def netns_name(lab: Lab) -> str:
-    return f"pvelab-{lab.name}"
+    """``pvelab-<lab>-<6 hex>``: the hex from the run folder's path, so that two checkouts
+    (or two PVELAB_BUILD_DIRs) running the same lab never touch each other's namespace."""
+    where = hashlib.sha256(str(Layout(lab.name).run_dir.resolve()).encode()).hexdigest()[:6]
+    return f"pvelab-{lab.name[:40]}-{where}"
 
 
 # --------------------------------------------------------------------------- the driver
@@ -496,7 +500,7 @@ class Driver:
         for n in self.nodes:
             for service, port in (("ssh", 22), *n.role_def.host_ports):
                 targets.append((n.name, service, self.net.addresses[n.name], port))
-        pid, ports = start(self.net.name, targets, self.outdir / "forward.log")
+        pid, ports = start(self.net.name, targets, self.outdir)
         self.state.forwarder_pid = pid
         for (node, service, _, _), port in zip(targets, ports, strict=True):
             self.state.nodes[node].forwards[service] = port

@@ -8,7 +8,7 @@ is relayed to the guest's address from inside the lab network. Nothing listens o
 other host address. The forwarder runs in its own session, so it outlives ``invoke up``;
 it dies with the namespace (``invoke down``).
 
-Run as ``python -m pvelab.forward FD:HOST:PORT ...`` (by :func:`start` only).
+Run as ``python -m pvelab.forward RUN_DIR FD:HOST:PORT ...`` (by :func:`start` only).
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ from .errors import PvelabError
 LOOPBACK = "127.0.0.1"
 
 
-def start(netns: str, targets: list[tuple[str, str, str, int]], log: Path) -> tuple[int, list[int]]:
-    """(forwarder pid, host port per target) for targets (node, service, address, port)."""
+def start(netns: str, targets: list[tuple[str, str, str, int]], workdir: Path) -> tuple[int, list[int]]:
+    """(forwarder pid, host port per target) for targets (node, service, address, port);
+    its log is ``workdir/forward.log`` and ``workdir`` is on its command line (so ``ps``
+    tells whose forwarder it is)."""
+    log = workdir / "forward.log"
     listeners = []
     try:
         for _ in targets:
@@ -40,7 +43,7 @@ def start(netns: str, targets: list[tuple[str, str, str, int]], log: Path) -> tu
         ]
         with open(log, "ab") as fh:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", netns, sys.executable, "-m", "pvelab.forward", *specs],
+                ["ip", "netns", "exec", netns, sys.executable, "-m", "pvelab.forward", str(workdir), *specs],
                 pass_fds=[s.fileno() for s in listeners],
                 stdin=subprocess.DEVNULL,
                 stdout=fh,
@@ -95,7 +98,7 @@ def _serve(listener: socket.socket, host: str, port: int) -> None:
 
 def main(argv: list[str]) -> int:
     threads = []
-    for spec in argv:
+    for spec in argv[1:]:  # argv[0]: the run folder it serves
         fd, host, port = spec.split(":")
         listener = socket.socket(fileno=int(fd))
         t = threading.Thread(target=_serve, args=(listener, host, int(port)), daemon=True)

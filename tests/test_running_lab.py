@@ -19,6 +19,7 @@ import pytest
 
 from pvelab.artefacts import BuildManifest, Layout, RehearsalReport, sha256
 from pvelab.build import build
+from pvelab.driver import netns_name
 from pvelab.lab import load_lab
 from pvelab.paths import LABS, ROOT
 from pvelab.quorum import walk
@@ -78,7 +79,7 @@ def lab_processes(lab):
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if state != "Z" and (run_dir in cmd or f"pvelab-{lab.name}" in cmd):
+        if state != "Z" and run_dir in cmd:
             found.append(f"{proc.name}: {cmd[:160]}")
     return found
 
@@ -90,10 +91,16 @@ def leftovers(lab):
     time.sleep(1)  # killed processes are reaped by init, not by us
     return {
         "processes": lab_processes(lab),
-        "netns": [line for line in netns.splitlines() if line.split()[0] == f"pvelab-{lab.name}"],
+        "netns": [line for line in netns.splitlines() if line.split()[0] == netns_name(lab)],
         "throwaway files": sorted(
             p.name
-            for pattern in ("*.overlay.qcow2", "*.OVMF_VARS.fd", "*.console.sock", "state.json", "id_ed25519*")
+            for pattern in (
+                "*.overlay.qcow2",
+                "*.OVMF_VARS.fd",
+                "*.console.sock",
+                "state.json",
+                "id_ed25519*",
+            )
             for p in run_dir.glob(pattern)
         ),
     }
@@ -157,7 +164,9 @@ def test_up_work_break_walk_down(labs):
     # a bad fault is one line and exit 2, naming the valid names
     bad = invoke("fault", "cut", "pve-9", "--lab", str(THREE), check=False)
     assert bad.returncode == 2 and "pve-9" in bad.stderr and "pve-1, pve-2, pve-3, pbs-witness" in bad.stderr
-    twice = invoke("fault", "partition", "pve-1,pve-2 pve-2,pve-3,pbs-witness", "--lab", str(THREE), check=False)
+    twice = invoke(
+        "fault", "partition", "pve-1,pve-2 pve-2,pve-3,pbs-witness", "--lab", str(THREE), check=False
+    )
     assert twice.returncode == 2 and "named twice" in twice.stderr
     missing = invoke("fault", "partition", "pve-1,pve-2 pve-3", "--lab", str(THREE), check=False)
     assert missing.returncode == 2 and "pbs-witness in no group" in missing.stderr
@@ -168,13 +177,18 @@ def test_up_work_break_walk_down(labs):
     assert line == "pve-3: cut off from every other node"
     s = settle(
         THREE,
-        lambda s: quorate(s, ["pve-1", "pve-2"], 3, 4)
-        and s["nodes"]["pve-3"].get("quorum", {}).get("quorate") is False,
+        lambda s: (
+            quorate(s, ["pve-1", "pve-2"], 3, 4)
+            and s["nodes"]["pve-3"].get("quorum", {}).get("quorate") is False
+        ),
     )
     assert s["nodes"]["pve-3"]["quorum"]["total_votes"] == 1
     assert s["faults_in_force"] == ["pve-3 cut off from the rest"]
     assert s["nodes"]["pve-1"]["links"]["0"]["pve-3"] != "connected"
-    assert invoke("fault", "heal", "all", "--lab", str(THREE)).stdout.strip() == "every node: back on the lab network"
+    assert (
+        invoke("fault", "heal", "all", "--lab", str(THREE)).stdout.strip()
+        == "every node: back on the lab network"
+    )
     s = settle(THREE, lambda s: quorate(s, members, 4, 4))
     assert s["faults_in_force"] == [] and [f["fault"] for f in s["fault_history"]] == ["cut", "heal"]
 

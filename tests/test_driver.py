@@ -1,0 +1,146 @@
+"""The running lab without booting: fault words and targets, run state, the corosync
+tools' output, the console socket on QEMU's command line, the CLI's refusals."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pvelab.corotools import parse_cfgtool, parse_qnetd_clients
+from pvelab.driver import DriverError, Fault, NodeRecord, RunState, Target, parse_groups, parse_nodes
+from pvelab.media import BIOS, MEDIA
+from pvelab.paths import ROOT
+from pvelab.qemu import VmSpec, qemu_command
+
+CFGTOOL = """Local node ID 1, transport knet
+LINK ID 0 udp
+\taddr\t= 10.81.0.11
+\tstatus:
+\t\tnodeid:          1:\tlocalhost
+\t\tnodeid:          2:\tconnected
+\t\tnodeid:          3:\tdisconnected
+LINK ID 1 udp
+\taddr\t= 10.82.0.11
+\tstatus:
+\t\tnodeid:          1:\tlocalhost
+\t\tnodeid:          2:\tconnected
+\t\tnodeid:          3:\tconnected
+"""
+
+QNETD = """Cluster "pve-cluster":
+    Algorithm:          Fifty-Fifty split
+    Tie-breaker:        Node with lowest node ID
+    Node ID 2:
+        Client address:         ::ffff:10.81.0.12:45454
+        Configured node list:   1, 2, 3
+        Membership node list:   1, 2
+        Vote:                   ACK (ACK)
+    Node ID 1:
+        Client address:         ::ffff:10.81.0.11:45446
+        Vote:                   ACK (ACK)
+"""
+
+
+def test_cfgtool_links_per_peer():
+    links = parse_cfgtool(CFGTOOL)
+    assert links == {
+        "0": {"1": "localhost", "2": "connected", "3": "disconnected"},
+        "1": {"1": "localhost", "2": "connected", "3": "connected"},
+    }
+    assert parse_cfgtool("") == {}
+
+
+def test_qnetd_clients():
+    assert parse_qnetd_clients(QNETD) == {"clusters": ["pve-cluster"], "node_ids": [1, 2]}
+
+
+def test_fault_words_are_the_walks_words(lab):
+    from pvelab.quorum import walk
+
+    kinds = {e.kind for s in walk(lab) for e in s.events} - {"none"}
+    assert kinds <= {f.value for f in Fault}
+    assert Fault.parse("cut") is Fault.CUT and Fault.CUT.target is Target.NODES
+    assert Fault.PARTITION.target is Target.GROUPS and Fault.HEAL.target is Target.NODES_OR_ALL
+    assert Fault.KILL.is_power and Fault.CUT.is_network and not Fault.QNETD_STOP.is_network
+    with pytest.raises(DriverError, match=r"unknown fault.*power-off"):
+        Fault.parse("unplug")
+
+
+def test_groups_name_every_node_once(lab):
+    assert parse_groups(lab, "pve-1,pve-2 pve-3,pbs-witness") == [
+        ["pve-1", "pve-2"],
+        ["pve-3", "pbs-witness"],
+    ]
+    assert parse_groups(lab, "pve-1,pve-2,pbs-witness/pve-3") == [
+        ["pve-1", "pve-2", "pbs-witness"],
+        ["pve-3"],
+    ]
+    for bad, why in [
+        ("pve-1,pve-2 pve-2,pve-3,pbs-witness", "pve-2 named twice"),
+        ("pve-1,pve-2 pve-3", "pbs-witness in no group"),
+        ("pve-1,pve-2 pve-3,pve-9,pbs-witness", "unknown pve-9"),
+        ("pve-1,pve-2,pve-3,pbs-witness", "two groups"),
+    ]:
+        with pytest.raises(DriverError, match=why) as exc:
+            parse_groups(lab, bad)
+        assert "pve-1, pve-2, pve-3, pbs-witness" in str(exc.value)
+    assert parse_nodes(lab, "pve-3", "cut") == ["pve-3"]
+    with pytest.raises(DriverError, match=r"unknown node pve-9 \(nodes: pve-1, pve-2, pve-3, pbs-witness\)"):
+        parse_nodes(lab, "pve-9", "cut")
+
+
+def _state(tmp_path, **kw):
+    rec = NodeRecord("pve-1", 999999, "172.31.81.11", "10.81.0.11", "m", "tap0", "c", "d")
+    fields = dict(
+        lab="x",
+        lab_file="x.yaml",
+        netns="pvelab-test-none",
+        media="qcow2",
+        firmware="bios",
+        accel="tcg",
+        accel_reason="",
+        workdir=str(tmp_path),
+        nodes={"pve-1": rec},
+    )
+    return RunState(**{**fields, **kw})
+
+
+def test_run_state_round_trip_and_staleness(tmp_path):
+    state = _state(tmp_path, phase="up")
+    path = tmp_path / "state.json"
+    path.write_text(state.to_json())
+    again = RunState.from_json(path)
+    assert again == state and isinstance(again.nodes["pve-1"], NodeRecord)
+    # no namespace of that name: stale, and it says why
+    assert "network namespace pvelab-test-none is gone" in again.liveness()
+
+
+def test_console_socket_is_relative_and_logged(tmp_path):
+    spec = VmSpec(
+        "pve-1", 512, MEDIA["qcow2"], BIOS, "tcg", tmp_path / "d.qcow2", tmp_path, console_socket=True
+    )
+    args = qemu_command(spec)
+    chardev = args[args.index("-chardev") + 1]
+    assert chardev.startswith("socket,id=ser0,path=pve-1.console.sock,server=on,wait=off,")
+    assert f"logfile={tmp_path / 'pve-1.console.log'},logappend=on" in chardev
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_cli_refuses_before_any_work(tmp_path):
+    """Not up: one line, exit 2 (status: 3); a bad fault target is refused before the lab is looked at."""
+    invoke = str(Path(sys.executable).parent / "invoke")
+    env = {**os.environ, "PVELAB_BUILD_DIR": str(tmp_path)}
+
+    def run(*args):
+        return subprocess.run([invoke, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+    res = run("ssh", "pve-1", "--", "true")
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "is not up" in res.stderr
+    res = run("fault", "cut", "pve-9")
+    assert res.returncode == 2 and "unknown node pve-9" in res.stderr
+    res = run("status")
+    assert res.returncode == 3 and "not up" in res.stdout
+    res = run("down")
+    assert res.returncode == 0 and "nothing to do" in res.stdout
