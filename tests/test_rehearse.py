@@ -6,12 +6,14 @@ Each lab is booted once and serves the whole walk; the report is checked afterwa
 import json
 import os
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
 from pvelab.artefacts import BuildManifest, Layout, RehearsalReport, sha256
 from pvelab.build import build
 from pvelab.lab import load_lab
+from pvelab.labctl import down, status
 from pvelab.paths import LABS
 from pvelab.quorum import walk
 from pvelab.rehearse import rehearse, table
@@ -35,8 +37,16 @@ def test_rehearsal_walks_every_quorum_case(lab_file):
     lab = load_lab(LABS / lab_file)
     layout = built(lab)
     before = {n.name: sha256(layout.artefact(n.name, "qcow2")) for n in lab.nodes}
-    report = rehearse(lab, media="qcow2", accel="auto", keep_going=True)
-    assert report.passed, table(report)
+    # --keep: the lab stays up at the end, findable by status and taken down by down
+    try:
+        report = rehearse(lab, media="qcow2", accel="auto", keep_going=True, keep=True)
+        assert report.passed, table(report)
+        kept = status(lab)
+        assert kept["up"] and kept["cluster"] and kept["faults_in_force"] == []
+        assert all(n["quorum"]["quorate"] for n in kept["nodes"].values() if "quorum" in n)
+    finally:
+        down(lab)
+    assert not status(lab)["up"] and not Path(f"/run/netns/{kept['netns']}").exists()
     # every step of the model was walked, on every running member, with the raw tool output kept
     plan = walk(lab)
     assert [s.title for s in report.steps] == [s.title for s in plan]
