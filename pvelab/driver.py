@@ -166,6 +166,8 @@ def parse_groups(lab: Lab, text: str) -> list[list[str]]:
     twice = sorted({n for n in flat if flat.count(n) > 1})
     missing = [n for n in names if n not in flat]
     if unknown or twice or missing or len(groups) < 2:
+        half = len(names) // 2
+        example = f"{','.join(names[:half])} {','.join(names[half:])}"
         why = (
             f"unknown {', '.join(unknown)}"
             if unknown
@@ -176,7 +178,7 @@ def parse_groups(lab: Lab, text: str) -> list[list[str]]:
             else "needs two groups or more"
         )
         raise DriverError(
-            f"fault partition: {text!r}: {why} (groups of {', '.join(names)}, e.g. 'pve-1,pve-2 pve-3,...')"
+            f"fault partition: {text!r}: {why} (groups of {', '.join(names)}, e.g. '{example}')"
         )
     return groups
 

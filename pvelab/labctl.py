@@ -262,12 +262,15 @@ def describe(lab: Lab, state: RunState) -> str:
             f"{'127.0.0.1:' + str(fw['api']) if 'api' in fw else '-':<17} {rec.console_log}"
         )
     flag = f" --lab {lab.path}" if lab.path.resolve() != _default_lab() else ""
-    first = next(iter(state.nodes))
+    first, last = (
+        next(iter(state.nodes)),
+        lab.pve_hosts[-1].name if lab.pve_hosts else next(iter(state.nodes)),
+    )
     lines += [
         f"log in:   invoke ssh {first}{flag}          (as {lab.user.name}; sudo needs no password here)",
         f"run:      invoke ssh {first}{flag} --root -- corosync-quorumtool -s",
         f"console:  invoke console {first}{flag}      (Ctrl-] leaves)",
-        f"faults:   invoke fault cut pve-3{flag}, invoke fault heal all{flag}, ... ; invoke status{flag}",
+        f"faults:   invoke fault cut {last}{flag}, invoke fault heal all{flag}, ... ; invoke status{flag}",
         f"stop:     invoke down{flag}",
     ]
     return "\n".join(lines)
