@@ -46,6 +46,7 @@ from .driver import (
     read_state,
 )
 from .lab import Lab
+from .labnet import LabNet
 from .machine import Machine, qemu_alive
 
 CONSOLE_ESCAPE = b"\x1d"  # Ctrl-]
@@ -109,15 +110,12 @@ def cleanup(lab: Lab, state: RunState | None) -> list[str]:
                 done.append(f"QEMU of {name} killed")
         if state.forwarder_pid and _pid_alive(state.forwarder_pid):
             os.kill(state.forwarder_pid, signal.SIGTERM)
-    if Path(f"/run/netns/{ns}").exists():
-        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        done.append(f"network namespace {ns} (bridge, taps, dnsmasq) removed")
     workdir = Path(state.workdir) if state else Layout(lab.name).run_dir
+    if Path(f"/run/netns/{ns}").exists():
+        net = LabNet([], workdir)
+        net.name = ns
+        net.down()  # what is left in the namespace dies with it
+        done.append(f"network namespace {ns} (bridge, taps, dnsmasq) removed")
     removed = 0
     patterns = ("*.overlay.qcow2", "*.disk.qcow2", "*.OVMF_VARS.fd", "*.console.sock", "*.pid", "dnsmasq.pid")
     for pattern in patterns:
