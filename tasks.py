@@ -36,6 +36,9 @@ def _keep(keep):
         raise PvelabError(f"--keep: {keep!r}: must be a whole number") from None
 
 
+NO_WAIT = "when another run holds this lab, stop at once (exit 2) instead of waiting for it"
+
+
 def friendly(fn):
     """Every expected failure is a PvelabError: one line, exit 2, no traceback.
 
@@ -46,10 +49,12 @@ def friendly(fn):
         import os
 
         from pvelab.errors import PvelabError
+        from pvelab.locks import no_wait
 
         debug = os.environ.get("PVELAB_DEBUG") == "1" or "--debug" in sys.argv or "-d" in sys.argv[:2]
         try:
-            return fn(*args, **kwargs)
+            with no_wait(kwargs.pop("no_wait", False)):
+                return fn(*args, **kwargs)
         except PvelabError as exc:
             if debug:
                 raise
@@ -85,6 +90,7 @@ def recipes(c, lab=str(DEFAULT_LAB)):
 @task(
     iterable=["node"],
     help={
+        "no_wait": NO_WAIT,
         "node": "node to build (repeatable; default all)",
         "lab": "lab definition file",
         "refresh": "rebuild the shared base even if cached (the archive is re-read either way)",
@@ -92,7 +98,7 @@ def recipes(c, lab=str(DEFAULT_LAB)):
     },
 )
 @friendly
-def build(c, node=None, lab=str(DEFAULT_LAB), refresh=False, rebuild_base=False):
+def build(c, node=None, lab=str(DEFAULT_LAB), refresh=False, rebuild_base=False, no_wait=False):
     """Build qcow2 + bootable ISO + installer ISO + manifest for each node into build/<lab>/<node>/."""
     from pvelab.build import build as run_build
 
@@ -104,6 +110,7 @@ def build(c, node=None, lab=str(DEFAULT_LAB), refresh=False, rebuild_base=False)
     name="boot-test",
     iterable=["node"],
     help={
+        "no_wait": NO_WAIT,
         "node": "node to boot (repeatable; default all)",
         "media": "qcow2 or iso",
         "firmware": "bios or uefi (uefi with --media iso)",
@@ -123,6 +130,7 @@ def boot_test(
     lab=str(DEFAULT_LAB),
     timeout=180,
     analyze=False,
+    no_wait=False,
 ):
     """Boot the built nodes together under QEMU and run the lab's validation scenario."""
     from pvelab.boottest import boot_test as run
@@ -136,6 +144,7 @@ def boot_test(
 
 @task(
     help={
+        "no_wait": NO_WAIT,
         "lab": "lab definition file",
         "media": "qcow2 or iso",
         "firmware": "bios or uefi",
@@ -155,6 +164,7 @@ def rehearse(
     keep_going=False,
     keep=False,
     running=False,
+    no_wait=False,
 ):
     """Form the real corosync cluster from the baked wiring on the booted lab; walk the quorum cases."""
     from pvelab.rehearse import rehearse as run
@@ -177,6 +187,7 @@ def rehearse(
 
 @task(
     help={
+        "no_wait": NO_WAIT,
         "lab": "lab definition file",
         "media": "qcow2, iso, usb or install",
         "firmware": "bios, uefi or uefi-sb",
@@ -186,7 +197,16 @@ def rehearse(
     }
 )
 @friendly
-def up(c, lab=str(DEFAULT_LAB), media="qcow2", firmware="bios", accel="auto", cluster=False, replace=False):
+def up(
+    c,
+    lab=str(DEFAULT_LAB),
+    media="qcow2",
+    firmware="bios",
+    accel="auto",
+    cluster=False,
+    replace=False,
+    no_wait=False,
+):
     """Boot the lab and leave it running (build/<lab>/run/); prints how to reach each node."""
     from pvelab.labctl import describe
     from pvelab.labctl import up as run
@@ -232,22 +252,23 @@ def console(c, node, lab=str(DEFAULT_LAB)):
 @task(
     positional=["action", "target"],
     help={
+        "no_wait": NO_WAIT,
         "action": "power-off, kill, power-on, cut, partition, heal, qnetd",
         "target": "NODE[,NODE] | 'A,B C' (partition: groups) | all (heal) | stop|start (qnetd)",
         "lab": "lab definition file",
     },
 )
 @friendly
-def fault(c, action, target, lab=str(DEFAULT_LAB)):
+def fault(c, action, target, lab=str(DEFAULT_LAB), no_wait=False):
     """Break the running lab on purpose, or mend it: one line of output, recorded in its state."""
     from pvelab.labctl import fault as run
 
     print(run(_lab(lab), action, target))
 
 
-@task(help={"lab": "lab definition file"})
+@task(help={"no_wait": NO_WAIT, "lab": "lab definition file"})
 @friendly
-def down(c, lab=str(DEFAULT_LAB)):
+def down(c, lab=str(DEFAULT_LAB), no_wait=False):
     """Stop every VM; remove taps, dnsmasq, the namespace and the overlays (stale state too)."""
     from pvelab.labctl import down as run
 
@@ -274,6 +295,7 @@ def boot(c, node, media="qcow2", firmware="bios", accel="auto", lab=str(DEFAULT_
 
 @task(
     help={
+        "no_wait": NO_WAIT,
         "dest": "release root (local folder, NFS or object-store mount)",
         "keep": "keep only the newest N releases",
         "lab": "lab definition file",
@@ -284,7 +306,14 @@ def boot(c, node, media="qcow2", firmware="bios", accel="auto", lab=str(DEFAULT_
 )
 @friendly
 def publish(
-    c, dest=None, keep=None, lab=str(DEFAULT_LAB), gpg_key=None, artefacts="qcow2,iso,installer", force=False
+    c,
+    dest=None,
+    keep=None,
+    lab=str(DEFAULT_LAB),
+    gpg_key=None,
+    artefacts="qcow2,iso,installer",
+    force=False,
+    no_wait=False,
 ):
     """Publish what is built and boot-tested as DEST/<lab>/<timestamp>/ (gated, atomic)."""
     import os
@@ -313,6 +342,7 @@ def _say_release(rel):
 
 @task(
     help={
+        "no_wait": NO_WAIT,
         "dest": "release root",
         "keep": "keep only the newest N releases",
         "lab": "lab definition file",
@@ -324,7 +354,15 @@ def _say_release(rel):
 )
 @friendly
 def nightly(
-    c, dest=None, keep=None, lab=str(DEFAULT_LAB), accel="auto", gpg_key=None, force=False, on_failure=None
+    c,
+    dest=None,
+    keep=None,
+    lab=str(DEFAULT_LAB),
+    accel="auto",
+    gpg_key=None,
+    force=False,
+    on_failure=None,
+    no_wait=False,
 ):
     """Build; unless identical to the latest release, boot-test every medium, rehearse, publish."""
     import os

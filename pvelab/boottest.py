@@ -26,6 +26,7 @@ from .driver import Driver, Progress, sigterm_unwinds
 from .errors import PvelabError
 from .installtest import blank_disk, run_installers
 from .lab import Lab, Node
+from .locks import locking
 from .machine import Machine
 from .media import MEDIA, Firmware, Medium, boot_combination
 from .qemu import QEMU, VmSpec, prepare, qemu_command, resolve_accel
@@ -98,6 +99,7 @@ After = Callable[[dict[str, Machine], BootReport], Any]
 
 
 # Long on purpose: the report's fields are filled in one place, in the order they are produced.
+@locking("boot-test")
 def boot_test(
     lab: Lab,
     names: list[str] | None = None,

@@ -25,6 +25,7 @@ from .artefacts import ArtefactInfo, BuildManifest, Layout, sha256
 from .disk import copy_sparse, grow_disk, loop_partition, mounted, resize_fs, squash
 from .errors import PvelabError
 from .lab import Lab, Node
+from .locks import locking
 from .node import Entry, apply_entries, debugfs_script, installer_entries, layer_entries, run_debugfs
 from .paths import ROOT, build_root
 from .render import RenderedFile, render_files, render_node
@@ -353,6 +354,7 @@ def _manifest(
     )
 
 
+@locking("build")
 def build(lab: Lab, names: list[str] | None = None, force_base: bool = False) -> list[NodeBuild]:
     nodes = lab.select(names)
     preflight(lab, nodes)

@@ -42,6 +42,7 @@ from .artefacts import Layout, RecordError, _check_schema, _from_dict, _read_jso
 from .errors import PvelabError
 from .lab import Lab, Node
 from .labnet import LabNet
+from .locks import pid_alive
 from .machine import Machine, MachineError, qemu_alive
 from .media import Firmware, Medium, boot_combination
 from .qemu import VmSpec, prepare
@@ -251,7 +252,7 @@ class RunState:
         """'' when the lab runs, else why its state is stale (one phrase)."""
         if not Path(f"/run/netns/{self.netns}").exists():
             return f"its network namespace {self.netns} is gone (host rebooted, or removed by hand)"
-        if self.phase == "booting" and not _pid_alive(self.owner_pid):
+        if self.phase == "booting" and not pid_alive(self.owner_pid):
             return f"the `invoke up` that was bringing it up (pid {self.owner_pid}) is gone"
         alive = [n for n, r in self.nodes.items() if qemu_alive(r.pid, n)]
         powered_off = {
@@ -260,21 +261,6 @@ class RunState:
         if not alive and not powered_off:
             return "none of its QEMU processes runs"
         return ""
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def netns_name(lab: Lab) -> str:
@@ -394,7 +380,7 @@ class Driver:
         """Every VM ended, its throwaway files removed; the lab network removed."""
         for m in self.machines.values():
             m.stop()
-        if self.state and self.state.forwarder_pid and _pid_alive(self.state.forwarder_pid):
+        if self.state and self.state.forwarder_pid and pid_alive(self.state.forwarder_pid):
             try:
                 os.kill(self.state.forwarder_pid, signal.SIGTERM)
             except ProcessLookupError:

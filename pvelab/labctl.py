@@ -13,7 +13,6 @@ detected (:meth:`RunState.liveness`), said in one line, and cleaned by ``down`` 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import select
@@ -38,7 +37,6 @@ from .driver import (
     Progress,
     RunState,
     Target,
-    _pid_alive,
     netns_name,
     parallel,
     parse_groups,
@@ -47,6 +45,7 @@ from .driver import (
 )
 from .lab import Lab
 from .labnet import LabNet
+from .locks import lab_lock, pid_alive
 from .machine import Machine, qemu_alive
 
 CONSOLE_ESCAPE = b"\x1d"  # Ctrl-]
@@ -56,28 +55,10 @@ CONSOLE_ESCAPE = b"\x1d"  # Ctrl-]
 
 
 @contextmanager
-def locked(lab: Lab) -> Iterator[None]:
-    """One lifecycle command at a time per lab (``build/<lab>/run.lock``)."""
-    path = Layout(lab.name).root / "run.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "?"
-            raise DriverError(
-                f"lab {lab.name} is busy: another pvelab command (pid {holder}) is bringing it up or down"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        try:
-            yield
-        finally:
-            fh.seek(0)
-            fh.truncate()
+def locked(lab: Lab, task: str) -> Iterator[None]:
+    """One lifecycle command at a time per lab: the lab's lock (:mod:`pvelab.locks`)."""
+    with lab_lock(lab.name, task):
+        yield
 
 
 def claim(lab: Lab) -> Path:
@@ -108,7 +89,7 @@ def cleanup(lab: Lab, state: RunState | None) -> list[str]:
             if qemu_alive(rec.pid, name):
                 os.kill(rec.pid, signal.SIGKILL)
                 done.append(f"QEMU of {name} killed")
-        if state.forwarder_pid and _pid_alive(state.forwarder_pid):
+        if state.forwarder_pid and pid_alive(state.forwarder_pid):
             os.kill(state.forwarder_pid, signal.SIGTERM)
     workdir = Path(state.workdir) if state else Layout(lab.name).run_dir
     if Path(f"/run/netns/{ns}").exists():
@@ -147,7 +128,7 @@ def up(
 
     medium, fw = boot_combination(media, firmware)
     say = Progress("up")
-    with locked(lab):
+    with locked(lab, "up"):
         if replace and read_state(lab) is not None:
             for line in cleanup(lab, read_state(lab)):
                 say(line)
@@ -228,7 +209,7 @@ def _empty_report(lab: Lab, driver: Driver) -> RehearsalReport:
 
 def down(lab: Lab) -> list[str]:
     """Stop every VM, remove taps, dnsmasq, namespace and overlays; idempotent."""
-    with locked(lab):
+    with locked(lab, "down"):
         state = read_state(lab)
         leftover_ns = Path(f"/run/netns/{netns_name(lab)}").exists()
         if state is None and not leftover_ns:
@@ -523,7 +504,7 @@ def fault(lab: Lab, action: str, target: str = "") -> str:
         nodes = [] if target in ("", "all") else parse_nodes(lab, target, f.value)
     elif f.target is Target.NODES:
         nodes = parse_nodes(lab, target, f.value)
-    with locked(lab):
+    with locked(lab, "fault"):
         driver = Driver.attach(lab, Progress("fault"))
         if f is Fault.POWER_OFF:  # a clean shutdown is asked for over SSH
             driver.connect(nodes)

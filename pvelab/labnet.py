@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import locks
 from .errors import PvelabError
 
 CLONE_NEWNET = 0x40000000
@@ -90,6 +91,7 @@ class LabNet:
         if self.name in _ip("ip", "netns", "list").stdout.split():
             raise LabNetError(f"network namespace {self.name} already exists")
         _ip("ip", "netns", "add", self.name)
+        locks.leave(netns=self.name)  # a killed run's namespace is found by the next run
         ns = self.name
         _ip("ip", "link", "set", "lo", "up", ns=ns)
         # a fixed MAC: a bridge left to itself takes its lowest port's, and changes it when

@@ -21,6 +21,7 @@ from typing import Any
 
 import paramiko
 
+from . import locks
 from .labnet import LabNet
 from .qemu import MachineError, VmSpec, qemu_command
 
@@ -81,6 +82,7 @@ class Machine:
             )
         self.pid = self.proc.pid
         self.started_at = time.monotonic()
+        locks.leave(qemu=(self.name, self.pid))  # a killed run's QEMU is found by the next run
 
     def is_running(self) -> bool:
         if self.proc is not None:

@@ -29,6 +29,7 @@ from .boottest import boot_test
 from .build import build, git_commit
 from .errors import PvelabError
 from .lab import Lab
+from .locks import locking
 from .media import MEDIA
 from .publish import Release, built_files, destination, publish, unchanged_since
 from .rehearse import rehearse
@@ -125,6 +126,7 @@ def run_hook(command: str, status_path: Path, status: Status) -> None:
 
 
 # Long on purpose: the nightly's stages, each recorded in status.json before it runs.
+@locking("nightly")
 def nightly(
     lab: Lab,
     dest: str | Path | None,

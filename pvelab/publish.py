@@ -39,6 +39,7 @@ from .artefacts import BootReport, BuildManifest, Layout, RecordError, Rehearsal
 from .errors import PvelabError
 from .iso import INSTALL_WAIT
 from .lab import Lab, Node
+from .locks import locking
 from .media import ARTEFACT_KINDS, MEDIA
 from .page import release_page, template_env
 from .quorum import table as quorum_table
@@ -403,6 +404,7 @@ def _point_latest(labdir: Path, name: str) -> None:
 
 
 # Long on purpose: the release transaction (validate, lock, stage, rename, point, retire) reads as one sequence.
+@locking("publish")
 def publish(
     lab: Lab,
     dest: str | Path | None = None,

@@ -38,6 +38,7 @@ from .errors import PvelabError
 from .guestpkgs import PackageSet, fetch
 from .lab import CustomTest, Lab, Scenario
 from .labctl import claim, describe, locked
+from .locks import locking
 from .machine import Machine, MachineError
 from .media import Firmware, Medium, boot_combination
 from .paths import cache_dir
@@ -328,6 +329,7 @@ def guest_packages(lab: Lab, steps: Steps) -> dict[str, PackageSet]:
     return sets
 
 
+@locking("rehearse")
 def rehearse(
     lab: Lab,
     media: str = "qcow2",
