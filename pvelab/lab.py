@@ -521,6 +521,13 @@ def _parse_user(r: _Reader, lab: dict) -> User:
     for i, group in enumerate(user.groups):
         if not _POSIX_NAME.fullmatch(group):
             r.fail(f"lab.user.groups[{i}]", group, "is not a POSIX group name")
+    if "sudo" not in user.groups:
+        r.fail(
+            "lab.user.groups",
+            list(user.groups),
+            "must include sudo: the rehearsal and `invoke up --cluster` run corosync's tools "
+            "on the nodes as root through sudo (root cannot log in over SSH)",
+        )
     return user
 
 

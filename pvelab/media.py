@@ -10,6 +10,7 @@ publishing and the CLI look both up here; an unknown name is an error naming the
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,3 +136,19 @@ def boot_combination(media_name: str, firmware_name: str) -> tuple[Medium, Firmw
             f"--firmware {fw.name}: the {m.name} medium boots with {' or '.join(f.name for f in m.firmwares)} only"
         )
     return m, fw
+
+
+def medium_for(kind: str) -> Medium:
+    """The medium that boots artefacts of ``kind`` as they are handed over (first in MEDIA)."""
+    return next(m for m in MEDIA.values() if m.artefact == kind)
+
+
+def boot_test_command(lab_path: Path | str, m: Medium, fw: Firmware = BIOS) -> str:
+    """The exact ``invoke boot-test`` that writes the boot report of ``m`` under ``fw``
+    (what every gate message tells the operator to run)."""
+    args = ["invoke", "boot-test", "--lab", str(lab_path)]
+    if m.name != "qcow2":
+        args += ["--media", m.name]
+    if fw is not BIOS:
+        args += ["--firmware", fw.name]
+    return shlex.join(args)

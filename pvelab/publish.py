@@ -40,7 +40,7 @@ from .errors import PvelabError
 from .iso import INSTALL_WAIT
 from .lab import Lab, Node
 from .locks import locking
-from .media import ARTEFACT_KINDS, MEDIA
+from .media import ARTEFACT_KINDS, FIRMWARES, MEDIA, boot_test_command, medium_for
 from .page import release_page, template_env
 from .quorum import table as quorum_table
 from .secrets import DEFAULT_PASSWORD
@@ -155,12 +155,16 @@ def _check_artefact(
     }
     passed_by = [k for k, r in on_these_bytes.items() if r.passed]
     if not passed_by:
-        why = (
-            f"its boot test ({', '.join(on_these_bytes)}) did not pass"
-            if on_these_bytes
-            else f"no boot test ran on this exact file (run `invoke boot-test --lab {lab.path}"
-            f"{' --media iso' if kind == 'iso' else ''}`)"
-        )
+        if on_these_bytes:
+            again = "; ".join(
+                f"`{boot_test_command(lab.path, MEDIA[r.media], FIRMWARES[r.firmware])}`"
+                for r in on_these_bytes.values()
+            )
+            why = f"its boot test ({', '.join(on_these_bytes)}) did not pass (run {again} again)"
+        else:
+            why = (
+                f"no boot test ran on this exact file (run `{boot_test_command(lab.path, medium_for(kind))}`)"
+            )
         return None, f"{node}: {path.name}: {why}"
     return {
         "path": path,
@@ -191,13 +195,15 @@ def gate(lab: Lab, kinds: tuple[str, ...] = ARTEFACT_KINDS) -> dict:
         elif r.lab_sha256 and r.lab_sha256 != lab_sha:
             problems.append(
                 f"boot-test/{key}: ran with another version of {lab.path} ({r.lab_file}); "
-                f"run `invoke boot-test --lab {lab.path}` again"
+                f"run `{boot_test_command(lab.path, MEDIA[r.media], FIRMWARES[r.firmware])}` again"
             )
     nodes: dict[str, dict] = {}
     for node in lab.nodes:
         mpath = Layout(lab.name).manifest(node.name)
         if not mpath.exists():
-            problems.append(f"{node.name}: {mpath} missing (not built)")
+            problems.append(
+                f"{node.name}: {mpath} missing (run `invoke build --lab {lab.path} --node {node.name}`)"
+            )
             continue
         try:
             manifest = BuildManifest.from_json(mpath)
@@ -211,7 +217,7 @@ def gate(lab: Lab, kinds: tuple[str, ...] = ARTEFACT_KINDS) -> dict:
             )
         if not Layout(lab.name).sbom(node.name).exists():
             problems.append(
-                f"{node.name}: {Layout(lab.name).sbom(node.name)} missing (rebuild: `invoke build`)"
+                f"{node.name}: {Layout(lab.name).sbom(node.name)} missing (rebuild: `invoke build --lab {lab.path} --node {node.name}`)"
             )
         entry: dict = {"manifest": manifest, "files": {}}
         for kind in kinds:
@@ -257,7 +263,10 @@ def _rehearsals_on_these_bytes(
         if not same:
             continue  # a rehearsal of other bytes says nothing about these
         if not r.passed:
-            problems.append(f"rehearsal/{r.media}: the rehearsal on these exact files failed ({path})")
+            problems.append(
+                f"rehearsal/{r.media}: the rehearsal on these exact files failed ({path}); "
+                f"run `invoke rehearse --lab {lab.path} --media {r.media}` again"
+            )
         out[r.media] = r
     return out
 

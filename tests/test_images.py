@@ -594,3 +594,25 @@ def test_loop_partition_replaces_a_stale_partition(tmp_path):
             assert int((sysfs / "size").read_text()) == 24 * 2048 - 4096
     finally:
         subprocess.run(["partx", "--delete", dev], capture_output=True)
+
+
+def test_two_builds_of_one_lab_at_once(built, lab):
+    """A nightly and an operator building the same lab at once: the second waits for the
+    first (saying who holds the lab), both succeed, and the bytes are a clean build's."""
+    import sys
+
+    from pvelab.paths import ROOT
+
+    layout = Layout(lab.name)
+    files = [layout.artefact("pve-1", kind) for kind in ARTEFACT_KINDS]
+    before = {p.name: _sha(p) for p in files}
+    cmd = [sys.executable, "-m", "invoke", "build", "--node", "pve-1"]
+    procs = [
+        subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in (1, 2)
+    ]
+    outs = [p.communicate(timeout=900)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert not any("Traceback" in o for o in outs), outs
+    waited = [o for o in outs if f"lab {lab.name} is busy" in o]
+    assert len(waited) == 1 and "waiting for it to finish" in waited[0]
+    assert {p.name: _sha(p) for p in files} == before

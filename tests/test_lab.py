@@ -229,6 +229,16 @@ CASES = {
         "lab.user.groups[0]",
         "sudo",
     ),
+    "no sudo among the groups": (
+        lambda d: d["lab"]["user"].update(groups=[]),
+        "lab.user.groups",
+        "must include sudo",
+    ),
+    "other groups, no sudo": (
+        lambda d: d["lab"]["user"].update(groups=["adm", "users"]),
+        "lab.user.groups",
+        "['adm', 'users']",
+    ),
     "group with a space": (
         lambda d: d["lab"]["user"].update(groups=["wheel admins"]),
         "lab.user.groups[0]",
@@ -328,18 +338,6 @@ def test_plain_password_is_hashed_salted_and_stable(lab):
         check=True,
     ).stdout.strip()
     assert again == h  # a real SHA-512 crypt of the lab password, as /etc/shadow checks it
-
-
-def test_no_groups_means_no_sudo(raw_lab, write_lab):
-    raw_lab["lab"]["user"]["groups"] = []
-    lab = load_lab(write_lab(raw_lab))
-    from pvelab.image import dib_env
-
-    assert lab.user.groups == () and dib_env(lab)["DIB_PVELAB_GROUPS"] == ""
-    env = (
-        __import__("pvelab.paths").paths.ELEMENTS / "pvelab-base/environment.d/05-pvelab-base.bash"
-    ).read_text()
-    assert "DIB_PVELAB_GROUPS=${DIB_PVELAB_GROUPS-sudo}" in env  # set but empty stays empty
 
 
 @pytest.mark.parametrize(

@@ -481,3 +481,62 @@ def test_cli_keep_must_be_a_number(lab):
     )
     assert res.returncode == 2 and "--keep: 'abc': must be a whole number" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def _commands(text):
+    import re
+
+    return re.findall(r"`(invoke [^`]+)`", text)
+
+
+def check_invoke_command(cmd):
+    """``cmd`` parses against the real task: every option exists, every medium and
+    firmware is one the task accepts for that medium."""
+    import shlex
+
+    from invoke import Collection
+
+    from pvelab.media import boot_combination
+
+    sys.path.insert(0, str(ROOT))
+    import tasks
+
+    words = shlex.split(cmd)
+    assert words[0] == "invoke"
+    coll = Collection.from_module(tasks)
+    task = coll[words[1]]
+    names = {a.name.replace("_", "-") for a in task.get_arguments()}
+    opts = {}
+    i = 2
+    while i < len(words):
+        assert words[i].startswith("--"), (cmd, words[i])
+        assert words[i][2:] in names, f"{cmd}: {words[i]} is not an option of `invoke {words[1]}`"
+        opts[words[i][2:]] = words[i + 1]
+        i += 2
+    if "lab" in opts:
+        assert os.path.exists(opts["lab"]), cmd
+    if words[1] in ("boot-test", "rehearse"):
+        boot_combination(opts.get("media", "qcow2"), opts.get("firmware", "bios"))
+    return opts
+
+
+def test_every_gate_message_names_a_command_that_exists(lab, built, tmp_path):
+    import shutil
+
+    shutil.rmtree(Layout(lab.name).root / "boot-test")
+    with pytest.raises(PublishError) as err:
+        publish(lab, tmp_path / "rel")
+    cmds = set(_commands(str(err.value)))
+    media = {check_invoke_command(c).get("media", "qcow2") for c in cmds}
+    assert media == {"qcow2", "iso", "install"}, cmds  # the installer's names --media install
+    write_report(lab, "install", "uefi-sb", built, passed=False)
+    with pytest.raises(PublishError) as err:
+        publish(lab, tmp_path / "rel")
+    failed = [c for c in _commands(str(err.value)) if "--media install" in c]
+    assert failed and all(check_invoke_command(c)["firmware"] == "uefi-sb" for c in failed), str(err.value)
+    os.remove(Layout(lab.name).sbom("pve-2"))
+    os.remove(Layout(lab.name).manifest("pve-3"))
+    with pytest.raises(PublishError) as err:
+        publish(lab, tmp_path / "rel")
+    builds = [c for c in _commands(str(err.value)) if c.startswith("invoke build")]
+    assert {check_invoke_command(c)["node"] for c in builds} == {"pve-2", "pve-3"}
