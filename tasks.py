@@ -95,14 +95,15 @@ def recipes(c, lab=str(DEFAULT_LAB)):
         "lab": "lab definition file",
         "refresh": "rebuild the shared base even if cached (the archive is re-read either way)",
         "rebuild_base": "same as --refresh",
+        "verify": "hash every cached file the build uses (a damaged one is moved aside and remade)",
     },
 )
 @friendly
-def build(c, node=None, lab=str(DEFAULT_LAB), refresh=False, rebuild_base=False, no_wait=False):
+def build(c, node=None, lab=str(DEFAULT_LAB), refresh=False, rebuild_base=False, verify=False, no_wait=False):
     """Build qcow2 + bootable ISO + installer ISO + manifest for each node into build/<lab>/<node>/."""
     from pvelab.build import build as run_build
 
-    for result in run_build(_lab(lab), node, force_base=refresh or rebuild_base):
+    for result in run_build(_lab(lab), node, force_base=refresh or rebuild_base, verify=verify):
         print(f"{result.node}: {result.qcow2} {result.iso} ({result.seconds:.0f}s)")
 
 

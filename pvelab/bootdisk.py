@@ -18,6 +18,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from . import cache
 from .disk import copy_data, loop_disk, mounted, partition_extent
 from .run import StepError, Steps
 from .signedboot import SignedBoot
@@ -53,16 +54,15 @@ def esp_files(signed: SignedBoot) -> list[tuple[Path, str]]:
 def base_disk(base_raw: Path, signed: SignedBoot, steps: Steps) -> Path:
     """The GPT boot disk made from the DIB base image (cached beside it)."""
     out = base_raw.with_name("disk.raw")
-    if out.exists():
-        return out
     with open(base_raw.parent.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not out.exists():
+        if not cache.usable(out.parent, [out.name], f"base {out.parent.name}", steps.say):
             with steps.stage("boot disk: GPT, BIOS boot + ESP (signed shim/GRUB) + root"):
                 tmp = out.with_name("disk.raw.tmp")
                 tmp.unlink(missing_ok=True)
                 _make(base_raw, tmp, signed, steps)
                 os.replace(tmp, out)
+                cache.seal(out.parent, [out])
     return out
 
 
@@ -124,7 +124,8 @@ def install_payload(disk_raw: Path, steps: Steps) -> tuple[tuple[Path, str], ...
     root's grub.cfg and the ESP's hop both look for."""
     out = disk_raw.parent / "install"
     names = ("esp.img.zst", "boot.tar.zst", "root.uuid")
-    if not all((out / n).exists() for n in names):
+    entry = disk_raw.parent
+    if not cache.usable(entry, [f"install/{n}" for n in names], f"base {entry.name}", steps.say):
         with steps.stage("installer payload: ESP image, /boot, root UUID"):
             tmp = out.with_name(f"install.{os.getpid()}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -138,4 +139,5 @@ def install_payload(disk_raw: Path, steps: Steps) -> tuple[tuple[Path, str], ...
                 (tmp / "mnt").rmdir()
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
+            cache.seal(entry, [out / n for n in names])
     return tuple((out / n, n) for n in names)

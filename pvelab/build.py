@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import bootdisk, image, iso, repro, sbom
+from . import bootdisk, cache, image, iso, repro, sbom
 from .artefacts import ArtefactInfo, BuildManifest, Layout, sha256
 from .disk import copy_sparse, grow_disk, loop_partition, mounted, resize_fs, squash
 from .errors import PvelabError
@@ -355,7 +355,16 @@ def _manifest(
 
 
 @locking("build")
-def build(lab: Lab, names: list[str] | None = None, force_base: bool = False) -> list[NodeBuild]:
+def build(
+    lab: Lab, names: list[str] | None = None, force_base: bool = False, verify: bool = False
+) -> list[NodeBuild]:
+    """Build ``names`` (default: every node). ``verify``: hash every cached file used
+    (:func:`pvelab.cache.full_checks`), not only the small ones and those whose time moved."""
+    with cache.full_checks(verify):
+        return _build(lab, names, force_base)
+
+
+def _build(lab: Lab, names: list[str] | None, force_base: bool) -> list[NodeBuild]:
     nodes = lab.select(names)
     preflight(lab, nodes)
     layout = Layout(lab.name)
@@ -363,10 +372,11 @@ def build(lab: Lab, names: list[str] | None = None, force_base: bool = False) ->
         render_node(lab, n)
     base_steps = Steps("base", layout.base_log)
     base = image.build_base(lab, base_steps, force=force_base)
+    epoch = repro.source_date_epoch(base.info.get("archive_state", {}))
+    base_steps.env.update(repro.tool_env(epoch))  # the base's squashfs: the same bytes when remade
     live = image.live_parts(base, base_steps)
     disk = bootdisk.base_disk(base.raw, live.signed, base_steps)
     live = dataclasses.replace(live, disk=disk)
-    epoch = repro.source_date_epoch(base.info.get("archive_state", {}))
     # what every node's installer ISO shares is made once, before the nodes run side by side
     bootdisk.install_payload(disk, base_steps)
     jobs = []

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import cache
 from .errors import PvelabError
 from .hostapt import debian_mirrors
 from .paths import cache_dir
@@ -98,7 +99,11 @@ def fetch(
     index = final / "index.json"
     if index.exists():
         data = json.loads(index.read_text())
-        if tuple(data["packages"]) == packages:
+        found = cache.damage(final, ["index.json", *data["debs"]])
+        if found:
+            aside = cache.move_aside(final)
+            steps.say(f"cache: guest packages {name}: {cache.describe(final, found)}: moved aside to {aside}")
+        elif tuple(data["packages"]) == packages:
             steps.say(f"guest packages {name}: cached ({len(data['debs'])} .deb files)")
             return PackageSet(name, packages, tuple(final / d for d in data["debs"]))
     with tempfile.TemporaryDirectory(prefix="pvelab-apt-") as tmp:
@@ -117,6 +122,7 @@ def fetch(
             raise PackageError(f"apt resolved nothing to download for {' '.join(packages)}")
         (staging / "index.json").write_text(json.dumps({"packages": list(packages), "debs": debs}, indent=2))
         shutil.rmtree(staging / "partial", ignore_errors=True)
+        cache.seal(staging, [staging / "index.json", *(staging / d for d in debs)])
         shutil.rmtree(final, ignore_errors=True)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, final)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from . import archive, dib_blockdev
+from . import archive, cache, dib_blockdev
 from .disk import loop_partition, mounted, squash
 from .hostapt import dib_mirror_env
 from .lab import Lab
@@ -34,6 +34,7 @@ from .signedboot import SignedBoot, signed_boot
 
 BASE_ELEMENTS = ("debian-minimal", "vm", "pvelab-base", "pvelab-compat")
 BASE_IMAGE_GB = 2  # raw base size; each node grows it to its own disk size
+PRIMARY = ("base.raw", "vmlinuz", "initrd.img", "base.json")  # what DIB's build leaves; sealed
 BASE_FORMAT = 5  # bump when the way the base or its live squashfs is made changes
 
 
@@ -117,6 +118,8 @@ def _newest_of_family(root: Path, family: str) -> Path | None:
     """The newest complete cached base built from the same inputs (any archive state)."""
     found = []
     for d in root.iterdir():
+        if d.name.endswith((".tmp", ".damaged")):
+            continue
         try:
             info = json.loads((d / "base.json").read_text())
         except (OSError, ValueError):
@@ -140,6 +143,12 @@ def build_base(lab: Lab, steps: Steps, force: bool = False) -> Base:
         cached = _newest_of_family(root, family)
         if cached is None or force:
             raise StepError(f"cannot read the Debian archive's state to build the base: {exc}") from None
+        found = cache.damage(cached, PRIMARY)
+        if found:
+            raise StepError(
+                f"cannot read the Debian archive's state ({exc}) and the newest cached base is damaged: "
+                f"{cache.describe(cached, found)}"
+            ) from None
         steps.say(f"archive unreachable ({exc}); reusing the newest cached base {cached.name}")
         return Base(cached.name, cached)
     inputs = dict(inputs, archive=archive.key_part(state))
@@ -148,8 +157,14 @@ def build_base(lab: Lab, steps: Steps, force: bool = False) -> Base:
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one base build at a time; others wait and reuse
         if final.is_dir() and (final / "base.json").exists() and not force:
-            steps.say(f"base {key}: cached (archive unchanged: {_describe(state)})")
-            return Base(key, final)
+            found = cache.damage(final, PRIMARY)
+            if not found:
+                steps.say(f"base {key}: cached (archive unchanged: {_describe(state)})")
+                return Base(key, final)
+            aside = cache.move_aside(final)
+            steps.say(
+                f"cache: base {key} is damaged ({cache.describe(final, found)}): moved aside to {aside}"
+            )
         steps.say(f"base {key}: building (archive: {_describe(state)})")
         work = root / f"{key}.tmp"
         # what killed base builds left (of any key): none can be running, they hold the lock
@@ -184,6 +199,7 @@ def build_base(lab: Lab, steps: Steps, force: bool = False) -> Base:
             password_found=found,
         )
         (work / "base.json").write_text(json.dumps(info, indent=2) + "\n")
+        cache.seal(work, [work / name for name in PRIMARY])
         if final.exists():
             shutil.rmtree(final)
         os.replace(work, final)
@@ -229,7 +245,7 @@ def _export_live_boot(work: Path, steps: Steps, password: str | None) -> tuple[s
 def _prune(root: Path, keep: Path, generations: int = 2) -> None:
     """Keep the newest few bases (a rollback is then instant); drop the rest."""
     bases = sorted(
-        (p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp")),
+        (p for p in root.iterdir() if p.is_dir() and not p.name.endswith((".tmp", ".damaged"))),
         key=lambda p: p.stat().st_mtime,
         reverse=True,
     )
@@ -254,18 +270,18 @@ def live_parts(base: Base, steps: Steps) -> LiveParts:
     """Squash the base root once per base (cached beside it); kernel + live initrd are there."""
     d = base.dir
     squashfs = d / "filesystem.squashfs"  # renamed into place only when complete
-    if not squashfs.exists():
-        with open(base.dir.parent / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not squashfs.exists():
-                with steps.stage("base squashfs for the live ISO"):
-                    mnt = d / "mnt"
-                    with (
-                        loop_partition(base.raw, steps, read_only=True) as part,
-                        mounted(part, mnt, steps, read_only=True),
-                    ):
-                        squash(mnt, d / "filesystem.squashfs.tmp", steps)
-                    mnt.rmdir()
-                    os.replace(d / "filesystem.squashfs.tmp", squashfs)
+    with open(base.dir.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not cache.usable(d, [squashfs.name], f"base {base.key}", steps.say):
+            with steps.stage("base squashfs for the live ISO"):
+                mnt = d / "mnt"
+                with (
+                    loop_partition(base.raw, steps, read_only=True) as part,
+                    mounted(part, mnt, steps, read_only=True),
+                ):
+                    squash(mnt, d / "filesystem.squashfs.tmp", steps)
+                mnt.rmdir()
+                os.replace(d / "filesystem.squashfs.tmp", squashfs)
+                cache.seal(d, [squashfs])
     signed = signed_boot(squashfs, base.key, base.info["release"], steps)
     return LiveParts(d / "vmlinuz", d / "initrd.img", squashfs, base.info["kernel_version"], signed)

@@ -148,7 +148,7 @@ def nightly(
 
     try:
         stage("build")
-        build(lab)
+        build(lab, verify=True)  # every cached file hashed: damage below the file system too
         same = None if force else unchanged_since(lab, labdir)
         if same is not None:
             status.result, status.release, status.latest = "unchanged", same.name, same.name

@@ -17,6 +17,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import cache
 from .errors import PvelabError
 from .guestpkgs import fetch
 from .run import Steps
@@ -41,12 +42,15 @@ class SignedBoot:
 def signed_boot(squashfs: Path, base_key: str, release: str, steps: Steps) -> SignedBoot:
     pset = fetch("signed-boot", PACKAGES, squashfs, base_key, release, steps)
     root = pset.debs[0].parent / "unpacked"
+    if root.is_dir() and not cache.usable(root, list(FILES.values()), "signed boot files", steps.say):
+        cache.move_aside(root)
     if not root.is_dir():
         tmp = root.with_name(f".unpacked.{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         for deb in pset.debs:
             if deb.name.startswith(UNPACK):
                 subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True, capture_output=True)
+        cache.seal(tmp, [tmp / v for v in FILES.values() if (tmp / v).is_file()])
         os.replace(tmp, root)
     paths = {k: root / v for k, v in FILES.items()}
     missing = [str(p) for p in paths.values() if not p.is_file()]

@@ -90,3 +90,51 @@ def key_with(lab, state):
     from pvelab import archive
 
     return image.base_key(dict(image.base_inputs(lab), archive=archive.key_part(state)))
+
+
+def test_seal_finds_truncation_flips_and_reseals_a_plain_copy(tmp_path):
+    import os
+    import shutil
+
+    from pvelab import cache
+
+    entry = tmp_path / "e"
+    entry.mkdir()
+    small, big = entry / "small", entry / "big"
+    small.write_bytes(b"a" * 1000)
+    big.write_bytes(b"b" * 100)
+    cache.seal(entry, [small, big])
+    names = ["small", "big"]
+    assert cache.damage(entry, names) == {}
+    # a small file is hashed on every use, even with its time put back
+    st = small.stat()
+    small.write_bytes(b"A" + b"a" * 999)
+    os.utime(small, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert "sha256" in cache.damage(entry, names)["small"]
+    small.write_bytes(b"a" * 1000)
+    # a large one only when its time moved, or under full_checks
+    old, cache.ALWAYS_HASH = cache.ALWAYS_HASH, 10
+    try:
+        st = big.stat()
+        big.write_bytes(b"c" * 100)
+        os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert "big" not in cache.damage(entry, names)
+        with cache.full_checks():
+            assert "sha256" in cache.damage(entry, names)["big"]
+        big.write_bytes(b"b" * 100)  # the same bytes, a new time (cp without -p): re-sealed
+        assert cache.damage(entry, names) == {}
+        assert cache.damage(entry, names) == {}
+    finally:
+        cache.ALWAYS_HASH = old
+    os.truncate(big, 10)
+    assert cache.damage(entry, names) == {"big": "10 bytes, sealed with 100"}
+    assert cache.damage(entry, ["other"]) == {
+        "other": "not sealed (made by an older pvelab, or its making was cut short)"
+    }
+    said = []
+    assert not cache.usable(entry, names, "test entry", said.append)
+    assert (entry / "big.damaged").exists() and not big.exists() and len(said) == 1
+    assert "big: 10 bytes" in said[0] and "moved aside" in said[0]
+    assert cache.sealed(entry) == {"small"}
+    shutil.rmtree(entry)
+    assert not cache.usable(entry, names, "test entry", said.append) and len(said) == 1  # never made: silent

@@ -616,3 +616,60 @@ def test_two_builds_of_one_lab_at_once(built, lab):
     waited = [o for o in outs if f"lab {lab.name} is busy" in o]
     assert len(waited) == 1 and "waiting for it to finish" in waited[0]
     assert {p.name: _sha(p) for p in files} == before
+
+
+def test_damaged_cache_is_said_moved_aside_and_remade(built, lab):
+    """The base's squashfs truncated to 100 MB, a signed-boot .deb with one bit flipped,
+    and a bit flipped in the squashfs with its time put back (found only by --verify):
+    each is said in one line, moved aside and made again; the artefacts are a clean build's bytes."""
+    import sys
+
+    from pvelab.cache import SEAL
+    from pvelab.paths import ROOT, cache_dir
+
+    layout = Layout(lab.name)
+    files = [layout.artefact(n, kind) for n in ("pve-1",) for kind in ARTEFACT_KINDS]
+    before = {p.name: _sha(p) for p in files}
+    key = json.loads(layout.manifest("pve-1").read_text())["base_key"]
+    entry = cache_dir() / "base" / key
+    squashfs = entry / "filesystem.squashfs"
+    debs = cache_dir() / "guest-packages" / key / "signed-boot"
+    deb = sorted(debs.glob("shim-signed_*.deb"))[0]
+    assert (entry / SEAL).exists() and (debs / SEAL).exists()
+
+    def flip(path, keep_time=False):
+        st = path.stat()
+        with open(path, "r+b") as fh:
+            fh.seek(st.st_size // 2)
+            b = fh.read(1)
+            fh.seek(st.st_size // 2)
+            fh.write(bytes([b[0] ^ 0x10]))
+        if keep_time:
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    def build_pve1(*extra):
+        res = subprocess.run(
+            [sys.executable, "-m", "invoke", "build", "--node", "pve-1", *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        return [line for line in res.stderr.splitlines() if "cache:" in line]
+
+    os.truncate(squashfs, 100 * 1024 * 1024)
+    flip(deb)
+    said = build_pve1()
+    assert len(said) == 2, said
+    assert any("filesystem.squashfs: 104857600 bytes, sealed with" in s and "moved aside" in s for s in said)
+    assert any(f"{deb.name}: sha256" in s and "moved aside" in s for s in said)
+    assert (entry / "filesystem.squashfs.damaged").stat().st_size == 100 * 1024 * 1024
+    assert (debs.with_name("signed-boot.damaged") / deb.name).exists()
+    assert {p.name: _sha(p) for p in files} == before
+
+    flip(squashfs, keep_time=True)
+    assert build_pve1() == []  # a per-use check trusts an unchanged time on a large file
+    said = build_pve1("--verify")
+    assert len(said) == 1 and "filesystem.squashfs: sha256" in said[0], said
+    assert {p.name: _sha(p) for p in files} == before
