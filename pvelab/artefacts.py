@@ -51,8 +51,12 @@ def write_atomic(path: Path, text: str) -> None:
     """Write beside and rename: readers see the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file beside the good one
+        raise
 
 
 @dataclass(frozen=True)

@@ -143,11 +143,11 @@ def build_base(lab: Lab, steps: Steps, force: bool = False) -> Base:
         cached = _newest_of_family(root, family)
         if cached is None or force:
             raise StepError(f"cannot read the Debian archive's state to build the base: {exc}") from None
-        found = cache.damage(cached, PRIMARY)
-        if found:
+        damaged = cache.damage(cached, PRIMARY)
+        if damaged:
             raise StepError(
                 f"cannot read the Debian archive's state ({exc}) and the newest cached base is damaged: "
-                f"{cache.describe(cached, found)}"
+                f"{cache.describe(cached, damaged)}"
             ) from None
         steps.say(f"archive unreachable ({exc}); reusing the newest cached base {cached.name}")
         return Base(cached.name, cached)
@@ -157,13 +157,13 @@ def build_base(lab: Lab, steps: Steps, force: bool = False) -> Base:
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one base build at a time; others wait and reuse
         if final.is_dir() and (final / "base.json").exists() and not force:
-            found = cache.damage(final, PRIMARY)
-            if not found:
+            damaged = cache.damage(final, PRIMARY)
+            if not damaged:
                 steps.say(f"base {key}: cached (archive unchanged: {_describe(state)})")
                 return Base(key, final)
             aside = cache.move_aside(final)
             steps.say(
-                f"cache: base {key} is damaged ({cache.describe(final, found)}): moved aside to {aside}"
+                f"cache: base {key} is damaged ({cache.describe(final, damaged)}): moved aside to {aside}"
             )
         steps.say(f"base {key}: building (archive: {_describe(state)})")
         work = root / f"{key}.tmp"

@@ -36,8 +36,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import PvelabError
-from .paths import build_root
+from .errors import PvelabError, space_guard
+from .paths import build_root, cache_dir
 
 LOCK_NAME = "lab.lock"
 
@@ -204,9 +204,9 @@ def sweep(left: Holder) -> str:
     for ns in left.netns:
         if ns in present:
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-            for pid in pids:
+            for text in pids:
                 try:
-                    os.kill(int(pid), signal.SIGKILL)
+                    os.kill(int(text), signal.SIGKILL)
                 except (ProcessLookupError, ValueError):
                     pass
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -216,13 +216,14 @@ def sweep(left: Holder) -> str:
 
 
 def locking(task: str) -> Any:
-    """Decorator: run a ``fn(lab, ...)`` under that lab's lock (``task`` names it)."""
+    """Decorator: run a ``fn(lab, ...)`` under that lab's lock (``task`` names it); a full
+    file system inside is one :class:`pvelab.errors.DiskFull` line naming it and the task."""
     import functools
 
     def deco(fn: Any) -> Any:
         @functools.wraps(fn)
         def wrapper(lab: Any, *args: Any, **kwargs: Any) -> Any:
-            with lab_lock(lab.name, task):
+            with lab_lock(lab.name, task), space_guard(task, build_root() / lab.name, cache_dir()):
                 return fn(lab, *args, **kwargs)
 
         return wrapper

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from . import changes
 from .artefacts import BootReport, BuildManifest, Layout, RecordError, RehearsalReport, sha256
-from .errors import PvelabError
+from .errors import PvelabError, space_guard
 from .iso import INSTALL_WAIT
 from .lab import Lab, Node
 from .locks import locking
@@ -444,7 +444,7 @@ def publish(
         labdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PublishError(f"--dest: cannot create {labdir}: {exc.strerror}") from None
-    with _destination_lock(labdir):
+    with _destination_lock(labdir), space_guard(f"publish to {labdir}", labdir):
         for stale in labdir.glob(STAGE_PREFIX + "*"):
             shutil.rmtree(stale, ignore_errors=True)  # our own, from a publish that was killed
         name = _release_name(labdir, now)
@@ -460,7 +460,12 @@ def publish(
             shutil.rmtree(stage, ignore_errors=True)
             raise
         _checkpoint("latest")
-        _point_latest(labdir, name)
+        try:
+            _point_latest(labdir, name)
+        except BaseException:
+            for tmp in (*labdir.glob(".latest-*"), *labdir.glob(".LATEST-*")):
+                tmp.unlink(missing_ok=True)
+            raise
         if keep:
             for old in _releases(lab, labdir)[:-keep]:
                 if old.name != name:

@@ -426,7 +426,7 @@ def _walk_running(
     keep_going: bool,
 ) -> None:
     """The walk on a running lab (deployed by ``up --cluster``); it must start healed."""
-    with locked(lab):
+    with locked(lab, "rehearse --running"):
         driver = Driver.attach(lab, say)
         off = [n for n, m in driver.machines.items() if not m.is_running()]
         cut = driver.net.separated()

@@ -18,7 +18,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import PvelabError
+from .errors import PvelabError, disk_full, is_no_space
+from .paths import build_root, cache_dir
 
 HEARTBEAT = float(os.environ.get("PVELAB_HEARTBEAT", "20"))
 _PHASE = re.compile(
@@ -46,6 +47,8 @@ class Steps:
         self.start = time.monotonic()
         self.stage_name = "-"
         self.timings: dict[str, float] = {}
+        # the file systems a full disk may be on, besides the log's (the cache, the build tree)
+        self.space_paths: list[Path] = [cache_dir(), build_root()]
         log_path.parent.mkdir(parents=True, exist_ok=True)
 
     def say(self, msg: str) -> None:
@@ -68,6 +71,8 @@ class Steps:
                 f"{name} FAILED after {fmt_secs(time.monotonic() - t0)}: "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             )
+            if is_no_space(exc):
+                raise disk_full(exc, f"{self.label}: {name}", self.log_path, *self.space_paths) from exc
             raise
         took = time.monotonic() - t0
         self.timings[name] = round(took, 1)

@@ -673,3 +673,67 @@ def test_damaged_cache_is_said_moved_aside_and_remade(built, lab):
     said = build_pve1("--verify")
     assert len(said) == 1 and "filesystem.squashfs: sha256" in said[0], said
     assert {p.name: _sha(p) for p in files} == before
+
+
+def test_full_disk_at_the_node_stage_keeps_the_previous_artefacts(built, lab, tmp_path):
+    """The lab's build folder on a file system of its own holding the last good pve-1;
+    the build passes its free-space check, then something else fills the disk while the
+    node stage runs: one line names the file system and the stage, exit 1, the previous
+    artefacts are untouched and no half-made file or work folder is left."""
+    import shutil
+    import sys
+    import time
+
+    from pvelab.paths import ROOT, cache_dir
+
+    small = tmp_path / "small"
+    small.mkdir()
+    src = Layout(lab.name).node_dir("pve-1")
+    used = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    size_mib = used // (1 << 20) + 6 * 1024 + 256  # passes the build's 6 GiB check
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(small)], check=True)
+    try:
+        node = small / lab.name / "pve-1"
+        shutil.copytree(src, node, ignore=shutil.ignore_patterns(".work"))
+        before = {p.name: _sha(p) for p in node.iterdir() if p.suffix in (".qcow2", ".iso")}
+        log = node / "build.log"
+        log.write_text("")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "invoke", "build", "--node", "pve-1"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PVELAB_BUILD_DIR=str(small), PVELAB_CACHE_DIR=str(cache_dir())),
+        )
+        deadline = time.monotonic() + 300
+        while "== disk: copy base" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "build ended before its node stage"
+            time.sleep(0.02)
+        with open(small / "filler", "wb") as fh:  # another job's file takes what is left
+            for margin in (1 << 30, 2 << 30, 3 << 30):  # the build writes while this allocates
+                try:
+                    os.posix_fallocate(fh.fileno(), 0, max(0, shutil.disk_usage(small).free - margin))
+                    break
+                except OSError:
+                    continue
+            fh.seek(0, 2)
+            chunk = b"\xff" * (4 << 20)
+            try:
+                while True:
+                    fh.write(chunk)
+                    fh.flush()
+            except OSError:
+                pass
+        err = proc.communicate(timeout=900)[1]
+        assert proc.returncode == 1, err[-3000:]
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        print(errors, proc.returncode)
+        assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+        assert f"{small} (" in errors[0] and "is full" in errors[0] and "pve-1: " in errors[0], errors[0]
+        assert {p.name: _sha(p) for p in node.iterdir() if p.suffix in (".qcow2", ".iso")} == before
+        assert not (node / ".work").exists()
+        assert not [p for p in node.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+        assert str(small) not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

@@ -28,7 +28,7 @@ class Stages(list):
 def stages(monkeypatch):
     """Record the stages the nightly runs; the build is a no-op over stand-in artefacts."""
     ran = Stages()
-    monkeypatch.setattr(nightly_mod, "build", lambda lab: ran.append("build"))
+    monkeypatch.setattr(nightly_mod, "build", lambda lab, **kw: ran.append("build"))
 
     def boot_test(lab, media, firmware, accel):
         ran.append(f"boot-test {media}/{firmware}")

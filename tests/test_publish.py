@@ -540,3 +540,36 @@ def test_every_gate_message_names_a_command_that_exists(lab, built, tmp_path):
         publish(lab, tmp_path / "rel")
     builds = [c for c in _commands(str(err.value)) if c.startswith("invoke build")]
     assert {check_invoke_command(c)["node"] for c in builds} == {"pve-2", "pve-3"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs: root")
+def test_full_destination_keeps_the_previous_release(lab, built, tmp_path):
+    """A publish that runs out of space on the destination: one line naming that file
+    system, exit status 1 (DiskFull), the previous release and `latest` untouched, no
+    staging folder or pointer file left."""
+    from pvelab.errors import DiskFull
+
+    probe = publish(lab, tmp_path / "probe")
+    size = sum(p.stat().st_size for p in probe.path.rglob("*") if p.is_file())
+    small = tmp_path / "small"
+    small.mkdir()
+    kib = size * 3 // 2 // 1024 + 64  # one release fits, two do not
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(small)], check=True)
+    try:
+        first = publish(lab, small, now=time.mktime((2026, 11, 24, 3, 0, 0, 0, 0, 0)))
+        files = {p.relative_to(first.path): _sha(p) for p in first.path.rglob("*") if p.is_file()}
+        labdir = small / lab.name
+        latest = (labdir / "LATEST").read_text()
+        with pytest.raises(DiskFull) as err:
+            publish(lab, small, force=True)
+        assert err.value.exit_code == 1
+        line = str(err.value)
+        assert "\n" not in line and f"{small} (" in line and "is full" in line and "publish" in line, line
+        assert {p.relative_to(first.path): _sha(p) for p in first.path.rglob("*") if p.is_file()} == files
+        assert (labdir / "LATEST").read_text() == latest
+        assert os.readlink(labdir / "latest") == first.name
+        assert sorted(p.name for p in labdir.iterdir()) == sorted(
+            [first.name, "latest", "LATEST", ".pvelab-publish.lock"]
+        )
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
