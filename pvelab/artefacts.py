@@ -278,6 +278,7 @@ class BootReport:
     secure_boot_required: bool = False
     install_seconds: dict[str, float] = field(default_factory=dict)  # --media install: power-on to power-off
     install_attempts: dict[str, int] = field(default_factory=dict)  # 2: the first attempt hung (retried once)
+    guest_faults: list[dict[str, Any]] = field(default_factory=list)  # kernel panics seen (guestfault)
     lab_sha256: str = ""  # of the lab file the test ran with (a pass counts only for that lab)
     after: Any = None  # what a test's ``after`` hook returned (tests only)
     wall_seconds: float = 0.0
@@ -354,6 +355,7 @@ class RehearsalReport:
     scenario: ScenarioResult | None = None
     steps: list[WalkStep] = field(default_factory=list)
     boot_seconds: float = 0.0  # start of the run to SSH on every VM
+    guest_faults: list[dict[str, Any]] = field(default_factory=list)  # kernel panics seen (guestfault)
     first_quorate_seconds: float = 0.0  # start of the run to the whole cluster quorate with its QDevice
     walk_seconds: float = 0.0
     wall_seconds: float = 0.0

@@ -19,12 +19,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pycdlib
-
 from .artefacts import ArtefactRef, BootReport, Layout, sha256
 from .driver import Driver, Progress, sigterm_unwinds
 from .errors import PvelabError
 from .installtest import blank_disk, run_installers
+from .iso import read_from_iso
 from .lab import Lab, Node
 from .locks import locking
 from .machine import Machine
@@ -52,13 +51,7 @@ def artefact(lab: Lab, node: Node, kind: str) -> Path:
 
 def kernel_from_iso(iso: Path, dest: Path) -> Path:
     """The node's own kernel (for the KVM probe), read out of its ISO."""
-    cd = pycdlib.PyCdlib()
-    cd.open(str(iso))
-    try:
-        cd.get_file_from_iso(str(dest), rr_path="/live/vmlinuz")
-    finally:
-        cd.close()
-    return dest
+    return read_from_iso(iso, "/live/vmlinuz", dest)
 
 
 def choose_accel(lab: Lab, node: Node, requested: str) -> tuple[str, str]:
@@ -143,6 +136,8 @@ def boot_test(
             secure_boot_required=fw.secure_boot,
             install_seconds={n: r.seconds for n, r in installs.items()},
             install_attempts={n: r.attempts for n, r in installs.items()},
+            guest_faults=[{"node": n, **f} for n, r in installs.items() for f in r.faults]
+            + booted.guest_faults,
             lab_sha256=sha256(lab.path),
         )
         _diagnose(booted, report, analyze)

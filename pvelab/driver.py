@@ -43,7 +43,7 @@ from .errors import PvelabError
 from .lab import Lab, Node
 from .labnet import LabNet
 from .locks import pid_alive
-from .machine import Machine, MachineError, qemu_alive
+from .machine import GuestFaultError, Machine, MachineError, qemu_alive
 from .media import Firmware, Medium, boot_combination
 from .qemu import VmSpec, prepare
 
@@ -298,6 +298,7 @@ class Driver:
             self.net.name = netns
         self.machines: dict[str, Machine] = {}
         self.ssh_ready_seconds: dict[str, float] = {}
+        self.guest_faults: list[dict[str, Any]] = []  # kernel panics seen on the way (guestfault)
         self.state_file = state_file  # set: the lab is findable by other processes
         self.state: RunState | None = None
         self.detached = False
@@ -365,7 +366,17 @@ class Driver:
         timeout = SSH_TIMEOUT.get(self.accel, SSH_TIMEOUT["tcg"])
 
         def wait(m: Machine) -> float:
-            seconds = round(m.wait_for_ssh(timeout), 1)
+            for attempt in (1, 2):  # a kernel panic that is the emulator's: booted once more
+                try:
+                    seconds = round(m.wait_for_ssh(timeout) if attempt == 1 else m.restart(timeout), 1)
+                    break
+                except GuestFaultError as exc:
+                    retry = exc.fault.emulator and attempt == 1
+                    self.guest_faults.append({"node": m.name, **exc.fault.to_dict(), "retried": retry})
+                    if not retry:
+                        raise
+                    self.say(f"{m.name}: {exc.fault.describe()}; booting it again")
+                    m.crash()
             self.say(f"{m.name}: SSH up after {seconds}s at {m.address}")
             if self.detached or self.state_file is not None:
                 self.grant_access(m)

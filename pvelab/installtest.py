@@ -9,15 +9,16 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artefacts import Layout
 from .errors import PvelabError
+from .iso import read_from_iso
 from .lab import Lab, Node
 from .machine import Machine
 from .media import MEDIA, Firmware
-from .qemu import VmSpec, prepare
+from .qemu import DirectKernel, VmSpec, prepare
 
 INSTALL_TIMEOUT = {"tcg": 900.0, "kvm": 300.0}  # power-on to power-off, all installers
 # An installer whose console has not changed for this long is hung (a healthy TCG install
@@ -44,6 +45,7 @@ class InstallRun:
 
     hung: bool = False  # killed: console unchanged for STALL_TIMEOUT, or the deadline passed
     attempts: int = 1
+    faults: list[dict] = field(default_factory=list)  # kernel panics of earlier attempts (retried)
 
     @property
     def refused(self) -> bool:
@@ -69,18 +71,37 @@ def blank_disk(path: Path, size_gb: int) -> Path:
     return path
 
 
-def _installer_vm(lab: Lab, node: Node, disk: Path, fw: Firmware, accel: str, workdir: Path) -> Machine:
+def _installer_vm(
+    lab: Lab, node: Node, disk: Path, fw: Firmware, accel: str, workdir: Path, cmdline: str | None = None
+) -> Machine:
     iso = Layout(lab.name).artefact(node.name, "installer")
     if not iso.exists():
-        raise InstallError(f"{iso} is missing: run `invoke build --lab {lab.path}` first")
+        raise InstallError(f"{iso} is missing: run `invoke build --lab {lab.path} --node {node.name}` first")
     medium = MEDIA["install"]
     drive = prepare(medium, fw, iso, workdir, f"{node.name}-installer")
+    kernel = None
+    if cmdline is not None:
+        kernel = DirectKernel(
+            read_from_iso(iso, "/live/vmlinuz", workdir / f"{node.name}-installer.vmlinuz"),
+            read_from_iso(iso, "/live/initrd.img", workdir / f"{node.name}-installer.initrd"),
+            cmdline,
+        )
     return Machine(
-        VmSpec(f"{node.name}-installer", node.ram_mb, medium, fw, accel, drive, workdir, target_disk=disk)
+        VmSpec(
+            f"{node.name}-installer",
+            node.ram_mb,
+            medium,
+            fw,
+            accel,
+            drive,
+            workdir,
+            target_disk=disk,
+            direct_kernel=kernel,
+        )
     )
 
 
-# Long on purpose: one polling loop with its deadline, stall watch, one retry and cleanup.
+# Long on purpose: one polling loop with its deadline, stall watch, panic watch, one retry and cleanup.
 def run_installers(
     lab: Lab,
     nodes: tuple[Node, ...],
@@ -90,16 +111,25 @@ def run_installers(
     workdir: Path,
     say,
     retry_hung: bool = True,
+    kernel_cmdline: str | None = None,
 ) -> dict[str, InstallRun]:
     """Boot each node's installer ISO with its target disk attached; wait until each powers off.
 
-    An installer whose console stops changing for ``STALL_TIMEOUT`` is hung: it is killed
-    and, with ``retry_hung``, started once more on a fresh blank disk (the run records the
-    attempt and the first attempt's console stays in ``<node>-installer.hung.console.log``).
-    A second hang, or the overall deadline, is an :class:`InstallError` quoting the console.
+    An installer whose console stops changing for ``STALL_TIMEOUT`` is hung, and one
+    whose kernel panicked (:mod:`pvelab.guestfault`; QEMU then exits as if powered off,
+    or hangs) is named: with ``retry_hung`` a hang, or a panic that is the emulator's,
+    is started once more on a fresh blank disk (the run records the attempt; the first
+    attempt's console stays in ``<node>-installer.<hung|panic>.console.log``). A second
+    one, a panic of the guest's own, or the overall deadline is an :class:`InstallError`
+    quoting the console. ``kernel_cmdline`` boots the ISO's kernel directly with that
+    command line (the panic test makes one that fails).
     """
     by_name = {n.name: n for n in nodes}
-    machines = {n.name: _installer_vm(lab, n, disks[n.name], fw, accel, workdir) for n in nodes}
+
+    def vm(name: str) -> Machine:
+        return _installer_vm(lab, by_name[name], disks[name], fw, accel, workdir, kernel_cmdline)
+
+    machines = {n.name: vm(n.name) for n in nodes}
     t0 = time.monotonic()
     for m in machines.values():
         m.start()
@@ -108,6 +138,7 @@ def run_installers(
     stall = STALL_TIMEOUT.get(accel, STALL_TIMEOUT["tcg"])
     seen = {name: (-1, t0) for name in machines}  # console size, when it last changed
     attempts = dict.fromkeys(machines, 1)
+    faults: dict[str, list[dict]] = {name: [] for name in machines}
     runs: dict[str, InstallRun] = {}
     try:
         while len(runs) < len(machines):
@@ -115,7 +146,20 @@ def run_installers(
             for name, m in machines.items():
                 if name in runs:
                     continue
-                if not m.is_running():
+                fault = m.guest_fault()
+                running = m.is_running()
+                if fault is not None and (fault.kind.is_fatal() or not running):
+                    m.stop()
+                    retry = retry_hung and fault.emulator and attempts[name] == 1 and now < deadline
+                    faults[name].append({**fault.to_dict(), "retried": retry})
+                    if not retry:
+                        raise InstallError(
+                            f"{name}: installer's {fault.describe()} (attempt {attempts[name]}) after "
+                            f"{now - t0:.0f}s; the blank disk is not booted; consoles in {workdir}"
+                        )
+                    m.console_log.replace(workdir / f"{name}-installer.panic.console.log")
+                    say(f"{name}: installer's {fault.describe()}; retrying once on a fresh disk")
+                elif not running:
                     assert m.proc is not None
                     runs[name] = InstallRun(
                         name,
@@ -124,38 +168,43 @@ def run_installers(
                         m.proc.returncode,
                         m.console_text(),
                         attempts=attempts[name],
+                        faults=faults[name],
                     )
                     say(f"{name}: installer powered off after {runs[name].seconds}s ({runs[name].verdict})")
                     continue
-                size = m.console_log.stat().st_size if m.console_log.exists() else 0
-                if size != seen[name][0]:
-                    seen[name] = (size, now)
-                if now - seen[name][1] < stall and now < deadline:
-                    continue
-                m.stop()
-                hung = InstallRun(
-                    name,
-                    disks[name],
-                    round(now - t0, 1),
-                    None,
-                    m.console_text(),
-                    hung=True,
-                    attempts=attempts[name],
-                )
-                why = (
-                    f"console silent for {now - seen[name][1]:.0f}s" if now < deadline else "deadline passed"
-                )
-                if not retry_hung or attempts[name] > 1 or now >= deadline:
-                    raise InstallError(
-                        f"{name}: installer hung ({why}; attempt {attempts[name]}) after {hung.seconds}s; "
-                        f"consoles in {workdir}; last console lines:\n    {hung.tail()}"
+                else:
+                    size = m.console_log.stat().st_size if m.console_log.exists() else 0
+                    if size != seen[name][0]:
+                        seen[name] = (size, now)
+                    if now - seen[name][1] < stall and now < deadline:
+                        continue
+                    m.stop()
+                    hung = InstallRun(
+                        name,
+                        disks[name],
+                        round(now - t0, 1),
+                        None,
+                        m.console_text(),
+                        hung=True,
+                        attempts=attempts[name],
                     )
-                m.console_log.replace(workdir / f"{name}-installer.hung.console.log")
-                say(
-                    f"{name}: installer HUNG ({why}), retrying once on a fresh disk; last lines:\n    {hung.tail(4)}"
-                )
+                    why = (
+                        f"console silent for {now - seen[name][1]:.0f}s"
+                        if now < deadline
+                        else "deadline passed"
+                    )
+                    if not retry_hung or attempts[name] > 1 or now >= deadline:
+                        raise InstallError(
+                            f"{name}: installer hung ({why}; attempt {attempts[name]}) after {hung.seconds}s; "
+                            f"consoles in {workdir}; last console lines:\n    {hung.tail()}"
+                        )
+                    m.console_log.replace(workdir / f"{name}-installer.hung.console.log")
+                    say(
+                        f"{name}: installer HUNG ({why}), retrying once on a fresh disk; last lines:\n"
+                        f"    {hung.tail(4)}"
+                    )
                 blank_disk(disks[name], by_name[name].disk_gb)
-                machines[name] = _installer_vm(lab, by_name[name], disks[name], fw, accel, workdir)
+                machines[name] = vm(name)
                 machines[name].start()
                 attempts[name] += 1
                 seen[name] = (-1, now)

@@ -375,3 +375,14 @@ def verify_gpt(path: Path) -> str:
     if res.returncode != 0 or "No problems found" not in text:
         raise StepError(f"{path}: GPT does not verify:\n{text.strip()}")
     return text
+
+
+def read_from_iso(iso: Path, rr_path: str, dest: Path) -> Path:
+    """Copy one file (by its Rock Ridge path, e.g. ``/live/vmlinuz``) out of an ISO."""
+    cd = pycdlib.PyCdlib()
+    cd.open(str(iso))
+    try:
+        cd.get_file_from_iso(str(dest), rr_path=rr_path)
+    finally:
+        cd.close()
+    return dest

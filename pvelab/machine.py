@@ -22,10 +22,19 @@ from typing import Any
 import paramiko
 
 from . import locks
+from .guestfault import GuestFault, scan
 from .labnet import LabNet
 from .qemu import MachineError, VmSpec, qemu_command
 
-__all__ = ["Machine", "MachineError", "qemu_alive"]
+__all__ = ["GuestFaultError", "Machine", "MachineError", "qemu_alive"]
+
+
+class GuestFaultError(MachineError):
+    """The guest's kernel panicked: which node, what the console said."""
+
+    def __init__(self, node: str, fault: GuestFault, console: Path):
+        super().__init__(f"{node}: {fault.describe()}; console: {console}")
+        self.node, self.fault = node, fault
 
 
 def qemu_alive(pid: int, name: str) -> bool:
@@ -49,6 +58,7 @@ class Machine:
     client: paramiko.SSHClient | None = None
     started_at: float = 0.0
     ssh_ready_after: float | None = None
+    console_offset: int = 0  # where this attempt's console starts in the log
     host_key: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -68,6 +78,7 @@ class Machine:
     def start(self) -> None:
         if self.proc is None and self.pid is None:  # a first start: a fresh console log (a restart appends)
             self.console_log.unlink(missing_ok=True)
+        self.console_offset = self.console_log.stat().st_size if self.console_log.exists() else 0
         prefix = self.net.exec_args() if self.net else []
         # its own session (a running lab outlives the process that started it); the
         # working directory holds the console socket, named relative to it
@@ -113,7 +124,23 @@ class Machine:
         except OSError:
             return ""
 
+    def console_of_attempt(self) -> str:
+        """The console since the last start (a restart appends to the same log)."""
+        try:
+            with open(self.console_log, "rb") as fh:
+                fh.seek(self.console_offset)
+                return fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def guest_fault(self) -> GuestFault | None:
+        """A kernel panic or oops on this attempt's console (:mod:`pvelab.guestfault`)."""
+        return scan(self.console_of_attempt())
+
     def _check_alive(self) -> None:
+        fault = self.guest_fault()
+        if fault is not None and fault.kind.is_fatal():
+            raise GuestFaultError(self.name, fault, self.console_log)
         if not self.is_running():
             qemu = (self.spec.workdir / f"{self.name}.qemu.log").read_text(errors="replace").strip()
             raise MachineError(

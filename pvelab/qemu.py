@@ -111,6 +111,17 @@ def first_existing(paths: tuple[Path, ...]) -> Path:
 
 
 @dataclass(frozen=True)
+class DirectKernel:
+    """Boot this kernel and initrd with this command line instead of the medium's boot
+    loader (QEMU ``-kernel``): for debugging a boot, and for the test whose kernel
+    command line is made to fail."""
+
+    kernel: Path
+    initrd: Path
+    cmdline: str
+
+
+@dataclass(frozen=True)
 class VmSpec:
     """Everything one guest's command line needs."""
 
@@ -126,6 +137,7 @@ class VmSpec:
     target_disk: Path | None = None  # a second, writable disk (the installer's target)
     icount: bool = False  # TCG: guest time from the instruction count (bench --icount)
     console_socket: bool = False  # the serial console also on a socket `invoke console` attaches to
+    direct_kernel: DirectKernel | None = None
 
     @property
     def console_sock(self) -> Path:
@@ -211,6 +223,9 @@ def qemu_command(spec: VmSpec, interactive: bool = False) -> list[str]:
     args += spec.medium.drive_args(spec.drive)
     if spec.target_disk is not None:
         args += ["-drive", f"file={spec.target_disk},if=virtio,format=qcow2,cache=unsafe"]
+    if spec.direct_kernel is not None:
+        k = spec.direct_kernel
+        args += ["-kernel", str(k.kernel), "-initrd", str(k.initrd), "-append", k.cmdline]
     if spec.firmware.uefi:
         args += [
             "-drive",

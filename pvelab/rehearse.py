@@ -403,6 +403,7 @@ def _boot_and_walk(
     with booted_lab(lab, lab.nodes, medium, fw, accel, workdir, say, **kept) as booted:
         report.accel = booted.accel
         report.boot_seconds = round(say.elapsed(), 1)
+        report.guest_faults = booted.guest_faults
         run = Rehearsal(lab, booted, packages, report, say)
         try:
             run.deploy()

@@ -102,3 +102,37 @@ def installtest_running(workdir):
     """A QEMU of this test still running (the runner must stop every VM it started)."""
     out = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True).stdout
     return str(workdir) in out
+
+
+def test_a_panicking_installer_kernel_is_named_and_retried_once(built, lab, tmp_path):
+    """The installer's kernel booted with a command line made to fail panics at once
+    (before any userspace, as the emulator's early faults do): the panic is named, the
+    install is retried once on a fresh disk, the second panic stops the run with the
+    node and the console's line, and the blank disk is never taken for an installed one."""
+    from pvelab.installtest import InstallError, blank_disk
+
+    node = lab.node("pbs-witness")
+    disk = blank_disk(tmp_path / "target.qcow2", node.disk_gb)
+    said = []
+    accel, _ = choose_accel(lab, node, "auto")
+    with pytest.raises(InstallError) as err:
+        run_installers(
+            lab,
+            (node,),
+            {node.name: disk},
+            FIRMWARES["bios"],
+            accel,
+            tmp_path,
+            said.append,
+            kernel_cmdline="console=ttyS0,115200 root=/dev/nonexistent init=/nonexistent rdinit=/nonexistent",
+        )
+    text = str(err.value)
+    assert (
+        text.startswith(f"{node.name}: installer's kernel panic (the emulator's): ") and "attempt 2" in text
+    ), text
+    assert "Kernel panic - not syncing: " in text and "the blank disk is not booted" in text
+    assert [s for s in said if "retrying once" in s and "kernel panic" in s], said
+    first = (tmp_path / f"{node.name}-installer.panic.console.log").read_text(errors="replace")
+    assert "Kernel panic - not syncing: " in first
+    info = subprocess.run(["qemu-img", "map", "--output=json", str(disk)], capture_output=True, text=True)
+    assert '"data": true' not in info.stdout  # nothing was written to the target
