@@ -169,3 +169,53 @@ def test_second_lab_side_by_side(built, lab, tmp_path):
     assert sorted(rel.files) == sorted(f"{n.name}.qcow2" for n in other.nodes)
     assert rel.path.parent == Layout(other.name).releases
     assert snapshot() == before  # nothing of the first lab was touched
+
+
+def test_a_killed_boot_test_is_cleaned_up_by_the_next_run(built, lab):
+    """SIGKILL cannot be trapped: a boot test killed while its VMs boot leaves QEMU, the
+    namespace with its bridge, taps and dnsmasq. The next task on the lab (any: here a
+    build) finds them through the lab's lock record, says so in one line and removes them."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pvelab import locks
+    from pvelab.machine import qemu_alive
+    from pvelab.paths import ROOT
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "invoke", "boot-test", "--node", "pve-1", "--node", "pve-2"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    holder = None
+    while holder is None or len(holder.qemu) < 2 or not holder.netns:
+        assert proc.poll() is None and time.monotonic() < deadline, "the boot test never started its VMs"
+        time.sleep(0.2)
+        holder = locks.Holder.parse(locks.lock_path(lab.name).read_text())
+    time.sleep(2)  # QEMU and dnsmasq running
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ns = holder.netns[0]
+    assert all(qemu_alive(pid, name) for name, pid in holder.qemu.items())
+    assert ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    res = subprocess.run(
+        [sys.executable, "-m", "invoke", "build", "--node", "pve-1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    said = [line for line in res.stdout.splitlines() if "lock taken over" in line]
+    assert len(said) == 1, res.stdout
+    assert f"pid {proc.pid}" in said[0] and f"namespace {ns} removed" in said[0]
+    for name, pid in holder.qemu.items():
+        assert f"QEMU of {name} (pid {pid}) killed" in said[0]
+    time.sleep(1)
+    assert not any(qemu_alive(pid, name) for name, pid in holder.qemu.items())
+    assert ns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "dnsmasq" not in subprocess.run(["pgrep", "-a", "-f", ns], capture_output=True, text=True).stdout
