@@ -190,7 +190,8 @@ def leave(netns: str | None = None, qemu: tuple[str, int] | None = None) -> None
 
 def sweep(left: Holder) -> str:
     """Remove what a killed holder left; one line saying what it was and what was done."""
-    from .machine import qemu_alive  # machine records into this module
+    from .labnet import LabNet  # both record into this module
+    from .machine import qemu_alive
 
     done = []
     for name, pid in left.qemu.items():
@@ -203,14 +204,10 @@ def sweep(left: Holder) -> str:
     present = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     for ns in left.netns:
         if ns in present:
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-            for text in pids:
-                try:
-                    os.kill(int(text), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-            done.append(f"namespace {ns} removed ({len(pids)} process(es) in it killed)")
+            net = LabNet([], build_root())
+            net.name = ns
+            net.down()  # what is left in it (dnsmasq, a QEMU) dies with it
+            done.append(f"namespace {ns} (bridge, taps, dnsmasq) removed")
     what = "; ".join(done) if done else "nothing of it was still running"
     return f"the run {left.describe()} ended without cleaning up (killed?); lock taken over: {what}"
 

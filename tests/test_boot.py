@@ -212,7 +212,7 @@ def test_a_killed_boot_test_is_cleaned_up_by_the_next_run(built, lab):
     assert res.returncode == 0, res.stderr[-2000:]
     said = [line for line in res.stdout.splitlines() if "lock taken over" in line]
     assert len(said) == 1, res.stdout
-    assert f"pid {proc.pid}" in said[0] and f"namespace {ns} removed" in said[0]
+    assert f"pid {proc.pid}" in said[0] and f"namespace {ns} (bridge, taps, dnsmasq) removed" in said[0]
     for name, pid in holder.qemu.items():
         assert f"QEMU of {name} (pid {pid}) killed" in said[0]
     time.sleep(1)

@@ -112,7 +112,7 @@ def test_killed_holder_is_taken_over_and_its_leftovers_removed(build_dir, capsys
         line = capsys.readouterr().out.strip()
         assert len(line.splitlines()) == 1
         assert f"pid {proc.pid}" in line and "lock taken over" in line
-        assert f"QEMU of locktest-vm (pid {fake_qemu}) killed" in line and f"namespace {ns} removed" in line
+        assert f"QEMU of locktest-vm (pid {fake_qemu}) killed" in line and f"namespace {ns} (bridge" in line
         for _ in range(50):
             if not locks.pid_alive(fake_qemu):
                 break
