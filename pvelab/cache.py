@@ -57,6 +57,10 @@ def _read(entry: Path) -> dict[str, dict]:
         return {}
 
 
+def _write(entry: Path, records: dict[str, dict]) -> None:
+    write_atomic(entry / SEAL, json.dumps({"files": records}, indent=1, sort_keys=True) + "\n")
+
+
 def seal(entry: Path, files: Iterable[Path]) -> None:
     """Record ``files`` (inside ``entry``) as they are now; other records are kept."""
     records = _read(entry)
@@ -67,7 +71,7 @@ def seal(entry: Path, files: Iterable[Path]) -> None:
             "sha256": sha256(f),
             "mtime_ns": st.st_mtime_ns,
         }
-    write_atomic(entry / SEAL, json.dumps({"files": records}, indent=1, sort_keys=True) + "\n")
+    _write(entry, records)
 
 
 def sealed(entry: Path) -> set[str]:
@@ -104,7 +108,7 @@ def damage(entry: Path, names: Iterable[str]) -> dict[str, str]:
     if resealed and not out:
         for name, mtime in resealed.items():
             records[name]["mtime_ns"] = mtime
-        write_atomic(entry / SEAL, json.dumps({"files": records}, indent=1, sort_keys=True) + "\n")
+        _write(entry, records)
     return out
 
 
@@ -133,7 +137,7 @@ def forget(entry: Path, names: Iterable[str]) -> None:
     records = _read(entry)
     for name in names:
         records.pop(name, None)
-    write_atomic(entry / SEAL, json.dumps({"files": records}, indent=1, sort_keys=True) + "\n")
+    _write(entry, records)
 
 
 def usable(entry: Path, names: list[str], label: str, say: Callable[[str], None]) -> bool:

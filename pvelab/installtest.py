@@ -6,7 +6,6 @@ a refusal: an installer facing a disk that is not blank writes nothing.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from .artefacts import Layout
 from .errors import PvelabError
+from .guestfault import ANSI
 from .iso import read_from_iso
 from .lab import Lab, Node
 from .machine import Machine
@@ -24,7 +24,6 @@ INSTALL_TIMEOUT = {"tcg": 900.0, "kvm": 300.0}  # power-on to power-off, all ins
 # An installer whose console has not changed for this long is hung (a healthy TCG install
 # prints at least every ~40 s: boot menu countdown, systemd status, the installer's steps).
 STALL_TIMEOUT = {"tcg": 300.0, "kvm": 120.0}
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 
 
 class InstallError(PvelabError):

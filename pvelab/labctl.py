@@ -22,8 +22,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +50,6 @@ CONSOLE_ESCAPE = b"\x1d"  # Ctrl-]
 
 
 # --------------------------------------------------------------------------- lock and state
-
-
-@contextmanager
-def locked(lab: Lab, task: str) -> Iterator[None]:
-    """One lifecycle command at a time per lab: the lab's lock (:mod:`pvelab.locks`)."""
-    with lab_lock(lab.name, task):
-        yield
 
 
 def claim(lab: Lab) -> Path:
@@ -128,7 +119,7 @@ def up(
 
     medium, fw = boot_combination(media, firmware)
     say = Progress("up")
-    with locked(lab, "up"):
+    with lab_lock(lab.name, "up"):
         if replace and read_state(lab) is not None:
             for line in cleanup(lab, read_state(lab)):
                 say(line)
@@ -209,7 +200,7 @@ def _empty_report(lab: Lab, driver: Driver) -> RehearsalReport:
 
 def down(lab: Lab) -> list[str]:
     """Stop every VM, remove taps, dnsmasq, namespace and overlays; idempotent."""
-    with locked(lab, "down"):
+    with lab_lock(lab.name, "down"):
         state = read_state(lab)
         leftover_ns = Path(f"/run/netns/{netns_name(lab)}").exists()
         if state is None and not leftover_ns:
@@ -504,7 +495,7 @@ def fault(lab: Lab, action: str, target: str = "") -> str:
         nodes = [] if target in ("", "all") else parse_nodes(lab, target, f.value)
     elif f.target is Target.NODES:
         nodes = parse_nodes(lab, target, f.value)
-    with locked(lab, "fault"):
+    with lab_lock(lab.name, "fault"):
         driver = Driver.attach(lab, Progress("fault"))
         if f is Fault.POWER_OFF:  # a clean shutdown is asked for over SSH
             driver.connect(nodes)

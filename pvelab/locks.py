@@ -95,7 +95,7 @@ def lock_path(lab_name: str) -> Path:
 
 def _command(task: str) -> str:
     prog = Path(sys.argv[0]).name if sys.argv else ""
-    if prog == "invoke" or prog == "inv":
+    if prog in ("invoke", "inv"):
         return " ".join(["invoke", *sys.argv[1:]])
     return f"pvelab {task}"
 

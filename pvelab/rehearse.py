@@ -37,8 +37,8 @@ from .driver import Driver, DriverError, Fault, Progress, RunState, netns_name, 
 from .errors import PvelabError
 from .guestpkgs import PackageSet, fetch
 from .lab import CustomTest, Lab, Scenario
-from .labctl import claim, describe, locked
-from .locks import locking
+from .labctl import claim, describe
+from .locks import lab_lock, locking
 from .machine import Machine, MachineError
 from .media import Firmware, Medium, boot_combination
 from .paths import cache_dir
@@ -427,7 +427,7 @@ def _walk_running(
     keep_going: bool,
 ) -> None:
     """The walk on a running lab (deployed by ``up --cluster``); it must start healed."""
-    with locked(lab, "rehearse --running"):
+    with lab_lock(lab.name, "rehearse --running"):
         driver = Driver.attach(lab, say)
         off = [n for n, m in driver.machines.items() if not m.is_running()]
         cut = driver.net.separated()
