@@ -30,7 +30,7 @@ from .node import Entry, apply_entries, debugfs_script, installer_entries, layer
 from .paths import ROOT, build_root
 from .render import RenderedFile, render_files, render_node
 from .run import StepError, Steps
-from .secrets import scan_tree
+from .secrets import private_keys, scan_tree
 
 HOST_TOOLS = (
     "disk-image-create",
@@ -167,8 +167,15 @@ def build_node(lab: Lab, node: Node, base: image.Base, live: image.LiveParts, st
         iso_path = _iso_stage(lab, node, live, work, steps)
         installer = _installer_stage(lab, node, live, work, steps)
         found = base.info.get("password_found", ["(base not scanned: rebuild it)"]) + [
-            f"node layer: {p}" for p in scan_tree(work / "layer", lab.user.password)
+            f"node layer: {p}"
+            for p in scan_tree(work / "layer", lab.user.password, *(t.secret for t in lab.api.tokens))
         ]
+        keys = private_keys(work / "layer")
+        if keys:
+            raise StepError(
+                f"{node.name}: a private key is in the node layer ({', '.join(keys[:3])}): keys are made "
+                "on the node at first boot, never baked into an image"
+            )
         with steps.stage("manifest + checksums"):
             manifest = _manifest(
                 lab,

@@ -103,6 +103,27 @@ class QDevice:
 
 
 @dataclass(frozen=True)
+class ApiToken:
+    """An API token of the lab user (``<user>@pam!<id>``) on every PVE node's API. The
+    secret is in the lab file; the node keeps only its salted PBKDF2 hash."""
+
+    id: str
+    secret: str
+
+    def token_id(self, user: str) -> str:
+        return f"{user}@pam!{self.id}"
+
+
+@dataclass(frozen=True)
+class Api:
+    """Who may use the nodes' Proxmox API: the lab user (``<user>@pam``, its password) and
+    its tokens, with one role (the lab answers reads: PVEAuditor)."""
+
+    role: str = "PVEAuditor"
+    tokens: tuple[ApiToken, ...] = ()
+
+
+@dataclass(frozen=True)
 class Storage:
     type: str
     id: str
@@ -217,6 +238,7 @@ class Lab:
     connections: tuple[Connection, ...]
     scenario: Scenario
     install: Install = field(default_factory=lambda: Install())
+    api: Api = field(default_factory=lambda: Api())
 
     def node(self, name: str) -> Node:
         for n in self.nodes:
@@ -432,7 +454,18 @@ def parse_lab(raw: Any, path: Path) -> Lab:
     lab = r.mapping(
         r.get(top, "lab", "", dict),
         "lab",
-        {"name", "subnet", "release", "cluster_name", "dns_servers", "user", "startup", "qdevice", "storage"},
+        {
+            "name",
+            "subnet",
+            "release",
+            "cluster_name",
+            "dns_servers",
+            "user",
+            "startup",
+            "qdevice",
+            "storage",
+            "api",
+        },
     )
     name, subnet, release, cluster_name = _parse_identity(r, lab)
     qdevice = _parse_qdevice(r, lab) if "qdevice" in lab else None
@@ -463,7 +496,42 @@ def parse_lab(raw: Any, path: Path) -> Lab:
         connections=_parse_connections(r, top, names),
         scenario=_parse_scenario(r, top, names),
         install=_parse_install(r, top),
+        api=_parse_api(r, lab),
     )
+
+
+API_ROLES = ("PVEAuditor", "NoAccess")  # the roles pve-compat knows (the lab serves reads only)
+_TOKEN_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]{1,63}")
+
+
+def _parse_api(r: _Reader, lab: dict) -> Api:
+    if "api" not in lab:
+        return Api()
+    a = r.mapping(r.get(lab, "api", "lab", dict), "lab.api", {"role", "tokens"})
+    role = r.get(a, "role", "lab.api", str, default="PVEAuditor")
+    if role not in API_ROLES:
+        r.fail("lab.api.role", role, f"unknown role (known: {', '.join(API_ROLES)})")
+    tokens: list[ApiToken] = []
+    for i, t in enumerate(r.get(a, "tokens", "lab.api", list, default=[])):
+        where = f"lab.api.tokens[{i}]"
+        t = r.mapping(t, where, {"id", "secret"})
+        token = ApiToken(id=r.get(t, "id", where, str), secret=r.get(t, "secret", where, str))
+        if not _TOKEN_ID.fullmatch(token.id):
+            r.fail(
+                f"{where}.id",
+                token.id,
+                "must be 2-64 letters, digits, '.', '_' or '-', starting with a letter",
+            )
+        if token.id in {x.id for x in tokens}:
+            r.fail(f"{where}.id", token.id, "is declared twice")
+        if len(token.secret) < 16 or any(c.isspace() for c in token.secret):
+            r.fail(
+                f"{where}.secret",
+                "...",
+                "must be at least 16 characters without spaces (a UUID, as Proxmox makes)",
+            )
+        tokens.append(token)
+    return Api(role=role, tokens=tuple(tokens))
 
 
 def _parse_identity(r: _Reader, lab: dict) -> tuple[str, ipaddress.IPv4Network, str, str]:

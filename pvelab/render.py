@@ -22,10 +22,13 @@ from .deploy import actions
 from .lab import Lab, Node
 from .paths import OVERLAYS
 from .quorum import table as quorum_table
+from .roles import PVE_AUTHKEY
+from .secrets import token_hash, token_salt
 
 # (glob on the target path, mode, owner, group); first match wins. "{user}" is the lab user.
 FILE_MODES = (
     ("/usr/local/sbin/*", 0o755, "root", "root"),
+    ("/etc/pve/priv/*", 0o600, "root", "root"),
     ("/etc/pve/*", 0o640, "{user}", "{user}"),
     ("/root/*", 0o600, "root", "root"),
     ("*", 0o644, "root", "root"),
@@ -80,6 +83,15 @@ class RenderedFile:
     group: str
 
 
+def api_tokens(lab: Lab) -> dict:
+    """The node's API tokens (its /etc/pve/priv/pvelab-tokens.json): id -> salted hash."""
+    user = lab.user.name
+    return {
+        t.token_id(user): {"hash": token_hash(t.secret, token_salt(lab.name, t.id)), "privsep": 0}
+        for t in lab.api.tokens
+    }
+
+
 def install_config(lab: Lab, node: Node) -> dict:
     """What the installer ISO of ``node`` reads (/etc/pvelab/install.json)."""
     return {
@@ -104,6 +116,8 @@ def render_files(lab: Lab, node: Node, layers: tuple[str, ...] | None = None) ->
         "deploy_actions": actions(lab),
         "compat_config": json.dumps(compat_config(lab, node), indent=2),
         "install_config": json.dumps(install_config(lab, node), indent=2),
+        "api_tokens": json.dumps(api_tokens(lab), indent=2),
+        "authkey": PVE_AUTHKEY,
     }
     out = []
     for target, src in template_sources(node, layers):

@@ -31,6 +31,8 @@ class Role:
 
 
 def _pve_host_config(lab: Lab, node: Node) -> dict[str, Any]:
+    # The files below are read through systemd credentials (pve-compat.service's
+    # LoadCredential=): the service's dynamic user cannot read /etc/pve itself.
     return {
         "node": node.name,
         "listen": "0.0.0.0",
@@ -39,7 +41,20 @@ def _pve_host_config(lab: Lab, node: Node) -> dict[str, Any]:
         "udp_ports": [5405],
         "nodes": [n.name for n in lab.pve_hosts],
         "cluster_status": lab.cluster_status(),
+        "cluster_name": lab.cluster_name,
+        "users": {f"{lab.user.name}@pam": lab.api.role},
+        "shadow": "/etc/shadow",
+        "tls_cert": "/etc/pve/local/pve-ssl.pem",
+        "tls_key": "/etc/pve/local/pve-ssl.key",
+        "authkey": PVE_AUTHKEY,
+        "tokens": PVE_TOKENS,
+        "corosync_conf": "/etc/pve/corosync.conf",
+        "storage_cfg": "/etc/pve/storage.cfg",
     }
+
+
+PVE_AUTHKEY = "/etc/pve/priv/pvelab-authkey.key"  # the node's ticket key, made at first boot
+PVE_TOKENS = "/etc/pve/priv/pvelab-tokens.json"  # API token id -> salted hash of its secret
 
 
 def _witness_config(lab: Lab, node: Node) -> dict[str, Any]:

@@ -70,19 +70,46 @@ def login_password(password: str | None) -> str:
     return env
 
 
-def scan_tree(root: Path, password: str | None) -> list[str]:
-    """Files under ``root`` that hold ``password`` in plain text (paths relative to root).
+def scan_tree(root: Path, password: str | None, *secrets: str) -> list[str]:
+    """Files under ``root`` that hold ``password`` (or any of ``secrets``: API token
+    secrets) in plain text (paths relative to root).
 
-    The password goes to grep through a private file, never its command line."""
-    if not password:
+    The secrets go to grep through a private file, never its command line."""
+    return _grep(root, [s for s in (password, *secrets) if s], "the plain password and token secrets")
+
+
+# A PEM private key of any kind ("-----BEGIN PRIVATE KEY-----", "... EC PRIVATE KEY-----",
+# "... OPENSSH PRIVATE KEY-----"): keys are made on the machine that uses them, never baked.
+PRIVATE_KEY_MARK = "PRIVATE KEY-----"
+
+
+def private_keys(root: Path) -> list[str]:
+    """Files under ``root`` holding a PEM private key (paths relative to root)."""
+    return _grep(root, [PRIVATE_KEY_MARK], "private keys")
+
+
+def _grep(root: Path, needles: list[str], what: str) -> list[str]:
+    if not needles:
         return []
     with tempfile.NamedTemporaryFile("w", prefix="pvelab-scan-", delete=True) as pattern:
-        pattern.write(password + "\n")
+        pattern.write("".join(n + "\n" for n in needles))
         pattern.flush()
         res = subprocess.run(
             ["grep", "-rlFZ", "--binary-files=text", "--no-messages", "-f", pattern.name, str(root)],
             capture_output=True,
         )
     if res.returncode not in (0, 1):
-        raise SecretError(f"scanning {root} for the plain password: grep exited {res.returncode}")
+        raise SecretError(f"scanning {root} for {what}: grep exited {res.returncode}")
     return sorted(os.path.relpath(p, root) for p in res.stdout.decode(errors="replace").split("\0") if p)
+
+
+def token_hash(secret: str, salt: str, iterations: int = 20000) -> str:
+    """An API token secret as the node keeps it (pve_api.token_hash on the node checks it):
+    ``pbkdf2-sha256$ITER$SALT$HEX``."""
+    digest = hashlib.pbkdf2_hmac("sha256", secret.encode(), salt.encode(), iterations)
+    return f"pbkdf2-sha256${iterations}${salt}${digest.hex()}"
+
+
+def token_salt(lab_name: str, token_id: str) -> str:
+    """Derived, not random: equal lab files give byte-equal images."""
+    return hashlib.sha256(f"pvelab-token:{lab_name}:{token_id}".encode()).hexdigest()[:16]

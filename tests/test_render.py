@@ -34,9 +34,13 @@ def test_each_tree_has_exactly_the_spec_files(lab, tmp_path):
             assert found == COMMON | {
                 "/etc/pve/corosync.conf",
                 "/etc/pve/storage.cfg",
+                "/etc/pve/priv/pvelab-tokens.json",  # hashes only (tests/test_api.py)
                 "/etc/pvelab/pve-compat.json",
                 "/usr/lib/pvelab/pve_compat.py",
+                "/usr/lib/pvelab/pve_api.py",
+                "/usr/lib/pvelab/pve-ssl",  # makes the node's certificate at first boot
                 "/usr/lib/systemd/system/pve-compat.service",
+                "/usr/lib/systemd/system/pve-ssl.service",
             }
             dirs = node_dirs(lab, node)
             for d in (

@@ -12,7 +12,12 @@ How the HTTP server stays up (one I/O thread, a few workers):
 * a request must arrive whole within ``REQUEST_TIMEOUT`` seconds of the connection
   (a deadline for the whole request, not per read): later, 408 and closed;
 * the request head is capped at ``MAX_HEAD_BYTES`` (414/431) and ``MAX_HEADERS`` lines
-  (431); the body of a GET is not read;
+  (431); a body is read only when its ``Content-Length`` is given and at most
+  ``MAX_BODY_BYTES`` (413), within the same deadline (the body of a GET is not read);
+* with a TLS context, each connection's first byte says which it speaks: a TLS
+  handshake record (0x16) is answered with TLS, anything else is plain HTTP, on the same
+  port.  The handshake runs on the I/O thread without blocking and within the request's
+  deadline, so a client that stalls in it is just another slow client;
 * at most ``MAX_CONNECTIONS`` connections are open: a new one evicts the oldest that
   has not finished its request, so slow clients cannot lock normal ones out;
 * complete requests go to ``max_workers`` threads through a bounded queue (503 when
@@ -26,10 +31,12 @@ import io
 import json
 import logging
 import queue
+import re
 import resource
 import selectors
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -44,6 +51,9 @@ MAX_HEAD_BYTES = 8192  # request line + headers
 MAX_HEADERS = 64  # header lines
 MAX_CONNECTIONS = 1024  # open connections at once; the oldest unfinished one makes room
 QUEUE_SIZE = 256  # complete requests waiting for a worker
+MAX_BODY_BYTES = 65536  # a request body (a login form): larger is 413
+TLS_RECORD = 0x16  # the first byte of a TLS handshake record (a ClientHello)
+_CONTENT_LENGTH = re.compile(rb"^content-length:[ \t]*(\S*)[ \t]*\r?$", re.I | re.M)
 LINGER = 2.0  # seconds to discard what a client still sends after its answer (no RST)
 
 
@@ -69,22 +79,36 @@ def _status_line(code, reason):
 
 
 class _Conn:
-    __slots__ = ("addr", "buf", "deadline", "out", "sock", "state")
+    __slots__ = ("addr", "buf", "deadline", "out", "sniffed", "sock", "state", "tls")
 
     def __init__(self, sock, addr, now):
         self.sock, self.addr = sock, addr
         self.buf = bytearray()
         self.deadline = now + REQUEST_TIMEOUT
         self.out = b""
-        self.state = "reading"  # reading -> working -> writing -> lingering
+        self.state = "reading"  # [handshake ->] reading -> working -> writing -> lingering
+        self.sniffed = False  # the first byte has been looked at (TLS or plain)
+        self.tls = False
+
+
+def _body_length(head):
+    """The declared body length of a request head (0 when none); ValueError if malformed."""
+    m = _CONTENT_LENGTH.search(head)
+    if not m:
+        return 0
+    value = m.group(1)
+    if not value.isdigit():
+        raise ValueError(value)
+    return int(value)
 
 
 class BoundedHTTPServer:
     """HTTP/1.0 server: ``routes`` maps a path to (status, content type, body) or to a
     callable returning that; ``handler`` (a BaseHTTPRequestHandler) makes the answers."""
 
-    def __init__(self, address, handler, routes, max_workers=MAX_WORKERS, name="http"):
+    def __init__(self, address, handler, routes, max_workers=MAX_WORKERS, name="http", tls=None):
         self.routes, self.handler, self.name = routes, handler, name
+        self.tls = tls  # an ssl.SSLContext (server side) or None: plain HTTP only
         self.max_workers = max_workers
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -100,7 +124,16 @@ class BoundedHTTPServer:
         self._wake_w.setblocking(False)
         self._conns = {}
         self._workers = []
-        self.stats = {"accepted": 0, "answered": 0, "timed_out": 0, "evicted": 0, "too_large": 0, "busy": 0}
+        self.stats = {
+            "accepted": 0,
+            "answered": 0,
+            "timed_out": 0,
+            "evicted": 0,
+            "too_large": 0,
+            "busy": 0,
+            "tls": 0,
+            "tls_failed": 0,
+        }
 
     @property
     def port(self):
@@ -123,6 +156,8 @@ class BoundedHTTPServer:
                     self._accept()
                 elif key.data == "wake":
                     self._drain_done()
+                elif key.data.state == "handshake":
+                    self._handshake(key.data)
                 elif events & selectors.EVENT_READ:
                     if key.data.state == "lingering":
                         self._discard(key.data)
@@ -154,18 +189,77 @@ class BoundedHTTPServer:
             self.stats["accepted"] += 1
 
     def _evict_oldest(self):
-        reading = [c for c in self._conns.values() if c.state == "reading"]
+        reading = [c for c in self._conns.values() if c.state in ("reading", "handshake")]
         if reading:
             self.stats["evicted"] += 1
             self._close(min(reading, key=lambda c: c.deadline))
 
-    def _read(self, c):
+    def _sniff(self, c):
+        """Look at the first byte: start a TLS handshake for a ClientHello. False: no
+        byte yet (or the connection is gone), nothing to do now."""
+        try:
+            first = c.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            first = b""
+        if not first:
+            self._close(c)
+            return False
+        c.sniffed = True
+        if first[0] == TLS_RECORD and self.tls is not None:
+            self._sel.unregister(c.sock)
+            raw = c.sock
+            try:
+                c.sock = self.tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            except (OSError, ValueError):
+                self._conns.pop(raw.fileno(), None)
+                raw.close()
+                return False
+            c.tls, c.state = True, "handshake"
+            self._sel.register(c.sock, selectors.EVENT_READ, c)
+            self._handshake(c)
+            return False
+        return True
+
+    def _handshake(self, c):
+        try:
+            c.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._sel.modify(c.sock, selectors.EVENT_READ, c)
+            return
+        except ssl.SSLWantWriteError:
+            self._sel.modify(c.sock, selectors.EVENT_WRITE, c)
+            return
+        except (OSError, ValueError) as exc:  # not TLS after all, no shared cipher, reset...
+            self.stats["tls_failed"] += 1
+            log.info("%s: TLS handshake with %s failed: %s", self.name, c.addr[0], exc)
+            self._close(c)
+            return
+        self.stats["tls"] += 1
+        c.state = "reading"
+        self._sel.modify(c.sock, selectors.EVENT_READ, c)
+        self._read(c)  # the request may already sit in the TLS buffer
+
+    def _recv(self, c):
+        """What the client sent, b"" at its end, None when nothing is there yet."""
         try:
             data = c.sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
+            if c.tls:
+                while c.sock.pending():
+                    data += c.sock.recv(4096)
+            return data
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
         except OSError:
-            data = b""
+            return b""
+
+    def _read(self, c):
+        if not c.sniffed and not self._sniff(c):
+            return
+        data = self._recv(c)
+        if data is None:
+            return
         if not data:
             self._close(c)
             return
@@ -189,6 +283,19 @@ class BoundedHTTPServer:
             self.stats["too_large"] += 1
             self._answer(c, _status_line(431, "Request Header Fields Too Large"))
             return
+        if not head.startswith((b"GET ", b"HEAD ")):
+            try:
+                length = _body_length(head)
+            except ValueError:
+                self._answer(c, _status_line(400, "Bad Content-Length"))
+                return
+            if length > MAX_BODY_BYTES:
+                self.stats["too_large"] += 1
+                self._answer(c, _status_line(413, "Payload Too Large"))
+                return
+            if len(c.buf) < len(head) + length:
+                return  # the rest of the body, within the same deadline
+            head = bytes(c.buf[: len(head) + length])
         c.state = "working"
         self._sel.unregister(c.sock)
         try:
@@ -226,7 +333,7 @@ class BoundedHTTPServer:
     def _write(self, c):
         try:
             sent = c.sock.send(c.out)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             return
         except OSError:
             self._close(c)
@@ -238,7 +345,9 @@ class BoundedHTTPServer:
 
     def _linger(self, c):
         """Half-close and discard what the client still sends, so the answer is not lost
-        to a TCP reset (a client still sending an oversized request, a GET with a body)."""
+        to a TCP reset (a client still sending an oversized request, a GET with a body).
+        On a TLS connection the TLS layer is dropped first (``SSLSocket.shutdown``): what
+        still comes is discarded unread."""
         try:
             c.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -265,7 +374,7 @@ class BoundedHTTPServer:
                     c.sock.send(_status_line(408, "Request Timeout"))
                 except OSError:
                     pass
-            elif c.state == "reading":
+            elif c.state in ("reading", "handshake"):
                 self.stats["timed_out"] += 1
             self._close(c)
 
@@ -288,7 +397,7 @@ class BoundedHTTPServer:
             except queue.Empty:
                 continue
             try:
-                data = self.handler.respond(self, head, c.addr)
+                data = self.handler.respond(self, head, c.addr, secure=c.tls)
             except Exception as exc:  # one bad request never stops the service
                 log.warning("%s: error serving %s: %s", self.name, c.addr[0], exc)
                 data = _status_line(500, "Internal Server Error")
@@ -309,10 +418,11 @@ class BoundedHTTPServer:
 
 
 class _Request:
-    """What BaseHTTPRequestHandler wants as a request: the head is already read."""
+    """What BaseHTTPRequestHandler wants as a request: the head (and any body) already read."""
 
-    def __init__(self, head):
+    def __init__(self, head, secure=False):
         self.head = head
+        self.secure = secure  # it came over TLS
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -323,10 +433,10 @@ class Handler(BaseHTTPRequestHandler):
     allowed = "GET, HEAD"
 
     @classmethod
-    def respond(cls, server, head, client_address):
-        """The whole answer (bytes) to one complete request head."""
+    def respond(cls, server, head, client_address, secure=False):
+        """The whole answer (bytes) to one complete request (its head, then any body)."""
         out = io.BytesIO()
-        cls(_Request(head), client_address, server, out)
+        cls(_Request(head, secure), client_address, server, out)
         return out.getvalue()
 
     def __init__(self, request, client_address, server, out=None):
@@ -336,6 +446,7 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self):
         self.rfile = io.BytesIO(self.request.head)
         self.wfile = self._out
+        self.secure = self.request.secure
 
     def finish(self):
         pass
