@@ -276,6 +276,7 @@ class BootReport:
         default_factory=dict
     )  # UEFI: what each guest's SecureBoot variable says
     secure_boot_required: bool = False
+    api_fingerprints: dict[str, str] = field(default_factory=dict)  # SHA-256 of each node's API certificate
     install_seconds: dict[str, float] = field(default_factory=dict)  # --media install: power-on to power-off
     install_attempts: dict[str, int] = field(default_factory=dict)  # 2: the first attempt hung (retried once)
     guest_faults: list[dict[str, Any]] = field(default_factory=list)  # kernel panics seen (guestfault)

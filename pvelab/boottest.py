@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import apicert
 from .artefacts import ArtefactRef, BootReport, Layout, sha256
 from .driver import Driver, Progress, sigterm_unwinds
 from .errors import PvelabError
@@ -192,6 +193,16 @@ def _diagnose(booted: Driver, report: BootReport, analyze: bool) -> None:
         booted.say(
             "Secure Boot: "
             + ", ".join(f"{n} {'on' if on else 'off'}" for n, on in report.secure_boot.items())
+        )
+    report.api_fingerprints = {
+        name: apicert.fingerprint(m, booted.lab.node(name).role_def.api_cert)
+        for name, m in booted.machines.items()
+        if booted.lab.node(name).role_def.api_cert
+    }
+    if report.api_fingerprints:
+        booted.say(
+            "API certificates (SHA-256): "
+            + ", ".join(f"{n} {fp or 'none'}" for n, fp in report.api_fingerprints.items())
         )
     for name, units in report.failed_units.items():
         if units:

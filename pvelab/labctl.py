@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import apicert
 from .artefacts import Layout, RehearsalReport, write_atomic
 from .corotools import parse_cfgtool, parse_qnetd_clients, parse_quorumtool
 from .driver import (
@@ -305,6 +306,8 @@ def _node_status(lab: Lab, m: Machine) -> dict[str, Any]:
     _, addrs = m.execute("ip -4 -o addr show scope global", timeout=20)
     out["alias_up"] = str(lab.node(m.name).alias.ip) in addrs
     role = lab.node(m.name).role_def
+    if role.api_cert:
+        out["api_fingerprint"] = apicert.fingerprint(m, role.api_cert)
     if role.cluster_member:
         _, active = m.execute("systemctl is-active corosync.service", timeout=20)
         out["corosync"] = active.strip()
@@ -348,6 +351,11 @@ def status_table(s: dict[str, Any]) -> str:
             f"{n['alias'] + ('' if n.get('alias_up', True) else '?'):<13} {ports:<22} {_corosync_cell(n)}"
         )
     lines.append("faults in force: " + ("; ".join(s["faults_in_force"]) or "none"))
+    lines += [
+        f"{name} API certificate SHA-256: {n['api_fingerprint'] or 'not made yet'}"
+        for name, n in s["nodes"].items()
+        if "api_fingerprint" in n
+    ]
     return "\n".join(lines)
 
 

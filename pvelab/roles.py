@@ -28,6 +28,7 @@ class Role:
     dirs: tuple[str, ...]  # directories created (mode 0750, owned by the lab user)
     compat_config: Callable[[Lab, Node], dict[str, Any]]
     host_ports: tuple[tuple[str, int], ...] = ()  # service -> guest port a running lab forwards
+    api_cert: str = ""  # the TLS certificate its API serves (made at first boot), if it serves one
 
 
 def _pve_host_config(lab: Lab, node: Node) -> dict[str, Any]:
@@ -44,7 +45,7 @@ def _pve_host_config(lab: Lab, node: Node) -> dict[str, Any]:
         "cluster_name": lab.cluster_name,
         "users": {f"{lab.user.name}@pam": lab.api.role},
         "shadow": "/etc/shadow",
-        "tls_cert": "/etc/pve/local/pve-ssl.pem",
+        "tls_cert": PVE_API_CERT,
         "tls_key": "/etc/pve/local/pve-ssl.key",
         "authkey": PVE_AUTHKEY,
         "tokens": PVE_TOKENS,
@@ -53,6 +54,7 @@ def _pve_host_config(lab: Lab, node: Node) -> dict[str, Any]:
     }
 
 
+PVE_API_CERT = "/etc/pve/local/pve-ssl.pem"  # as Proxmox VE keeps it
 PVE_AUTHKEY = "/etc/pve/priv/pvelab-authkey.key"  # the node's ticket key, made at first boot
 PVE_TOKENS = "/etc/pve/priv/pvelab-tokens.json"  # API token id -> salted hash of its secret
 
@@ -89,6 +91,7 @@ ROLES: dict[str, Role] = {
             ),
             compat_config=_pve_host_config,
             host_ports=(("api", 8006),),
+            api_cert=PVE_API_CERT,
         ),
         Role(
             name="qdevice-witness",

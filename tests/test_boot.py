@@ -60,6 +60,10 @@ def test_qcow2_lab_passes_and_gate_can_fail(built, lab):
     assert not any(ip.startswith("10.81.0.") for ip in leases.values())
     # host keys made on first boot, different per machine
     assert len(set(report.host_keys.values())) == len(names)
+    # and so is each PVE node's API certificate (pve-ssl.service): its fingerprint is reported
+    fps = report.api_fingerprints
+    assert set(fps) == {n.name for n in lab.pve_hosts} and len(set(fps.values())) == len(fps), fps
+    assert all(len(fp) == 95 for fp in fps.values()), fps
     # reports on disk
     data = json.loads((out / "report.json").read_text())
     assert data["summary"] == {"passed": 6, "failed": 0} and data["wall_seconds"] > 0

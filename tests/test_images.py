@@ -21,7 +21,7 @@ from pvelab.build import build
 from pvelab.disk import loop_partition, mounted
 from pvelab.lab import FORBIDDEN_PACKAGES, FORBIDDEN_PREFIXES, load_lab
 from pvelab.media import ARTEFACT_KINDS
-from pvelab.paths import DEFAULT_LAB
+from pvelab.paths import DEFAULT_LAB, OVERLAYS
 from pvelab.render import render_files
 from pvelab.roles import ROLES
 from pvelab.run import Steps
@@ -176,7 +176,9 @@ def test_units_enabled(roots, lab, name):
     cache = roots[name] / "usr/lib/pvelab/__pycache__"
     assert sorted(p.name.split(".")[0] for p in cache.glob("*.pyc")) == ["compat"]
     modules = sorted(p.name for p in (roots[name] / "usr/lib/pvelab").glob("*.py"))
-    assert modules == sorted(["compat.py", role.service.replace("-", "_") + ".py"])
+    own = [p.name for p in (OVERLAYS / role.name / "usr/lib/pvelab").glob("*.py")]
+    assert role.service.replace("-", "_") + ".py" in own
+    assert modules == sorted(["compat.py", *own])
 
 
 @pytest.mark.parametrize("name", NODES)

@@ -16,6 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from proxmoxer import AuthenticationError, ResourceException
+from pveclient import READS, connect, pinned_cert, read_all
 
 from pvelab.artefacts import BuildManifest, Layout, RehearsalReport, sha256
 from pvelab.build import build
@@ -127,7 +129,49 @@ def labs():
 
 
 # Long on purpose: one running lab serves every step, in the order an operator takes them.
-def test_up_work_break_walk_down(labs):
+def api_clients(lab, s, tmp_path):
+    """proxmoxer against every PVE node of the running cluster, over its loopback forward:
+    a ticket with the certificate pinned by the fingerprint `invoke status` shows, and the
+    lab's API token with verification off; a wrong password and token get 401, a write 501."""
+    user = f"{lab.user.name}@pam"
+    tok = (lab.api.tokens[0].id, lab.api.tokens[0].secret)
+    for n in lab.pve_hosts:
+        host, port = s["nodes"][n.name]["forwards"]["api"].split(":")
+        fp = s["nodes"][n.name]["api_fingerprint"]
+        trust = pinned_cert(host, int(port), fp, tmp_path / f"{n.name}.pem")
+        t0 = time.monotonic()
+        for api in (
+            connect(host, int(port), user, password=lab.user.login_password, trust=trust),
+            connect(host, int(port), user, token=tok),
+        ):
+            data = read_all(api, n.name, lab.storage[0].id)
+            cluster = next(e for e in data["cluster/status"] if e["type"] == "cluster")
+            assert cluster["quorate"] == 1 and cluster["name"] == lab.cluster_name  # votequorum, live
+            assert {e["node"]: e["status"] for e in data["nodes"]} == {
+                m.name: "online" for m in lab.pve_hosts
+            }
+            me = next(e for e in data["nodes"] if e["node"] == n.name)
+            assert me["ssl_fingerprint"] == fp and data[f"nodes/{n.name}/status"]["uptime"] > 0
+            assert {e["node"] for e in data["cluster/config/nodes"]} == {m.name for m in lab.pve_hosts}
+            assert data["access/permissions"]["/"]["Sys.Audit"] == 1
+            print(
+                f"{n.name}: proxmoxer read {len(data)} endpoints; qdevice: {data['cluster/config/qdevice']}"
+            )
+        print(
+            f"{n.name}: two logins + {2 * len(READS)} reads over TLS in {time.monotonic() - t0:.1f}s",
+            flush=True,
+        )
+        with pytest.raises(AuthenticationError, match="code: 401"):
+            connect(host, int(port), user, password="wrong-password")
+        with pytest.raises(ResourceException) as err:
+            connect(host, int(port), user, token=(tok[0], "0" * 36)).version.get()
+        assert err.value.status_code == 401
+        with pytest.raises(ResourceException) as err:
+            connect(host, int(port), user, token=tok).nodes.post(node="x")
+        assert err.value.status_code == 501
+
+
+def test_up_work_break_walk_down(labs, tmp_path):
     three, two = labs
     layout = Layout(three.name)
     before = {n.name: sha256(layout.artefact(n.name, "qcow2")) for n in three.nodes}
@@ -185,6 +229,16 @@ def test_up_work_break_walk_down(labs):
     assert s["nodes"]["pve-3"]["quorum"]["total_votes"] == 1
     assert s["faults_in_force"] == ["pve-3 cut off from the rest"]
     assert s["nodes"]["pve-1"]["links"]["0"]["pve-3"] != "connected"
+    # a real Proxmox client sees it live: pve-1's API says pve-3 is offline
+    host, port = s["nodes"]["pve-1"]["forwards"]["api"].split(":")
+    auto = connect(
+        host, int(port), f"{three.user.name}@pam", token=(three.api.tokens[0].id, three.api.tokens[0].secret)
+    )
+    assert {n["node"]: n["status"] for n in auto.nodes.get()} == {
+        "pve-1": "online",
+        "pve-2": "online",
+        "pve-3": "offline",
+    }
     assert (
         invoke("fault", "heal", "all", "--lab", str(THREE)).stdout.strip()
         == "every node: back on the lab network"
@@ -197,6 +251,7 @@ def test_up_work_break_walk_down(labs):
     assert api.startswith("127.0.0.1:")
     with urllib.request.urlopen(f"http://{api}/api2/json/version", timeout=30) as resp:
         assert resp.status == 200 and json.load(resp)["data"]["repoid"] == "pve-1"
+    api_clients(three, s, tmp_path)
     ports = [int(v.split(":")[1]) for n in s["nodes"].values() for v in n["forwards"].values()]
     listeners = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout
     for port in ports:

@@ -1,0 +1,31 @@
+"""The API certificate a node makes on its first boot (pve-ssl.service): its SHA-256
+fingerprint, read from the guest, as Proxmox shows it (``AA:BB:...``). The boot test's
+report and `invoke status` print it, so a client can pin exactly that certificate."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Protocol
+
+_FINGERPRINT = re.compile(r"(?:sha256 )?Fingerprint=((?:[0-9A-F]{2}:){31}[0-9A-F]{2})", re.I)
+
+
+class _Runs(Protocol):
+    def execute(self, command: str, timeout: float = ...) -> tuple[int, str]: ...
+
+
+def command(cert_path: str) -> str:
+    return f"openssl x509 -noout -fingerprint -sha256 -in {shlex.quote(cert_path)}"
+
+
+def parse(output: str) -> str:
+    """The fingerprint in ``openssl x509 -fingerprint -sha256`` output, or "" if none."""
+    m = _FINGERPRINT.search(output)
+    return m.group(1).upper() if m else ""
+
+
+def fingerprint(machine: _Runs, cert_path: str, timeout: float = 30) -> str:
+    """The fingerprint of the certificate at ``cert_path`` on a booted machine ("" if none yet)."""
+    status, out = machine.execute(command(cert_path), timeout=timeout)
+    return parse(out) if status == 0 else ""
