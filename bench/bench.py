@@ -241,13 +241,46 @@ def compat_load(lab) -> dict[str, float]:
     import subprocess as sp
     import tempfile
 
-    from pvelab.loadtest import get, measure, oversized, slow_clients
+    from pvelab.loadtest import get, insecure_client, measure, oversized, slow_clients
     from pvelab.paths import ELEMENTS, OVERLAYS
     from pvelab.render import compat_config
 
     with tempfile.TemporaryDirectory(prefix="pvelab-bench-") as tmp:
         cfg = Path(tmp) / "pve-compat.json"
-        cfg.write_text(json.dumps(compat_config(lab, lab.pve_hosts[0])))
+        cert, key = Path(tmp) / "pve-ssl.pem", Path(tmp) / "pve-ssl.key"
+        sp.run(  # as pve-ssl.service makes it on a node's first boot
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=bench",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        (Path(tmp) / "authkey").write_bytes(os.urandom(32))
+        cfg.write_text(
+            json.dumps(
+                dict(
+                    compat_config(lab, lab.pve_hosts[0]),
+                    tls_cert=str(cert),
+                    tls_key=str(key),
+                    authkey=str(Path(tmp) / "authkey"),
+                )
+            )
+        )
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -277,6 +310,16 @@ def compat_load(lab) -> dict[str, float]:
             while get(port, timeout=1) != 200 and time.monotonic() < deadline:
                 time.sleep(0.1)
             quiet = measure(port, requests=1000, concurrency=8)
+            # the same GET over TLS, as a proxmoxer session sends it (ticket cookie), a full
+            # handshake per request; measured right after the plain run, paired
+            sys.path.insert(0, str(OVERLAYS / "pve-host/usr/lib/pvelab"))
+            sys.path.insert(0, str(ELEMENTS / "pvelab-compat/static/usr/lib/pvelab"))
+            import pve_api
+
+            ticket = pve_api.Tickets((Path(tmp) / "authkey").read_bytes()).issue(f"{lab.user.name}@pam")
+            cookie = f"Cookie: PVEAuthCookie={ticket}\r\n"
+            tls = measure(port, requests=1000, concurrency=8, tls=insecure_client(), headers=cookie)
+            plain_again = measure(port, requests=1000, concurrency=8)
             with slow_clients(port, idle=300, trickle=100, seconds=60):
                 attacked = measure(port, requests=1000, concurrency=8)
             oversized(port, clients=64, megabytes=4)
@@ -289,7 +332,16 @@ def compat_load(lab) -> dict[str, float]:
         f"compat: {quiet.rps:.0f} req/s p99 {quiet.p99_ms:.1f} ms alone; {attacked.rps:.0f} req/s "
         f"p99 {attacked.p99_ms:.1f} ms with 400 slow clients; VmHWM {hwm / 1024:.1f} MiB after oversized requests"
     )
+    plain_rps = (quiet.rps + plain_again.rps) / 2
+    say(
+        f"compat over TLS: {tls.rps:.0f} req/s p99 {tls.p99_ms:.1f} ms ({tls.ok}/{tls.requests} ok), "
+        f"{tls.rps / plain_rps:.2f}x plain HTTP's {plain_rps:.0f} req/s (mean of the runs before and after)"
+    )
     return {
+        "compat_tls_rps": tls.rps,
+        "compat_tls_p99_ms": tls.p99_ms,
+        "compat_tls_ok": tls.ok,
+        "compat_tls_vs_plain": tls.rps / plain_rps if plain_rps else 0.0,
         "compat_rps": quiet.rps,
         "compat_p99_ms": quiet.p99_ms,
         "compat_rps_attacked": attacked.rps,

@@ -5,6 +5,7 @@ Every connection goes to 127.0.0.1 only."""
 from __future__ import annotations
 
 import socket
+import ssl
 import statistics
 import threading
 import time
@@ -15,15 +16,33 @@ from dataclasses import dataclass
 HOST = "127.0.0.1"
 
 
-def get(port: int, path: str = "/api2/json/version", timeout: float = 10.0) -> int:
-    """One plain GET; the HTTP status (0 when the connection failed)."""
+def get(
+    port: int,
+    path: str = "/api2/json/version",
+    timeout: float = 10.0,
+    tls: ssl.SSLContext | None = None,
+    headers: str = "",
+) -> int:
+    """One GET, plain or over TLS (a new connection and a full handshake each time, as a
+    client without keep-alive makes them); the HTTP status (0 when the connection failed)."""
     try:
-        with socket.create_connection((HOST, port), timeout=timeout) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        with socket.create_connection((HOST, port), timeout=timeout) as raw:
+            s = tls.wrap_socket(raw, server_hostname=HOST) if tls else raw
+            s.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n".encode()
+            )
             head = s.recv(64)
             return int(head.split()[1]) if head.startswith(b"HTTP/") else 0
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def insecure_client() -> ssl.SSLContext:
+    """A TLS client context that accepts a lab node's self-signed certificate (loopback only)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 @dataclass
@@ -40,7 +59,14 @@ class Latency:
         return self.ok / self.seconds if self.seconds else 0.0
 
 
-def measure(port: int, requests: int = 400, concurrency: int = 8, deadline: float = 60.0) -> Latency:
+def measure(
+    port: int,
+    requests: int = 400,
+    concurrency: int = 8,
+    deadline: float = 60.0,
+    tls: ssl.SSLContext | None = None,
+    headers: str = "",
+) -> Latency:
     """``requests`` GETs from ``concurrency`` threads; latency percentiles of each."""
     times: list[float] = []
     ok = [0]
@@ -54,7 +80,7 @@ def measure(port: int, requests: int = 400, concurrency: int = 8, deadline: floa
                 if next(todo, None) is None:
                     return
             t0 = time.monotonic()
-            status = get(port)
+            status = get(port, tls=tls, headers=headers)
             with lock:
                 times.append(time.monotonic() - t0)
                 ok[0] += status == 200

@@ -385,6 +385,7 @@ class Api:
         self.facts = facts or NodeFacts()
         self.limiter = LoginLimiter()
         self.tokens = self._load_tokens(cfg.get("tokens"))
+        self._verified, self._verified_lock = set(), threading.Lock()
         self.tickets = Tickets(self._load_key(cfg.get("authkey")))
         self.fingerprint = None
         if cfg.get("tls_cert"):
@@ -449,7 +450,7 @@ class Api:
                 raise ApiError(401, "invalid token value")
             user, tokenid, secret = m.groups()
             entry = self.tokens.get(f"{user}!{tokenid}")
-            if not entry or user not in self.users or not token_matches(secret, entry.get("hash", "")):
+            if not entry or user not in self.users or not self._token_ok(secret, entry.get("hash", "")):
                 raise ApiError(401, "invalid token value")
             return user
         cookie = http.cookies.SimpleCookie()
@@ -463,6 +464,20 @@ class Api:
         if user is None or user not in self.users:
             raise ApiError(401, "invalid ticket")
         return user
+
+    def _token_ok(self, secret, stored):
+        """PBKDF2 once per secret: a client sends its token with every request. Only a
+        digest of secrets already verified is remembered (bounded), never a secret."""
+        seen = hashlib.sha256(f"{stored}\0{secret}".encode()).digest()
+        if seen in self._verified:
+            return True
+        if not token_matches(secret, stored):
+            return False
+        with self._verified_lock:
+            if len(self._verified) >= 256:
+                self._verified.clear()
+            self._verified.add(seen)
+        return True
 
     def login(self, form, addr):
         """POST /access/ticket: a new ticket for a password (or a still valid ticket)."""
