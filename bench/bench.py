@@ -241,35 +241,14 @@ def compat_load(lab) -> dict[str, float]:
     import subprocess as sp
     import tempfile
 
+    from pvelab.apicert import make_self_signed
     from pvelab.loadtest import get, insecure_client, measure, oversized, slow_clients
     from pvelab.paths import ELEMENTS, OVERLAYS
     from pvelab.render import compat_config
 
     with tempfile.TemporaryDirectory(prefix="pvelab-bench-") as tmp:
         cfg = Path(tmp) / "pve-compat.json"
-        cert, key = Path(tmp) / "pve-ssl.pem", Path(tmp) / "pve-ssl.key"
-        sp.run(  # as pve-ssl.service makes it on a node's first boot
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=bench",
-                "-keyout",
-                str(key),
-                "-out",
-                str(cert),
-            ],
-            check=True,
-            capture_output=True,
-        )
+        cert, key = make_self_signed(Path(tmp), "bench", days=2)  # as pve-ssl.service makes it
         (Path(tmp) / "authkey").write_bytes(os.urandom(32))
         cfg.write_text(
             json.dumps(

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+from pathlib import Path
 from typing import Protocol
 
 _FINGERPRINT = re.compile(r"(?:sha256 )?Fingerprint=((?:[0-9A-F]{2}:){31}[0-9A-F]{2})", re.I)
@@ -29,3 +31,35 @@ def fingerprint(machine: _Runs, cert_path: str, timeout: float = 30) -> str:
     """The fingerprint of the certificate at ``cert_path`` on a booted machine ("" if none yet)."""
     status, out = machine.execute(command(cert_path), timeout=timeout)
     return parse(out) if status == 0 else ""
+
+
+def make_self_signed(dest: Path, cn: str, san: str = "IP:127.0.0.1", days: int = 30) -> tuple[Path, Path]:
+    """A certificate and key like the one pve-ssl.service makes at a node's first boot
+    (EC P-256, self-signed), for the service on loopback: tests and `invoke bench`."""
+    cert, key = dest / "pve-ssl.pem", dest / "pve-ssl.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            str(days),
+            "-subj",
+            f"/CN={cn}",
+            "-addext",
+            f"subjectAltName={san}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key

@@ -5,7 +5,6 @@ import json
 import re
 import socket
 import ssl
-import subprocess
 import time
 import urllib.request
 
@@ -14,6 +13,7 @@ import requests
 from proxmoxer import AuthenticationError, ResourceException
 from pveclient import READS, connect, fingerprint_of_pem, pinned_cert, read_all
 
+from pvelab.apicert import make_self_signed
 from pvelab.render import api_tokens, compat_config, render_files
 
 HOST = "127.0.0.1"
@@ -21,31 +21,7 @@ NODE = "pve-2"
 
 
 def make_cert(dest, cn="pve-2", san="DNS:pve-2,IP:127.0.0.1"):
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "30",
-            "-subj",
-            f"/CN={cn}",
-            "-addext",
-            f"subjectAltName={san}",
-            "-keyout",
-            str(dest / "pve-ssl.key"),
-            "-out",
-            str(dest / "pve-ssl.pem"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return dest / "pve-ssl.pem", dest / "pve-ssl.key"
+    return make_self_signed(dest, cn, san)
 
 
 @pytest.fixture
