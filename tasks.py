@@ -8,6 +8,7 @@ invoke boot --node pve-1         one node on this terminal
 invoke up [--cluster]            boot the lab and leave it running; status, ssh, console, fault, down
 invoke publish [--dest DIR] [--keep N]   gated, atomic release of tested artefacts
 invoke nightly [--dest DIR]      build; if changed: boot-test every medium, rehearse, publish
+invoke verify RELEASE [--key F]  check a received release offline (checksums, signatures, provenance)
 invoke bench                     stock DIB vs pvelab: times, sizes, ratios
 """
 
@@ -381,6 +382,26 @@ def nightly(
     )
     if rel is not None:
         _say_release(rel)
+
+
+@task(
+    positional=["release"],
+    help={
+        "release": "the release folder (e.g. DEST/<lab>/latest)",
+        "key": "the release's public key file (armored or binary), got out of band: check every signature",
+    },
+)
+@friendly
+def verify(c, release, key=None):
+    """Check a release you received, offline: checksums, signatures, provenance, SBOMs, test reports."""
+    from pvelab.verify import verify as run
+
+    v = run(release, key)
+    for problem in v.problems:
+        print(problem)
+    if not v.ok:
+        raise Exit(v.summary(), code=1)
+    print(v.summary())
 
 
 @task(

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import changes
+from . import changes, openpgp, provenance
 from .artefacts import BootReport, BuildManifest, Layout, RecordError, RehearsalReport, sha256
 from .errors import PvelabError, space_guard
 from .iso import INSTALL_WAIT
@@ -316,6 +316,7 @@ def _node_entry(node: Node, entry: dict) -> dict:
         "files": files,
         "enabled_units": m.enabled_units,
         "build_seconds": m.build_seconds,
+        "built_at": m.built_at,
         "base": {"key": m.base_key, "elements": m.elements},
         "packages": m.packages,
         "sources": m.sources,
@@ -346,11 +347,12 @@ def _rehearsal_entry(r: RehearsalReport) -> dict:
     }
 
 
-def release_manifest(lab: Lab, name: str, checked: dict) -> dict:
+def release_manifest(lab: Lab, name: str, checked: dict, signed: bool = False) -> dict:
     first: BuildManifest = checked["nodes"][lab.nodes[0].name]["manifest"]
     return {
         "lab": lab.name,
         "release": name,
+        "signed": signed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_commit": first.git_commit,
         "nodes": [_node_entry(n, checked["nodes"][n.name]) for n in lab.nodes],
@@ -437,6 +439,11 @@ def publish(
     if labdir.exists() and not labdir.is_dir():
         raise PublishError(f"--dest: {labdir} exists and is not a folder")
     checked = gate(lab, kinds)
+    if gpg_key:
+        try:
+            openpgp.fingerprint(gpg_key)  # before any copying: a key that cannot sign stops here
+        except openpgp.GpgError as exc:
+            raise PublishError(str(exc)) from None
     same = None if force else unchanged_since(lab, labdir, kinds)
     if same is not None:
         return Release(same, same.name, sorted(released_files(same)), new=False)
@@ -451,7 +458,8 @@ def publish(
         stage = labdir / f"{STAGE_PREFIX}{name}-{os.getpid()}"
         stage.mkdir()
         try:
-            files = _stage_release(lab, stage, name, checked, latest_release(lab, labdir))
+            files = _stage_release(lab, stage, name, checked, latest_release(lab, labdir), bool(gpg_key))
+            _provenance(stage, gpg_key)
             _checksums(stage, checked, gpg_key)
             _fsync_tree(stage)
             _checkpoint("rename")
@@ -494,7 +502,9 @@ def _release_name(labdir: Path, now: float | None) -> str:
     return name
 
 
-def _stage_release(lab: Lab, stage: Path, name: str, checked: dict, previous: Path | None) -> list[str]:
+def _stage_release(
+    lab: Lab, stage: Path, name: str, checked: dict, previous: Path | None, signed: bool = False
+) -> list[str]:
     """Artefacts, reports, manifest, the lab file and rendered files, the changes since
     ``previous``, topology and README into the staging folder."""
     files = []
@@ -516,7 +526,7 @@ def _stage_release(lab: Lab, stage: Path, name: str, checked: dict, previous: Pa
             src = layout.rehearsal_dir(media) / fname
             if src.exists():
                 shutil.copyfile(src, stage / "rehearsal" / f"{media}.{fname}")
-    manifest = release_manifest(lab, name, checked)
+    manifest = release_manifest(lab, name, checked, signed)
     (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.copyfile(lab.path, stage / "lab.yaml")
     for node in lab.nodes:
@@ -545,24 +555,19 @@ def _checksums(stage: Path, checked: dict, gpg_key: str | None) -> None:
     (stage / "SHA256SUMS").write_text("".join(f"{d}  {rel}\n" for rel, d in digests.items()))
     if not gpg_key:
         return
-    cmd = [
-        "gpg",
-        "--batch",
-        "--yes",
-        "--local-user",
-        gpg_key,
-        "--armor",
-        "--detach-sign",
-        "--output",
-        str(stage / "SHA256SUMS.asc"),
-        str(stage / "SHA256SUMS"),
-    ]
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    except FileNotFoundError:
-        raise PublishError("--gpg-key: gpg is not installed (apt install gnupg)") from None
-    except subprocess.TimeoutExpired:
-        raise PublishError(f"--gpg-key {gpg_key}: gpg did not finish within 120 s") from None
-    if res.returncode != 0:
-        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        raise PublishError(f"--gpg-key {gpg_key}: gpg could not sign SHA256SUMS: {last}")
+        (stage / "SHA256SUMS.asc").write_bytes(
+            openpgp.sign(gpg_key, (stage / "SHA256SUMS").read_bytes(), armor=True, what="SHA256SUMS")
+        )
+    except openpgp.GpgError as exc:
+        raise PublishError(str(exc)) from None
+
+
+def _provenance(stage: Path, gpg_key: str | None) -> None:
+    """``provenance/<node>.intoto.json`` from the staged release (signed with the release key)."""
+    manifest = json.loads((stage / "manifest.json").read_text())
+    try:
+        provenance.write(stage, manifest, gpg_key)
+    except openpgp.GpgError as exc:
+        raise PublishError(str(exc)) from None
+    _checkpoint("provenance")

@@ -210,7 +210,7 @@ def test_default_destination_is_the_labs_build_folder(lab, built):
     assert rel.path.parent == Layout(lab.name).releases
 
 
-@pytest.mark.parametrize("step", ["copy", "metadata", "rename"])
+@pytest.mark.parametrize("step", ["copy", "metadata", "provenance", "rename"])
 def test_injected_failure_leaves_no_partial_release(lab, built, tmp_path, monkeypatch, step):
     first = publish(lab, tmp_path / "rel")
     monkeypatch.setenv("PVELAB_PUBLISH_FAIL_AT", step)
@@ -442,8 +442,9 @@ def test_gpg_failures_are_one_clear_line(lab, built, tmp_path, monkeypatch):
     monkeypatch.setenv("GNUPGHOME", str(tmp_path / "empty-gnupg"))
     (tmp_path / "empty-gnupg").mkdir(mode=0o700)
     if subprocess.run(["which", "gpg"], capture_output=True).returncode == 0:
-        with pytest.raises(PublishError, match="gpg could not sign SHA256SUMS"):
+        with pytest.raises(PublishError, match=r"--gpg-key nobody@example\.invalid: no such secret key"):
             publish(lab, tmp_path / "rel", gpg_key="nobody@example.invalid")
+        assert not (tmp_path / "rel").exists()  # refused before anything was copied
         subprocess.run(["gpgconf", "--kill", "gpg-agent"], capture_output=True)
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
     with pytest.raises(PublishError, match="gpg is not installed"):

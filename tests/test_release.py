@@ -13,6 +13,7 @@ import pytest
 
 from pvelab.nightly import BOOT_TESTS, nightly
 from pvelab.publish import released_files
+from pvelab.verify import verify
 
 pytestmark = [
     pytest.mark.boot,
@@ -38,6 +39,11 @@ def test_nightly_publishes_once_then_nothing_new(lab, tmp_path):
     manifest = json.loads((release / "manifest.json").read_text())
     assert set(manifest["boot_tests"]) == {f"{m}-{f}" for m, f in BOOT_TESTS}
     assert manifest["archive"] and all(n["packages"] for n in manifest["nodes"])
+    checked = verify(release)  # the receiving side's check, on the real artefacts
+    print(checked.summary())
+    assert checked.ok, checked.problems
+    assert checked.statements == checked.sboms == len(lab.nodes)
+    assert checked.reports == len(BOOT_TESTS) + len(manifest["rehearsals"])
 
     again = nightly(lab, dest, keep=3, accel="auto", gpg_key=None)
     assert again is not None and not again.new and again.path == release
