@@ -55,41 +55,36 @@ def _rd(**kw: Any) -> Any:
     return ResourceDescriptor(**kw).pb
 
 
+def _report(release: Path, report: Path, **annotations: Any) -> Any:
+    """A report of the release by the digest of its copy there, with what it tested."""
+    return _rd(
+        name=report.relative_to(release).as_posix(),
+        digest={"sha256": sha256(report)},
+        media_type="application/json",
+        annotations={f"pvelab.{k}": v for k, v in annotations.items()},
+    )
+
+
 def _byproducts(release: Path, node: dict, manifest: dict) -> list[Any]:
-    """The gate's reports on this node's bytes, each by the digest of its copy in the release."""
+    """The gate's reports on this node's bytes."""
     out = []
-    keys = sorted({k for f in node["files"].values() for k in f["boot_tests"]})
-    for key in keys:
+    for key in sorted({k for f in node["files"].values() for k in f["boot_tests"]}):
         report = release / "boot-test" / f"{key}.report.json"
         data = json.loads(report.read_text())
         out.append(
-            _rd(
-                name=report.relative_to(release).as_posix(),
-                digest={"sha256": sha256(report)},
-                media_type="application/json",
-                annotations={
-                    "pvelab.kind": "boot-test",
-                    "pvelab.media": data["media"],
-                    "pvelab.firmware": data["firmware"],
-                    "pvelab.scenario": data["result"]["scenario"],
-                    "pvelab.passed": bool(data["result"]["passed"]),
-                },
+            _report(
+                release,
+                report,
+                kind="boot-test",
+                media=data["media"],
+                firmware=data["firmware"],
+                scenario=data["result"]["scenario"],
+                passed=bool(data["result"]["passed"]),
             )
         )
-    for media in sorted(manifest.get("rehearsals", {})):
+    for media, entry in sorted(manifest.get("rehearsals", {}).items()):
         report = release / "rehearsal" / f"{media}.report.json"
-        out.append(
-            _rd(
-                name=report.relative_to(release).as_posix(),
-                digest={"sha256": sha256(report)},
-                media_type="application/json",
-                annotations={
-                    "pvelab.kind": "rehearsal",
-                    "pvelab.media": media,
-                    "pvelab.passed": bool(manifest["rehearsals"][media]["passed"]),
-                },
-            )
-        )
+        out.append(_report(release, report, kind="rehearsal", media=media, passed=bool(entry["passed"])))
     return out
 
 
