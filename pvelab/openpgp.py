@@ -37,10 +37,15 @@ def _last_line(res: subprocess.CompletedProcess) -> str:
     return (res.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
 
 
+def _fingerprints(res: subprocess.CompletedProcess) -> list[str]:
+    """The ``fpr`` records of a ``--with-colons`` listing."""
+    return [l.split(":")[9] for l in res.stdout.decode().splitlines() if l.startswith("fpr:")]
+
+
 def fingerprint(key: str) -> str:
     """The fingerprint of the secret key ``key`` names (the DSSE signature's keyid)."""
     res = _run(["--with-colons", "--list-secret-keys", key])
-    fprs = [l.split(":")[9] for l in res.stdout.decode().splitlines() if l.startswith("fpr:")]
+    fprs = _fingerprints(res)
     if res.returncode != 0 or not fprs:
         raise GpgError(f"--gpg-key {key}: no such secret key: {_last_line(res)}")
     return fprs[0]
@@ -59,7 +64,6 @@ class Keyring:
 
     def __init__(self, home: Path):
         self.home = home
-        self.fingerprints: list[str] = []
 
     def verify(self, signature: bytes, data: bytes) -> str | None:
         """The signer's fingerprint when ``signature`` is a good signature of ``data`` by a
@@ -83,14 +87,9 @@ def keyring(keyfile: Path) -> Iterator[Keyring]:
         home = Path(tmp)
         home.chmod(0o700)
         res = _run(["--import", str(keyfile)], home=home)
-        ring = Keyring(home)
-        listed = _run(["--with-colons", "--list-keys"], home=home)
-        ring.fingerprints = [
-            l.split(":")[9] for l in listed.stdout.decode().splitlines() if l.startswith("fpr:")
-        ]
-        if res.returncode != 0 or not ring.fingerprints:
+        if res.returncode != 0 or not _fingerprints(_run(["--with-colons", "--list-keys"], home=home)):
             raise GpgError(f"--key {keyfile}: no OpenPGP public key in it: {_last_line(res)}")
         try:
-            yield ring
+            yield Keyring(home)
         finally:
             subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)

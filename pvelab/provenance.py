@@ -142,12 +142,12 @@ def statement(release: Path, manifest: dict, node_name: str) -> dict:
     return json_format.MessageToDict(stmt.pb)
 
 
-def envelope(stmt: dict, gpg_key: str | None) -> dict:
-    """The DSSE envelope of ``stmt``, signed by ``gpg_key`` when one is given."""
+def envelope(stmt: dict, gpg_key: str | None, keyid: str = "") -> dict:
+    """The DSSE envelope of ``stmt``, signed by ``gpg_key`` (fingerprint ``keyid``) when one is given."""
     payload = json.dumps(stmt, indent=None, sort_keys=True, separators=(",", ":")).encode()
     env = Envelope(payload, PAYLOAD_TYPE, {})
     if gpg_key:
-        keyid = openpgp.fingerprint(gpg_key)
+        keyid = keyid or openpgp.fingerprint(gpg_key)
         env.signatures[keyid] = Signature(
             keyid, openpgp.sign(gpg_key, env.pae(), armor=False, what="a provenance envelope").hex()
         )
@@ -157,12 +157,12 @@ def envelope(stmt: dict, gpg_key: str | None) -> dict:
 def write(release: Path, manifest: dict, gpg_key: str | None) -> list[Path]:
     """``provenance/<node>.intoto.json`` for every node of the release."""
     (release / FOLDER).mkdir(exist_ok=True)
+    keyid = openpgp.fingerprint(gpg_key) if gpg_key else ""  # one lookup for every envelope
     out = []
     for node in manifest["nodes"]:
         p = path(release, node["name"])
-        p.write_text(
-            json.dumps(envelope(statement(release, manifest, node["name"]), gpg_key), indent=2) + "\n"
-        )
+        env = envelope(statement(release, manifest, node["name"]), gpg_key, keyid)
+        p.write_text(json.dumps(env, indent=2) + "\n")
         out.append(p)
     return out
 
