@@ -119,7 +119,13 @@ def copy_data(src: Path, src_offset: int, length: int, dst: Path, dst_offset: in
 
 
 def copy_sparse(src: Path, dst: Path) -> None:
-    subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)], check=True)
+    """``cp`` keeping holes; its stderr rides on the error (a full disk is told by it)."""
+    subprocess.run(
+        ["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
 
 
 def squash(tree: Path, out: Path, steps: Steps, fast: bool = False, all_time: int | None = None) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .artefacts import Layout
 from .errors import PvelabError
-from .guestfault import ANSI
+from .guestfault import ANSI, USERSPACE
 from .iso import read_from_iso
 from .lab import Lab, Node
 from .machine import Machine
@@ -24,6 +24,19 @@ INSTALL_TIMEOUT = {"tcg": 900.0, "kvm": 300.0}  # power-on to power-off, all ins
 # An installer whose console has not changed for this long is hung (a healthy TCG install
 # prints at least every ~40 s: boot menu countdown, systemd status, the installer's steps).
 STALL_TIMEOUT = {"tcg": 300.0, "kvm": 120.0}
+# A healthy installer's systemd greets on the console within ~60 s of power-on under TCG;
+# one still in firmware or the boot loader after STALL_TIMEOUT is hung even if its console
+# keeps changing (seen: GRUB's menu redrawn for 15 minutes, the countdown never ending).
+
+
+def hang(console_changed: float, powered_on: float, now: float, stall: float, userspace: bool) -> str | None:
+    """Why a running installer counts as hung now, or None: its console unchanged for
+    ``stall`` seconds, or no userspace on it ``stall`` seconds after power-on."""
+    if now - console_changed >= stall:
+        return f"console silent for {now - console_changed:.0f}s"
+    if not userspace and now - powered_on >= stall:
+        return f"still in firmware or the boot loader {now - powered_on:.0f}s after power-on"
+    return None
 
 
 class InstallError(PvelabError):
@@ -114,7 +127,8 @@ def run_installers(
 ) -> dict[str, InstallRun]:
     """Boot each node's installer ISO with its target disk attached; wait until each powers off.
 
-    An installer whose console stops changing for ``STALL_TIMEOUT`` is hung, and one
+    An installer whose console stops changing for ``STALL_TIMEOUT``, or that shows no
+    userspace that long after power-on (:func:`hang`), is hung, and one
     whose kernel panicked (:mod:`pvelab.guestfault`; QEMU then exits as if powered off,
     or hangs) is named: with ``retry_hung`` a hang, or a panic that is the emulator's,
     is started once more on a fresh blank disk (the run records the attempt; the first
@@ -136,6 +150,8 @@ def run_installers(
     deadline = t0 + INSTALL_TIMEOUT.get(accel, INSTALL_TIMEOUT["tcg"])
     stall = STALL_TIMEOUT.get(accel, STALL_TIMEOUT["tcg"])
     seen = {name: (-1, t0) for name in machines}  # console size, when it last changed
+    powered_on = dict.fromkeys(machines, t0)
+    userspace = dict.fromkeys(machines, False)  # systemd or live-boot seen on this attempt's console
     attempts = dict.fromkeys(machines, 1)
     faults: dict[str, list[dict]] = {name: [] for name in machines}
     runs: dict[str, InstallRun] = {}
@@ -175,7 +191,9 @@ def run_installers(
                     size = m.console_log.stat().st_size if m.console_log.exists() else 0
                     if size != seen[name][0]:
                         seen[name] = (size, now)
-                    if now - seen[name][1] < stall and now < deadline:
+                        userspace[name] = userspace[name] or bool(USERSPACE.search(m.console_text()))
+                    why = hang(seen[name][1], powered_on[name], now, stall, userspace[name])
+                    if why is None and now < deadline:
                         continue
                     m.stop()
                     hung = InstallRun(
@@ -187,11 +205,7 @@ def run_installers(
                         hung=True,
                         attempts=attempts[name],
                     )
-                    why = (
-                        f"console silent for {now - seen[name][1]:.0f}s"
-                        if now < deadline
-                        else "deadline passed"
-                    )
+                    why = why or "deadline passed"
                     if not retry_hung or attempts[name] > 1 or now >= deadline:
                         raise InstallError(
                             f"{name}: installer hung ({why}; attempt {attempts[name]}) after {hung.seconds}s; "
@@ -207,6 +221,7 @@ def run_installers(
                 machines[name].start()
                 attempts[name] += 1
                 seen[name] = (-1, now)
+                powered_on[name], userspace[name] = now, False
             time.sleep(2)
     finally:
         for m in machines.values():

@@ -87,3 +87,26 @@ def test_driver_stops_on_a_second_or_a_guest_panic(faults):
     ):
         d.wait_all_ssh()
     assert d.guest_faults[-1]["retried"] is False
+
+
+def test_an_installer_stuck_before_userspace_is_hung_though_its_console_changes():
+    """GRUB redrawing its menu keeps the console changing: the stall watch alone never
+    fires, so no userspace STALL seconds after power-on is a hang too; a console that
+    went silent is one whatever it shows; a booted installer printing is not."""
+    from pvelab.installtest import hang
+
+    assert hang(console_changed=299, powered_on=0, now=300, stall=300, userspace=False) == (
+        "still in firmware or the boot loader 300s after power-on"
+    )
+    assert hang(console_changed=299, powered_on=0, now=299, stall=300, userspace=False) is None
+    assert hang(console_changed=899, powered_on=0, now=900, stall=300, userspace=True) is None
+    assert (
+        hang(console_changed=100, powered_on=0, now=400, stall=300, userspace=True)
+        == "console silent for 300s"
+    )
+    assert (
+        hang(console_changed=100, powered_on=0, now=400, stall=300, userspace=False)
+        == "console silent for 300s"
+    )
+    # a retry powers on again: the clock starts over
+    assert hang(console_changed=500, powered_on=450, now=700, stall=300, userspace=False) is None

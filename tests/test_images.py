@@ -683,6 +683,7 @@ def test_full_disk_at_the_node_stage_keeps_the_previous_artefacts(built, lab, tm
     node stage runs: one line names the file system and the stage, exit 1, the previous
     artefacts are untouched and no half-made file or work folder is left."""
     import shutil
+    import signal
     import sys
     import time
 
@@ -707,26 +708,33 @@ def test_full_disk_at_the_node_stage_keeps_the_previous_artefacts(built, lab, tm
             stderr=subprocess.PIPE,
             text=True,
             env=dict(os.environ, PVELAB_BUILD_DIR=str(small), PVELAB_CACHE_DIR=str(cache_dir())),
+            start_new_session=True,
         )
         deadline = time.monotonic() + 300
         while "== disk: copy base" not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, "build ended before its node stage"
             time.sleep(0.02)
-        with open(small / "filler", "wb") as fh:  # another job's file takes what is left
-            for margin in (1 << 30, 2 << 30, 3 << 30):  # the build writes while this allocates
+        # The node stage takes a few seconds on a fast host, filling the disk takes longer:
+        # the build (and the tools it runs) is held while the other job's file takes what
+        # is left, so the disk is full before the stage writes on, however fast the host.
+        os.killpg(proc.pid, signal.SIGSTOP)
+        try:
+            with open(small / "filler", "wb") as fh:  # another job's file takes what is left
                 try:
-                    os.posix_fallocate(fh.fileno(), 0, max(0, shutil.disk_usage(small).free - margin))
-                    break
+                    os.posix_fallocate(fh.fileno(), 0, max(0, shutil.disk_usage(small).free - (64 << 20)))
                 except OSError:
-                    continue
-            fh.seek(0, 2)
-            chunk = b"\xff" * (4 << 20)
-            try:
-                while True:
-                    fh.write(chunk)
-                    fh.flush()
-            except OSError:
-                pass
+                    pass
+                fh.seek(0, 2)
+                chunk = b"\xff" * (1 << 20)
+                try:
+                    while True:
+                        fh.write(chunk)
+                        fh.flush()
+                except OSError:
+                    pass
+            assert shutil.disk_usage(small).free < (1 << 20)
+        finally:
+            os.killpg(proc.pid, signal.SIGCONT)
         err = proc.communicate(timeout=900)[1]
         assert proc.returncode == 1, err[-3000:]
         errors = [line for line in err.splitlines() if line.startswith("error:")]
