@@ -2,7 +2,8 @@
 
 One lab, one folder::
 
-    build/<lab>/<node>/<node>.qcow2, <node>.iso, manifest.json, build.log, overlay/
+    build/<lab>/<node>/<node>.qcow2, <node>.iso, <node>-installer.iso, <node>-netboot.tar,
+                       <node>.cdx.json, manifest.json, build.log, overlay/
     build/<lab>/boot-test/<media>-<firmware>/   report.json, junit.xml, consoles
     build/<lab>/rehearsal/<media>/              report.json, junit.xml, consoles
     build/<lab>/run/                            the running lab: state.json, overlays, consoles
@@ -29,7 +30,12 @@ from .errors import PvelabError
 from .paths import build_root
 
 # Each kind of artefact a node's build makes, and its file name in the node's folder.
-ARTEFACT_FILES = {"qcow2": "{node}.qcow2", "iso": "{node}.iso", "installer": "{node}-installer.iso"}
+ARTEFACT_FILES = {
+    "qcow2": "{node}.qcow2",
+    "iso": "{node}.iso",
+    "installer": "{node}-installer.iso",
+    "netboot": "{node}-netboot.tar",  # pvelab.netboot
+}
 MANIFEST_SCHEMA = 1
 REPORT_SCHEMA = 1
 REHEARSAL_SCHEMA = 1

@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import bootdisk, cache, image, iso, repro, sbom
+from . import bootdisk, cache, image, iso, netboot, repro, sbom
 from .artefacts import ArtefactInfo, BuildManifest, Layout, sha256
 from .disk import copy_sparse, grow_disk, loop_partition, mounted, resize_fs, squash
 from .errors import PvelabError
@@ -166,6 +166,9 @@ def build_node(lab: Lab, node: Node, base: image.Base, live: image.LiveParts, st
         qcow2, units, packages = _disk_stage(lab, node, live.disk, files, work, steps)
         iso_path = _iso_stage(lab, node, live, work, steps)
         installer = _installer_stage(lab, node, live, work, steps)
+        with steps.stage("network boot bundle (iPXE, shim + GRUB, kernel, initrd)"):
+            bundle = work / Layout(lab.name).artefact(node.name, "netboot").name
+            netboot.make_bundle(bundle, lab, node, live.kernel, live.initrd, live.signed, _epoch(steps))
         found = base.info.get("password_found", ["(base not scanned: rebuild it)"]) + [
             f"node layer: {p}"
             for p in scan_tree(work / "layer", lab.user.password, *(t.secret for t in lab.api.tokens))
@@ -182,7 +185,7 @@ def build_node(lab: Lab, node: Node, base: image.Base, live: image.LiveParts, st
                 node,
                 base,
                 live,
-                [qcow2, iso_path, installer],
+                [qcow2, iso_path, installer, bundle],
                 units,
                 packages,
                 [f.path for f in files],
@@ -197,7 +200,7 @@ def build_node(lab: Lab, node: Node, base: image.Base, live: image.LiveParts, st
                 raise StepError(f"{node.name}: the SBOM does not validate: {invalid}")
             (work / "sbom.json").write_text(bom)
         # Everything is complete: move into place (same file system, atomic per file).
-        for kind, src in (("qcow2", qcow2), ("iso", iso_path), ("installer", installer)):
+        for kind, src in (("qcow2", qcow2), ("iso", iso_path), ("installer", installer), ("netboot", bundle)):
             os.replace(src, layout.artefact(node.name, kind))
         os.replace(work / "sbom.json", layout.sbom(node.name))
         os.replace(work / "manifest.json", layout.manifest(node.name))
@@ -327,7 +330,7 @@ def _manifest(
     overlay_files: list[str],
     steps: Steps,
 ) -> BuildManifest:
-    qcow2, iso_path, installer = files
+    qcow2, iso_path, installer, bundle = files
     return BuildManifest(
         lab=lab.name,
         node=node.name,
@@ -345,6 +348,7 @@ def _manifest(
             installer.name: ArtefactInfo(
                 installer.stat().st_size, sha256(installer), volume_label=iso.volume_label(node.name)
             ),
+            bundle.name: ArtefactInfo(bundle.stat().st_size, sha256(bundle)),
         },
         base_key=base.key,
         elements=list(image.BASE_ELEMENTS),

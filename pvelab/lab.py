@@ -7,6 +7,7 @@ raises :class:`LabError` naming the file, the field path and the offending value
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import reprlib
@@ -143,6 +144,7 @@ class Node:
     packages: tuple[str, ...]
     test_config: dict
     nodeid: int | None = None  # corosync node id, pve-hosts only (1-based, file order)
+    mac: str = ""  # the NIC's MAC: the network boot's DHCP answers are keyed by it
 
     @property
     def ip(self) -> str:
@@ -702,13 +704,22 @@ _NODE_FIELDS = {
     "features",
     "packages",
     "test_config",
+    "mac",
 }
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def default_mac(index: int) -> str:
+    """The MAC of the lab's ``index``-th node when the lab file names none (QEMU's
+    locally administered prefix; the lab network's VMs get these)."""
+    return f"52:54:00:81:00:{index + 1:02x}"
 
 
 def _parse_nodes(r: _Reader, top: dict, subnet: ipaddress.IPv4Network) -> tuple[Node, ...]:
     nodes: list[Node] = []
     seen_names: dict[str, int] = {}
     seen_ips: dict[str, int] = {}
+    seen_macs: dict[str, int] = {}
     for i, n in enumerate(r.get(top, "nodes", "", list)):
         where = f"nodes[{i}]"
         n = r.mapping(n, where, _NODE_FIELDS)
@@ -732,7 +743,14 @@ def _parse_nodes(r: _Reader, top: dict, subnet: ipaddress.IPv4Network) -> tuple[
             )
         seen_ips[str(alias.ip)] = i
         nodeid = sum(1 for m in nodes if m.is_pve) + 1
-        nodes.append(_parse_node(r, n, where, name, alias, nodeid))
+        node = _parse_node(r, n, where, name, alias, nodeid)
+        mac = r.get(n, "mac", where, str, default=default_mac(i))
+        if not _MAC.fullmatch(mac) or int(mac[:2], 16) & 1:
+            r.fail(f"{where}.mac", mac, "must be a unicast MAC address, lower case (52:54:00:12:34:56)")
+        if mac in seen_macs:
+            r.fail(f"{where}.mac", mac, f"duplicate MAC address (also nodes[{seen_macs[mac]}])")
+        seen_macs[mac] = i
+        nodes.append(dataclasses.replace(node, mac=mac))
     _check_roles(r, nodes)
     return tuple(nodes)
 

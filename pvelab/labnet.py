@@ -63,6 +63,8 @@ class LabNet:
     name: str = field(default_factory=lambda: f"pvelab-{os.getpid()}")
     bridge: str = "br-lab"
     dnsmasq: subprocess.Popen | None = None
+    boot_options: tuple[str, ...] = ()  # further dnsmasq options: network boot (pvelab.netboot)
+    node_macs: dict[str, str] = field(default_factory=dict)  # the lab's MACs (default: mac_for)
 
     def __post_init__(self):
         net = ipaddress.IPv4Network(self.subnet)
@@ -70,7 +72,7 @@ class LabNet:
         self.gateway = str(hosts[0])
         self.prefix = net.prefixlen
         self.addresses = {vm: str(hosts[10 + i]) for i, vm in enumerate(self.vms)}
-        self.macs = {vm: mac_for(i) for i, vm in enumerate(self.vms)}
+        self.macs = {vm: self.node_macs.get(vm) or mac_for(i) for i, vm in enumerate(self.vms)}
         self.taps = {vm: f"tap{i}" for i, vm in enumerate(self.vms)}
         self._range = (str(hosts[100]), str(hosts[150]))
 
@@ -134,7 +136,9 @@ class LabNet:
             f"--pid-file={self.logdir / 'dnsmasq.pid'}",
         ]
         for vm in self.vms:
-            args.append(f"--dhcp-host={self.macs[vm]},{self.addresses[vm]},{vm}")
+            # the tag names the VM for the network boot's per-node answers
+            args.append(f"--dhcp-host={self.macs[vm]},set:{vm},{self.addresses[vm]},{vm}")
+        args += self.boot_options
         # its own session and a log file for stderr: a lab brought up by `invoke up` outlives
         # the process that started dnsmasq
         with open(self.logdir / "dnsmasq.stderr", "wb") as err:

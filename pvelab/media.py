@@ -62,10 +62,15 @@ class Medium:
     firmwares: tuple[Firmware, ...]
     description: str
     drive: tuple[str, ...]  # QEMU arguments; {path} is the file attached
+    netboot: str = ""  # boots from its NIC: "live" or "install" (pvelab.netboot.Mode)
 
     def drive_args(self, path: Path) -> list[str]:
         """QEMU arguments attaching ``path`` (for qcow2: the throwaway overlay)."""
         return [a.format(path=path) for a in self.drive]
+
+    def is_network_boot(self) -> bool:
+        """No CD and no disk of its own: the NIC boots first (DHCP, TFTP, HTTP)."""
+        return bool(self.netboot)
 
     @property
     def copy_on_write(self) -> bool:
@@ -111,10 +116,20 @@ MEDIA: dict[str, Medium] = {
                 "usb-storage,bus=xhci.0,drive=stick,bootindex=0",
             ),
         ),
+        Medium(
+            "netboot",
+            "netboot",
+            (BIOS, UEFI, UEFI_SB),
+            "the network boot bundle: iPXE or shim + GRUB, the live ISO fetched over HTTP",
+            (),
+            netboot="live",
+        ),
     )
 }
 # Artefact kinds each node's build produces, in the order they are listed and published.
-ARTEFACT_KINDS = ("qcow2", "iso", "installer")
+ARTEFACT_KINDS = ("qcow2", "iso", "installer", "netboot")
+# What `invoke publish` (and the nightly) releases unless --artefacts says otherwise.
+PUBLISHED_KINDS = ("qcow2", "iso", "installer")
 
 
 def medium(name: str) -> Medium:

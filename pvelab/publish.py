@@ -34,13 +34,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import changes, openpgp, provenance
+from . import changes, netboot, openpgp, provenance
 from .artefacts import BootReport, BuildManifest, Layout, RecordError, RehearsalReport, sha256
 from .errors import PvelabError, space_guard
 from .iso import INSTALL_WAIT
 from .lab import Lab, Node
 from .locks import locking
-from .media import ARTEFACT_KINDS, FIRMWARES, MEDIA, boot_test_command, medium_for
+from .media import ARTEFACT_KINDS, FIRMWARES, MEDIA, PUBLISHED_KINDS, boot_test_command, medium_for
 from .page import release_page, template_env
 from .quorum import table as quorum_table
 from .secrets import DEFAULT_PASSWORD
@@ -82,7 +82,7 @@ def released_files(release: Path) -> dict[str, str]:
     return {f["name"]: f["sha256"] for n in m["nodes"] for f in n["files"].values()}
 
 
-def built_files(lab: Lab, kinds: tuple[str, ...] = ARTEFACT_KINDS) -> dict[str, str] | None:
+def built_files(lab: Lab, kinds: tuple[str, ...] = PUBLISHED_KINDS) -> dict[str, str] | None:
     """file name -> sha256 of the built artefacts per their manifests (None: not all built)."""
     out = {}
     for node in lab.nodes:
@@ -98,7 +98,7 @@ def built_files(lab: Lab, kinds: tuple[str, ...] = ARTEFACT_KINDS) -> dict[str, 
     return out
 
 
-def unchanged_since(lab: Lab, labdir: Path, kinds: tuple[str, ...] = ARTEFACT_KINDS) -> Path | None:
+def unchanged_since(lab: Lab, labdir: Path, kinds: tuple[str, ...] = PUBLISHED_KINDS) -> Path | None:
     """The latest release when the built artefacts are byte for byte the ones it holds."""
     latest = latest_release(lab, labdir)
     if latest is None:
@@ -176,7 +176,7 @@ def _check_artefact(
 
 
 # Long on purpose: every check of the release, collected so the refusal names all problems at once.
-def gate(lab: Lab, kinds: tuple[str, ...] = ARTEFACT_KINDS) -> dict:
+def gate(lab: Lab, kinds: tuple[str, ...] = PUBLISHED_KINDS) -> dict:
     """Check every artefact of ``kinds``; return what the release needs.
 
     Raises PublishError naming each problem."""
@@ -422,7 +422,7 @@ def publish(
     keep: int | None = None,
     gpg_key: str | None = None,
     now: float | None = None,
-    kinds: tuple[str, ...] = ARTEFACT_KINDS,
+    kinds: tuple[str, ...] = PUBLISHED_KINDS,
     force: bool = False,
 ) -> Release:
     """Publish to ``DEST/<lab>/<timestamp>/``; without ``dest``, ``build/<lab>/releases/``.
@@ -526,6 +526,14 @@ def _stage_release(
             src = layout.rehearsal_dir(media) / fname
             if src.exists():
                 shutil.copyfile(src, stage / "rehearsal" / f"{media}.{fname}")
+    if any("netboot" in e["files"] for e in checked["nodes"].values()):
+        # what a provisioning team serves the bundles with (README: "Network boot")
+        (stage / "netboot").mkdir()
+        (stage / "netboot" / "dnsmasq.conf").write_text(netboot.dnsmasq_example(lab))
+        (stage / netboot.GRUB_PREFIX).mkdir()
+        (stage / netboot.GRUB_PREFIX / "grub.cfg").write_text(
+            netboot.grub_dispatch(lab, {n.name: netboot.Mode.LIVE for n in lab.nodes})
+        )
     manifest = release_manifest(lab, name, checked, signed)
     (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.copyfile(lab.path, stage / "lab.yaml")

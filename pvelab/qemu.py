@@ -188,6 +188,15 @@ def prepare(
     return drive
 
 
+def _nic_boot(spec: VmSpec) -> str:
+    """A network boot's NIC boots first. Under UEFI, with no option ROM: OVMF's own PXE
+    then starts shim, as a server's firmware does (QEMU's iPXE ROM is unsigned, and
+    BIOS needs it: SeaBIOS has no PXE of its own)."""
+    if not spec.medium.is_network_boot():
+        return ""
+    return ",bootindex=0" + (",romfile=" if spec.firmware.uefi else "")
+
+
 # Long on purpose: one command line built argument by argument (the formatter puts each on a line).
 def qemu_command(spec: VmSpec, interactive: bool = False) -> list[str]:
     # -nodefaults: no VGA, floppy, parallel port or default NIC; fewer devices for the
@@ -239,7 +248,7 @@ def qemu_command(spec: VmSpec, interactive: bool = False) -> list[str]:
             "-netdev",
             f"tap,id=n0,ifname={spec.tap},script=no,downscript=no",
             "-device",
-            f"virtio-net-pci,netdev=n0,mac={spec.mac}",
+            f"virtio-net-pci,netdev=n0,mac={spec.mac}" + _nic_boot(spec),
         ]
     else:
         args += ["-nic", "user,restrict=on,model=virtio-net-pci"]

@@ -27,6 +27,7 @@ FILES = {
     "shim": "usr/lib/shim/shimx64.efi.signed",
     "mok": "usr/lib/shim/mmx64.efi.signed",
     "grub": "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed",
+    "grub_net": "usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed",
 }
 UNPACK = ("shim-signed_", "shim-helpers-amd64-signed_", "grub-efi-amd64-signed_")
 
@@ -37,6 +38,7 @@ class SignedBoot:
     grub: Path  # -> EFI/BOOT/grubx64.efi (shim loads it from its own folder)
     mok: Path  # -> EFI/BOOT/mmx64.efi (shim's fallback when a signature fails)
     versions: dict[str, str]
+    grub_net: Path  # network GRUB: prefix (tftp,<server>)/grub (pvelab.netboot)
 
 
 def signed_boot(squashfs: Path, base_key: str, release: str, steps: Steps) -> SignedBoot:
@@ -63,4 +65,4 @@ def signed_boot(squashfs: Path, base_key: str, release: str, steps: Steps) -> Si
         for d in pset.debs
         if d.name.startswith(UNPACK)
     }
-    return SignedBoot(paths["shim"], paths["grub"], paths["mok"], versions)
+    return SignedBoot(paths["shim"], paths["grub"], paths["mok"], versions, paths["grub_net"])

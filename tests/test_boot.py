@@ -8,6 +8,7 @@ import json
 import os
 import re
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -98,6 +99,32 @@ def test_iso_lab_passes(built, lab, firmware):
     assert report.media == "iso" and report.firmware == firmware
     if firmware == "uefi-sb":
         assert report.secure_boot == {n.name: True for n in lab.nodes}, report.secure_boot
+
+
+@pytest.mark.parametrize("firmware", ["bios", "uefi-sb"])
+def test_netboot_lab_passes(built, lab, firmware):
+    """No CD and no disk: every VM boots from its NIC. The lab network's dnsmasq answers
+    PXE: BIOS (QEMU's iPXE ROM) gets the node's iPXE script over HTTP, UEFI with Secure
+    Boot gets shim over TFTP, then Debian's signed network GRUB, which picks the node's
+    menu by MAC; the kernel's live-boot fetches the node's ISO over HTTP. Then the scenario."""
+    report = boot_test(lab, media="netboot", firmware=firmware, accel="auto")
+    assert report.passed, failures(report)
+    assert {n: Path(r.path).name for n, r in report.artefacts.items()} == {
+        n.name: f"{n.name}-netboot.tar" for n in lab.nodes
+    }
+    out = Layout(lab.name).boot_test_dir("netboot", firmware)
+    http = (out / "http.log").read_text()
+    dhcp = (out / "dnsmasq.log").read_text()
+    for n in lab.nodes:
+        assert f'"GET /{n.name}.iso HTTP/1.1" 200' in http, http[-2000:]
+        if firmware == "bios":
+            assert f'"GET /netboot/{n.name}/live.ipxe HTTP/1.1" 200' in http
+        else:
+            assert f"netboot-root/netboot/{n.name}/vmlinuz to {report.dhcp_leases[n.mac]}" in dhcp
+    if firmware == "uefi-sb":
+        assert "netboot-root/bootx64.efi to" in dhcp and "netboot-root/grubx64.efi to" in dhcp
+        assert report.secure_boot == {n.name: True for n in lab.nodes}, report.secure_boot
+    assert not (out / "netboot-root").exists()  # the serving root (links to the ISOs) is gone
 
 
 @pytest.mark.parametrize(

@@ -254,6 +254,21 @@ CASES = {
         "lab.user.password_hash",
         "md5:1234",
     ),
+    "mac not a mac": (
+        lambda d: d["nodes"][0].update(mac="52:54:00:81:00"),
+        "nodes[0].mac",
+        "52:54:00:81:00",
+    ),
+    "multicast mac": (
+        lambda d: d["nodes"][1].update(mac="01:00:5e:00:00:01"),
+        "nodes[1].mac",
+        "unicast",
+    ),
+    "duplicate mac": (
+        lambda d: [n.update(mac="52:54:00:aa:bb:cc") for n in d["nodes"][:2]],
+        "nodes[1].mac",
+        "also nodes[0]",
+    ),
     "second witness": (
         lambda d: d["nodes"].append(dict(_node(d, "pbs-witness"), name="w2", alias="10.81.0.21/24")),
         "nodes[4].role",
