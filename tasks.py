@@ -17,7 +17,10 @@ import sys
 
 from invoke import Exit, task
 
+from pvelab.media import MEDIA
 from pvelab.paths import DEFAULT_LAB
+
+MEDIA_HELP = ", ".join(MEDIA)
 
 
 def _lab(path):
@@ -114,8 +117,8 @@ def build(c, node=None, lab=str(DEFAULT_LAB), refresh=False, rebuild_base=False,
     help={
         "no_wait": NO_WAIT,
         "node": "node to boot (repeatable; default all)",
-        "media": "qcow2 or iso",
-        "firmware": "bios or uefi (uefi with --media iso)",
+        "media": MEDIA_HELP,
+        "firmware": "bios, uefi or uefi-sb",
         "accel": "auto, kvm or tcg",
         "lab": "lab definition file",
         "timeout": "seconds each assertion may take to pass",
@@ -191,7 +194,7 @@ def rehearse(
     help={
         "no_wait": NO_WAIT,
         "lab": "lab definition file",
-        "media": "qcow2, iso, usb or install",
+        "media": MEDIA_HELP,
         "firmware": "bios, uefi or uefi-sb",
         "accel": "auto, kvm or tcg",
         "cluster": "also deploy real corosync + the QDevice (as the rehearsal does) and wait until quorate",
@@ -281,8 +284,8 @@ def down(c, lab=str(DEFAULT_LAB), no_wait=False):
 @task(
     help={
         "node": "node to boot",
-        "media": "qcow2 or iso",
-        "firmware": "bios or uefi",
+        "media": "qcow2, iso, usb or install (network boot needs the lab network: invoke up --media netboot)",
+        "firmware": "bios, uefi or uefi-sb",
         "accel": "auto, kvm or tcg",
         "lab": "lab definition file",
     }

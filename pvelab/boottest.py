@@ -158,14 +158,14 @@ def boot_test(
 def _install_first(
     lab: Lab, nodes: tuple[Node, ...], medium: Medium, fw: Firmware, accel: str, outdir: Path, say: Progress
 ) -> tuple[dict[str, Path] | None, dict]:
-    """``--media install``: the installers write blank disks first; their disks then boot."""
-    if medium.name != "install":
+    """``--media install|netinstall``: the installers write blank disks first; their disks then boot."""
+    if not medium.installs():
         return None, {}
     outdir.mkdir(parents=True, exist_ok=True)
     chosen, _ = choose_accel(lab, nodes[0], accel)
     disks = {n.name: blank_disk(outdir / f"{n.name}.disk.qcow2", n.disk_gb) for n in nodes}
     with sigterm_unwinds():
-        runs = run_installers(lab, nodes, disks, fw, chosen, outdir, say)
+        runs = run_installers(lab, nodes, disks, fw, chosen, outdir, say, medium=medium)
     failed = {n: r for n, r in runs.items() if not r.installed}
     if failed:
         raise BootTestError(
@@ -218,6 +218,11 @@ def _diagnose(booted: Driver, report: BootReport, analyze: bool) -> None:
 def boot_one(lab: Lab, name: str, media: str, firmware: str, accel: str) -> int:
     """`invoke boot`: one node with its serial console on this terminal (Ctrl-a x quits)."""
     medium, fw = boot_combination(media, firmware)
+    if medium.is_network_boot():
+        raise BootTestError(
+            f"--media {medium.name}: a network boot needs the lab network's DHCP, TFTP and HTTP; "
+            f"run `invoke up --media {medium.name}` and `invoke console {name}`"
+        )
     node = lab.select([name])[0]
     path = artefact(lab, node, medium.artefact)
     chosen, why = choose_accel(lab, node, accel)

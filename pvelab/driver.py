@@ -26,7 +26,6 @@ import enum
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -296,7 +295,7 @@ class Driver:
         self.accel, self.accel_reason, self.outdir, self.say = accel, accel_reason, workdir, say
         self.disks = disks
         self.net = LabNet([n.name for n in nodes], workdir, node_macs={n.name: n.mac for n in nodes})
-        self.http: netboot.HttpServer | None = None
+        self.serving: netboot.Serving | None = None  # a network boot's TFTP/HTTP side
         if netns:
             self.net.name = netns
         self.machines: dict[str, Machine] = {}
@@ -328,12 +327,15 @@ class Driver:
 
     def start(self) -> None:
         self.outdir.mkdir(parents=True, exist_ok=True)
-        served = self._serve() if self.medium.is_network_boot() and self.disks is None else None
+        if self.medium.is_network_boot() and self.disks is None:
+            self.serving = netboot.Serving(
+                self.lab, self.nodes, netboot.Mode(self.medium.netboot), self.outdir
+            )
+            self.say(self.serving.configure(self.net))
         self.net.__enter__()
         self._started = True
-        if served is not None:
-            self.http = netboot.HttpServer(self.net.name, self.net.gateway, served, self.outdir / "http.log")
-            self.http.start()
+        if self.serving is not None:
+            self.serving.start(self.net)
         if self.disks is not None:
             files = self.disks
         else:
@@ -354,16 +356,6 @@ class Driver:
             self.state = self._new_state()
             self.save()
         self.ssh_ready_seconds = self.wait_all_ssh()
-
-    def _serve(self) -> Path:
-        """The network boot's root (bundles unpacked, ISOs linked) and dnsmasq's answers."""
-        mode = netboot.Mode(self.medium.netboot)
-        root = self.outdir / "netboot-root"
-        netboot.serve_tree(self.lab, self.nodes, mode, root)
-        modes = {n.name: mode for n in self.nodes}
-        self.net.boot_options = tuple(netboot.dnsmasq_options(self.lab, modes, root, self.net.gateway))
-        self.say(f"network boot ({mode.value}): TFTP + HTTP from {self.net.gateway}, root {root}")
-        return root
 
     def _spec(self, n: Node, drive: Path) -> VmSpec:
         return VmSpec(
@@ -413,10 +405,8 @@ class Driver:
                 os.kill(self.state.forwarder_pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        if self.http is not None:
-            self.http.stop()
-            # the serving root links the ISOs: a rebuild must not find them held here
-            shutil.rmtree(self.outdir / "netboot-root", ignore_errors=True)
+        if self.serving is not None:
+            self.serving.stop()
         if self._started or Path(f"/run/netns/{self.net.name}").exists():
             self.net.down()
         for n in self.nodes:

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import netboot
 from .artefacts import Layout
 from .errors import PvelabError
 from .guestfault import ANSI, USERSPACE
 from .iso import read_from_iso
 from .lab import Lab, Node
+from .labnet import LabNet
 from .machine import Machine
-from .media import MEDIA, Firmware
+from .media import MEDIA, Firmware, Medium
 from .qemu import DirectKernel, VmSpec, prepare
 
 INSTALL_TIMEOUT = {"tcg": 900.0, "kvm": 300.0}  # power-on to power-off, all installers
@@ -84,18 +88,26 @@ def blank_disk(path: Path, size_gb: int) -> Path:
 
 
 def _installer_vm(
-    lab: Lab, node: Node, disk: Path, fw: Firmware, accel: str, workdir: Path, cmdline: str | None = None
+    lab: Lab,
+    node: Node,
+    disk: Path,
+    fw: Firmware,
+    accel: str,
+    workdir: Path,
+    cmdline: str | None = None,
+    medium: Medium = MEDIA["install"],
+    net: LabNet | None = None,
 ) -> Machine:
-    iso = Layout(lab.name).artefact(node.name, "installer")
-    if not iso.exists():
-        raise InstallError(f"{iso} is missing: run `invoke build --lab {lab.path} --node {node.name}` first")
-    medium = MEDIA["install"]
-    drive = prepare(medium, fw, iso, workdir, f"{node.name}-installer")
+    kind = medium.artefact
+    path = Layout(lab.name).artefact(node.name, kind)
+    if not path.exists():
+        raise InstallError(f"{path} is missing: run `invoke build --lab {lab.path} --node {node.name}` first")
+    drive = prepare(medium, fw, path, workdir, f"{node.name}-installer")
     kernel = None
     if cmdline is not None:
         kernel = DirectKernel(
-            read_from_iso(iso, "/live/vmlinuz", workdir / f"{node.name}-installer.vmlinuz"),
-            read_from_iso(iso, "/live/initrd.img", workdir / f"{node.name}-installer.initrd"),
+            read_from_iso(path, "/live/vmlinuz", workdir / f"{node.name}-installer.vmlinuz"),
+            read_from_iso(path, "/live/initrd.img", workdir / f"{node.name}-installer.initrd"),
             cmdline,
         )
     return Machine(
@@ -107,10 +119,32 @@ def _installer_vm(
             accel,
             drive,
             workdir,
+            tap=net.taps[node.name] if net else None,
+            mac=net.macs[node.name] if net else None,
             target_disk=disk,
             direct_kernel=kernel,
-        )
+        ),
+        net,
     )
+
+
+@contextmanager
+def _install_network(
+    lab: Lab, nodes: tuple[Node, ...], medium: Medium, workdir: Path, say
+) -> Iterator[LabNet | None]:
+    """A network installer's lab network (DHCP, TFTP, HTTP: :class:`netboot.Serving`); None for a CD."""
+    if not medium.is_network_boot():
+        yield None
+        return
+    net = LabNet([n.name for n in nodes], workdir, node_macs={n.name: n.mac for n in nodes})
+    serving = netboot.Serving(lab, nodes, netboot.Mode(medium.netboot), workdir)
+    say(serving.configure(net))
+    try:
+        with net:
+            serving.start(net)
+            yield net
+    finally:
+        serving.stop()
 
 
 # Long on purpose: one polling loop with its deadline, stall watch, panic watch, one retry and cleanup.
@@ -124,8 +158,10 @@ def run_installers(
     say,
     retry_hung: bool = True,
     kernel_cmdline: str | None = None,
+    medium: Medium = MEDIA["install"],
 ) -> dict[str, InstallRun]:
-    """Boot each node's installer ISO with its target disk attached; wait until each powers off.
+    """Boot each node's installer (``medium``: the ISO as a CD, or over the network) with
+    its target disk attached; wait until each powers off.
 
     An installer whose console stops changing for ``STALL_TIMEOUT``, or that shows no
     userspace that long after power-on (:func:`hang`), is hung, and one
@@ -137,10 +173,27 @@ def run_installers(
     quoting the console. ``kernel_cmdline`` boots the ISO's kernel directly with that
     command line (the panic test makes one that fails).
     """
+    with _install_network(lab, nodes, medium, workdir, say) as net:
+        return _install(lab, nodes, disks, fw, accel, workdir, say, retry_hung, kernel_cmdline, medium, net)
+
+
+def _install(
+    lab: Lab,
+    nodes: tuple[Node, ...],
+    disks: dict[str, Path],
+    fw: Firmware,
+    accel: str,
+    workdir: Path,
+    say,
+    retry_hung: bool,
+    kernel_cmdline: str | None,
+    medium: Medium,
+    net: LabNet | None,
+) -> dict[str, InstallRun]:
     by_name = {n.name: n for n in nodes}
 
     def vm(name: str) -> Machine:
-        return _installer_vm(lab, by_name[name], disks[name], fw, accel, workdir, kernel_cmdline)
+        return _installer_vm(lab, by_name[name], disks[name], fw, accel, workdir, kernel_cmdline, medium, net)
 
     machines = {n.name: vm(n.name) for n in nodes}
     t0 = time.monotonic()

@@ -17,6 +17,7 @@ import json
 import os
 import select
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import apicert
+from . import apicert, netboot
 from .artefacts import Layout, RehearsalReport, write_atomic
 from .corotools import parse_cfgtool, parse_qnetd_clients, parse_quorumtool
 from .driver import (
@@ -97,6 +98,9 @@ def cleanup(lab: Lab, state: RunState | None) -> list[str]:
             removed += 1
     for name in (KEY_NAME, f"{KEY_NAME}.pub", "state.json"):
         (workdir / name).unlink(missing_ok=True)
+    if (workdir / netboot.SERVE_DIR).is_dir():
+        shutil.rmtree(workdir / netboot.SERVE_DIR)
+        removed += 1
     (Layout(lab.name).run_dir / "state.json").unlink(missing_ok=True)
     if removed:
         done.append(f"{removed} throwaway file(s) (overlays, UEFI variables, sockets) removed")

@@ -68,6 +68,10 @@ class Medium:
         """QEMU arguments attaching ``path`` (for qcow2: the throwaway overlay)."""
         return [a.format(path=path) for a in self.drive]
 
+    def installs(self) -> bool:
+        """Boots an installer onto a blank disk; the installed disk then boots alone."""
+        return self.artefact == "installer" or self.netboot == "install"
+
     def is_network_boot(self) -> bool:
         """No CD and no disk of its own: the NIC boots first (DHCP, TFTP, HTTP)."""
         return bool(self.netboot)
@@ -123,6 +127,14 @@ MEDIA: dict[str, Medium] = {
             "the network boot bundle: iPXE or shim + GRUB, the live ISO fetched over HTTP",
             (),
             netboot="live",
+        ),
+        Medium(
+            "netinstall",
+            "netboot",
+            (BIOS, UEFI, UEFI_SB),
+            "the network boot bundle's installer (the installer ISO fetched over HTTP), onto a blank disk",
+            (),
+            netboot="install",
         ),
     )
 }

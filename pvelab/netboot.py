@@ -34,19 +34,20 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from .artefacts import Layout
 from .errors import PvelabError
 from .iso import INSTALL_ARG, INSTALL_WAIT, LIVE_CMDLINE
 from .lab import Lab, Node
+from .labnet import LabNet
 from .signedboot import SignedBoot
 
 SHIM = "bootx64.efi"
 GRUB = "grubx64.efi"
 GRUB_PREFIX = "grub"  # Debian's signed network GRUB reads (tftp,<server>)/grub/grub.cfg
 HTTP_PORT = 80
+SERVE_DIR = "netboot-root"  # in a boot's work folder: the serving root (links to the ISOs)
 
 
 class NetbootError(PvelabError):
@@ -78,17 +79,18 @@ def _cmdline(lab: Lab, node: Node, mode: Mode, server: str) -> str:
     return f"{LIVE_CMDLINE} fetch=http://{server}/{iso}{extra}"
 
 
-def ipxe_script(lab: Lab, node: Node, mode: Mode) -> str:
+def _ipxe_boot(lab: Lab, node: Node, mode: Mode) -> str:
     d = node_dir(node.name)
-    boot = [
-        f"kernel http://${{next-server}}/{d}/vmlinuz initrd=initrd.img "
-        + _cmdline(lab, node, mode, "${next-server}"),
-        f"initrd http://${{next-server}}/{d}/initrd.img",
-        "boot",
-    ]
+    return (
+        f"kernel http://${{next-server}}/{d}/vmlinuz initrd=initrd.img {_cmdline(lab, node, mode, '${next-server}')}\n"
+        f"initrd http://${{next-server}}/{d}/initrd.img\nboot\n"
+    )
+
+
+def ipxe_script(lab: Lab, node: Node, mode: Mode) -> str:
     if not mode.is_install():
-        return (
-            "#!ipxe\n" + f"echo pvelab: {node.name} (live) from ${{next-server}}\n" + "\n".join(boot) + "\n"
+        return f"#!ipxe\necho pvelab: {node.name} (live) from ${{next-server}}\n" + _ipxe_boot(
+            lab, node, mode
         )
     erases = lab.install.disk.describe(node)
     return (
@@ -96,8 +98,7 @@ def ipxe_script(lab: Lab, node: Node, mode: Mode) -> str:
         f"echo pvelab installer for {node.name}: in {INSTALL_WAIT} s it ERASES {erases} and installs {node.name} there.\n"
         f"prompt --timeout {INSTALL_WAIT * 1000} Press any key to cancel (the live system starts instead) "
         "&& goto live || goto install\n"
-        ":install\n" + "\n".join(boot) + "\n"
-        ":live\n" + "\n".join(b.replace(f" {INSTALL_ARG}", "") for b in boot) + "\n"
+        f":install\n{_ipxe_boot(lab, node, Mode.INSTALL)}:live\n{_ipxe_boot(lab, node, Mode.LIVE)}"
     )
 
 
@@ -235,15 +236,7 @@ def dnsmasq_example(lab: Lab) -> str:
     return "\n".join(head + hosts + body) + "\n"
 
 
-@dataclass
-class Served:
-    """A serving root for the lab network: the bundles unpacked, the ISOs linked, GRUB's dispatch."""
-
-    root: Path
-    modes: dict[str, Mode]
-
-
-def serve_tree(lab: Lab, nodes: tuple[Node, ...], mode: Mode, root: Path) -> Served:
+def serve_tree(lab: Lab, nodes: tuple[Node, ...], mode: Mode, root: Path) -> None:
     """Build ``root`` as a provisioning team would from a release: each node's bundle
     unpacked, its ISOs beside (hard links, or copies across file systems), ``grub/grub.cfg``."""
     shutil.rmtree(root, ignore_errors=True)
@@ -264,7 +257,33 @@ def serve_tree(lab: Lab, nodes: tuple[Node, ...], mode: Mode, root: Path) -> Ser
             shutil.copyfile(iso, root / iso.name)
     (root / GRUB_PREFIX).mkdir(exist_ok=True)
     (root / GRUB_PREFIX / "grub.cfg").write_text(grub_dispatch(lab, modes))
-    return Served(root, modes)
+
+
+class Serving:
+    """The network boot side of a lab network (:class:`pvelab.labnet.LabNet`): the serving
+    root in ``workdir``, dnsmasq's PXE answers, an HTTP server in the namespace.
+    ``configure`` before the network is up, ``start`` after, ``stop`` removes the root."""
+
+    def __init__(self, lab: Lab, nodes: tuple[Node, ...], mode: Mode, workdir: Path):
+        self.lab, self.nodes, self.mode = lab, nodes, mode
+        self.root = workdir / SERVE_DIR
+        self.http: HttpServer | None = None
+
+    def configure(self, net: LabNet) -> str:
+        serve_tree(self.lab, self.nodes, self.mode, self.root)
+        modes = {n.name: self.mode for n in self.nodes}
+        net.boot_options = tuple(dnsmasq_options(self.lab, modes, self.root, net.gateway))
+        return f"network boot ({self.mode.value}): TFTP + HTTP from {net.gateway}, root {self.root}"
+
+    def start(self, net: LabNet) -> None:
+        self.http = HttpServer(net.name, net.gateway, self.root, net.logdir / "http.log")
+        self.http.start()
+
+    def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()
+        # the root links the ISOs: a rebuild must not find them held here
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 class HttpServer:

@@ -19,14 +19,19 @@ pytestmark = [pytest.mark.boot, pytest.mark.skipif(os.geteuid() != 0, reason="ne
 @pytest.fixture(scope="module")
 def built(lab):
     layout = Layout(lab.name)
-    if not all(layout.artefact(n.name, "installer").exists() for n in lab.nodes):
+    if not all(layout.artefact(n.name, k).exists() for n in lab.nodes for k in ("installer", "netboot")):
         build(lab)
     return layout
 
 
-@pytest.mark.parametrize("firmware", ["bios", "uefi-sb"])
-def test_installers_install_and_the_disks_boot(built, lab, firmware):
-    report = boot_test(lab, media="install", firmware=firmware, accel="auto")
+@pytest.mark.parametrize(
+    "media, firmware", [("install", "bios"), ("install", "uefi-sb"), ("netinstall", "uefi-sb")]
+)
+def test_installers_install_and_the_disks_boot(built, lab, media, firmware):
+    """The installer ISOs as CDs, and (netinstall) the same installers booted from the NIC:
+    OVMF's PXE -> shim -> Debian's network GRUB -> the kernel, whose live-boot fetches the
+    installer ISO over HTTP with its payload; the installed disks then boot alone."""
+    report = boot_test(lab, media=media, firmware=firmware, accel="auto")
     assert report.passed, [
         (t.name, [a.last_output for a in t.assertions if not a.passed])
         for t in report.result.tests
@@ -40,10 +45,15 @@ def test_installers_install_and_the_disks_boot(built, lab, firmware):
     assert report.failed_units == {n: "" for n in names}, report.failed_units
     if firmware == "uefi-sb":
         assert report.secure_boot == {n: True for n in names}
-    out = built.boot_test_dir("install", firmware)
+    out = built.boot_test_dir(media, firmware)
     for n in names:
         console = (out / f"{n}-installer.console.log").read_text(errors="replace")
         assert f"pvelab-install: installed {n} on /dev/vda" in console
+    if media == "netinstall":
+        http = (out / "http.log").read_text()
+        assert all(f'"GET /{n}-installer.iso HTTP/1.1" 200' in http for n in names), http[-2000:]
+        assert "Install " in console and "over the network" in console  # GRUB's network menu
+        assert not (out / "netboot-root").exists()
 
 
 def test_installer_refuses_a_used_disk(built, lab, tmp_path):

@@ -21,6 +21,7 @@ from pvelab.artefacts import (
     ScenarioResult,
     TestResult,
 )
+from pvelab.media import ARTEFACT_KINDS, MEDIA
 from pvelab.paths import ROOT
 from pvelab.publish import PublishError, publish
 from pvelab.topology import topology_svg
@@ -50,7 +51,7 @@ def make_built(lab):
         d = node_dir(lab, n.name)
         d.mkdir(parents=True)
         arts = {}
-        for kind in ("qcow2", "iso", "installer"):
+        for kind in ARTEFACT_KINDS:
             p = Layout(lab.name).artefact(n.name, kind)
             p.write_bytes(f"{kind} of {n.name}\n".encode() * 1000)
             arts[p.name] = ArtefactInfo(size=p.stat().st_size, sha256=_sha(p))
@@ -84,7 +85,7 @@ def make_built(lab):
 def write_report(lab, media, firmware, shas, passed, lab_name=None):
     out = report_dir(lab, media, firmware)
     out.mkdir(parents=True, exist_ok=True)
-    kind = {"qcow2": "qcow2", "iso": "iso", "install": "installer"}[media]
+    kind = MEDIA[media].artefact
     result = ScenarioResult(
         lab.scenario.name, passed, [TestResult(t.name, passed, 0.1) for t in lab.scenario.custom_tests], 1.0
     )
@@ -152,6 +153,27 @@ def test_release_layout_checksums_manifest(lab, built, tmp_path):
         "not a Proxmox installation",
     ):
         assert needle in readme, needle
+
+
+def test_netboot_is_published_on_request_behind_the_same_gate(lab, built, tmp_path):
+    kinds = ("iso", "installer", "netboot")
+    with pytest.raises(PublishError) as err:
+        publish(lab, tmp_path / "rel", kinds=kinds)
+    assert "pve-1: pve-1-netboot.tar: no boot test ran on this exact file" in str(err.value)
+    assert "--media netboot`" in str(err.value)
+    write_report(lab, "netboot", "uefi-sb", built, passed=True)
+    rel = publish(lab, tmp_path / "rel", kinds=kinds)
+    names = {p.relative_to(rel.path).as_posix() for p in rel.path.rglob("*") if p.is_file()}
+    assert {f"{n.name}-netboot.tar" for n in lab.nodes} <= names
+    assert {"netboot/dnsmasq.conf", "grub/grub.cfg"} <= names
+    m = json.loads((rel.path / "manifest.json").read_text())
+    assert m["nodes"][0]["files"]["netboot"]["boot_tests"] == ["netboot-uefi-sb"]
+    readme = (rel.path / "README.md").read_text()
+    assert "## Network boot" in readme and all(f"`{n.name}`: `{n.mac}`" in readme for n in lab.nodes)
+    assert "dhcp-host=52:54:00:81:00:04,set:pbs-witness" in (rel.path / "netboot/dnsmasq.conf").read_text()
+    default = publish(lab, tmp_path / "rel2")  # not asked for: no bundle, no serving files
+    assert not list(default.path.glob("*-netboot.tar")) and not (default.path / "netboot").exists()
+    assert "## Network boot" not in (default.path / "README.md").read_text()
 
 
 def test_gate_refuses_tampered_artefact(lab, built, tmp_path):
