@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pvelab import dib_blockdev  # noqa: E402
+from pvelab import dib_blockdev, netboot  # noqa: E402
 from pvelab.artefacts import Layout  # noqa: E402
 from pvelab.hostapt import dib_mirror_env  # noqa: E402
 from pvelab.lab import load_lab  # noqa: E402
@@ -49,6 +49,11 @@ TARGETS = {  # metric: (limit, description); issue #16's targets
     "boot_ratio": (0.30, "boot to SSH under TCG, pvelab qcow2 / stock image"),
     "iso_boot_ratio_bios": (0.50, "boot to SSH under TCG, live ISO (BIOS) / stock qcow2"),
     "iso_boot_ratio_uefi": (0.50, "boot to SSH under TCG, live ISO (UEFI) / stock qcow2"),
+    "netboot_vs_iso_bios": (2.0, "boot to SSH, network boot / live ISO (BIOS): PXE, TFTP, the ISO over HTTP"),
+    "netboot_vs_iso_uefi": (
+        2.0,
+        "boot to SSH, network boot / live ISO (UEFI): PXE, shim + GRUB over TFTP, HTTP",
+    ),
     "four_nodes_scenario_s": (60.0, "four qcow2 booted and the scenario green, TCG, wall s"),
     "four_iso_uefi_scenario_s": (90.0, "four live ISOs (UEFI) booted and the scenario green, TCG, wall s"),
     "qcow2_ratio": (0.8, "qcow2 size / stock qcow2"),
@@ -122,9 +127,17 @@ def ssh_banner_seconds(
     cow: bool = True,
     firmware: str = "bios",
 ) -> float:
-    """Boot one VM under TCG on the lab network; seconds until port 22 sends an SSH banner."""
-    with LabNet([name], workdir) as net:
-        medium, fw = MEDIA[media], FIRMWARES[firmware]
+    """Boot one VM under TCG on the lab network; seconds until port 22 sends an SSH banner.
+    A network boot (``media`` netboot) is served as the boot test serves it (DHCP, TFTP, HTTP)."""
+    medium, fw = MEDIA[media], FIRMWARES[firmware]
+    net = LabNet([name], workdir, node_macs={n.name: n.mac for n in lab.nodes})
+    serving = None
+    if medium.is_network_boot():
+        serving = netboot.Serving(lab, (lab.node(name),), netboot.Mode(medium.netboot), workdir)
+        serving.configure(net)
+    with net:
+        if serving is not None:
+            serving.start(net)
         drive = prepare(medium, fw, image, workdir, name, copy_on_write=cow)
         spec = VmSpec(name, ram, medium, fw, "tcg", drive, workdir, tap=net.taps[name], mac=net.macs[name])
         m = Machine(spec, net)
@@ -148,6 +161,8 @@ def ssh_banner_seconds(
             raise SystemExit(f"bench: {name}: no SSH banner within {timeout}s")
         finally:
             m.stop()
+            if serving is not None:
+                serving.stop()
 
 
 def installer_figures(lab, pbuild: Path, node) -> dict[str, float]:
@@ -378,11 +393,18 @@ def main(argv: list[str]) -> int:
     # (an emulated boot varies by +-10% run to run)
     node = lab.node("pve-1")
     iso = pve1.with_suffix(".iso")
+    bundle = pbuild / lab.name / "pve-1" / layout.artefact("pve-1", "netboot").name
+    figures["netboot_bundle_mb"] = bundle.stat().st_size / 1e6
+    os.environ["PVELAB_BUILD_DIR"] = str(
+        pbuild
+    )  # in-process boots (a network boot's root) use the bench's build
     kinds = {  # label: (image, media, firmware)
         "stock": (stock_qcow2, "qcow2", "bios"),
         "pvelab": (pve1, "qcow2", "bios"),
         "iso_bios": (iso, "iso", "bios"),
         "iso_uefi": (iso, "iso", "uefi"),
+        "netboot_bios": (bundle, "netboot", "bios"),
+        "netboot_uefi": (bundle, "netboot", "uefi"),
     }
     samples: dict[str, list[float]] = {k: [] for k in kinds}
     for i in range(boots):
@@ -398,6 +420,8 @@ def main(argv: list[str]) -> int:
     figures["pvelab_boot_ssh_s"] = statistics.median(samples["pvelab"])
     figures["iso_bios_boot_ssh_s"] = statistics.median(samples["iso_bios"])
     figures["iso_uefi_boot_ssh_s"] = statistics.median(samples["iso_uefi"])
+    figures["netboot_bios_boot_ssh_s"] = statistics.median(samples["netboot_bios"])
+    figures["netboot_uefi_boot_ssh_s"] = statistics.median(samples["netboot_uefi"])
 
     # --- all four + scenario: qcow2 (BIOS), live ISOs (UEFI)
     t0 = time.monotonic()
@@ -424,7 +448,11 @@ def main(argv: list[str]) -> int:
     # --- the installer ISO beside the live ISO: size, install time, installed disk to SSH
     figures.update(installer_figures(lab, pbuild, node))
 
-    icount = icount_figures(lab, kinds) if args.icount else {}
+    icount = (
+        icount_figures(lab, {k: v for k, v in kinds.items() if not MEDIA[v[1]].is_network_boot()})
+        if args.icount
+        else {}
+    )
 
     ratios = {
         "cold_build_ratio": figures["pvelab_cold_all_s"] / figures["stock_cold_s"],
@@ -432,6 +460,8 @@ def main(argv: list[str]) -> int:
         "boot_ratio": figures["pvelab_boot_ssh_s"] / figures["stock_boot_ssh_s"],
         "iso_boot_ratio_bios": figures["iso_bios_boot_ssh_s"] / figures["stock_boot_ssh_s"],
         "iso_boot_ratio_uefi": figures["iso_uefi_boot_ssh_s"] / figures["stock_boot_ssh_s"],
+        "netboot_vs_iso_bios": figures["netboot_bios_boot_ssh_s"] / figures["iso_bios_boot_ssh_s"],
+        "netboot_vs_iso_uefi": figures["netboot_uefi_boot_ssh_s"] / figures["iso_uefi_boot_ssh_s"],
         "four_nodes_scenario_s": figures["four_nodes_scenario_s"],
         "four_iso_uefi_scenario_s": figures["four_iso_uefi_scenario_s"],
         "qcow2_ratio": figures["pvelab_qcow2_mib"] / figures["stock_qcow2_mib"],
