@@ -171,6 +171,15 @@ def test_netboot_is_published_on_request_behind_the_same_gate(lab, built, tmp_pa
     readme = (rel.path / "README.md").read_text()
     assert "## Network boot" in readme and all(f"`{n.name}`: `{n.mac}`" in readme for n in lab.nodes)
     assert "dhcp-host=52:54:00:81:00:04,set:pbs-witness" in (rel.path / "netboot/dnsmasq.conf").read_text()
+    from pvelab.verify import verify
+
+    checked = verify(rel.path)  # the bundles are provenance subjects like the other artefacts
+    assert checked.ok, checked.problems
+    import base64
+
+    envelope = json.loads((rel.path / "provenance/pve-1.intoto.json").read_text())
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    assert "pve-1-netboot.tar" in {s["name"] for s in statement["subject"]}, statement["subject"]
     default = publish(lab, tmp_path / "rel2")  # not asked for: no bundle, no serving files
     assert not list(default.path.glob("*-netboot.tar")) and not (default.path / "netboot").exists()
     assert "## Network boot" not in (default.path / "README.md").read_text()
