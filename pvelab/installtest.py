@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +147,6 @@ def _install_network(
         serving.stop()
 
 
-# Long on purpose: one polling loop with its deadline, stall watch, panic watch, one retry and cleanup.
 def run_installers(
     lab: Lab,
     nodes: tuple[Node, ...],
@@ -173,29 +172,36 @@ def run_installers(
     quoting the console. ``kernel_cmdline`` boots the ISO's kernel directly with that
     command line (the panic test makes one that fails).
     """
-    with _install_network(lab, nodes, medium, workdir, say) as net:
-        return _install(lab, nodes, disks, fw, accel, workdir, say, retry_hung, kernel_cmdline, medium, net)
-
-
-def _install(
-    lab: Lab,
-    nodes: tuple[Node, ...],
-    disks: dict[str, Path],
-    fw: Firmware,
-    accel: str,
-    workdir: Path,
-    say,
-    retry_hung: bool,
-    kernel_cmdline: str | None,
-    medium: Medium,
-    net: LabNet | None,
-) -> dict[str, InstallRun]:
     by_name = {n.name: n for n in nodes}
+    with _install_network(lab, nodes, medium, workdir, say) as net:
 
-    def vm(name: str) -> Machine:
-        return _installer_vm(lab, by_name[name], disks[name], fw, accel, workdir, kernel_cmdline, medium, net)
+        def vm(name: str) -> Machine:
+            return _installer_vm(
+                lab, by_name[name], disks[name], fw, accel, workdir, kernel_cmdline, medium, net
+            )
 
-    machines = {n.name: vm(n.name) for n in nodes}
+        return _watch(_Watch(nodes, disks, fw, accel, workdir, say, retry_hung), vm)
+
+
+@dataclass(frozen=True)
+class _Watch:
+    """What the installers' watch loop needs besides how to start one (``vm``)."""
+
+    nodes: tuple[Node, ...]
+    disks: dict[str, Path]
+    fw: Firmware
+    accel: str
+    workdir: Path
+    say: Callable[[str], object]
+    retry_hung: bool
+
+
+# Long on purpose: one polling loop with its deadline, stall watch, panic watch, one retry and cleanup.
+def _watch(job: _Watch, vm: Callable[[str], Machine]) -> dict[str, InstallRun]:
+    disks, accel, workdir, say, retry_hung = job.disks, job.accel, job.workdir, job.say, job.retry_hung
+    by_name = {n.name: n for n in job.nodes}
+    fw = job.fw
+    machines = {n.name: vm(n.name) for n in job.nodes}
     t0 = time.monotonic()
     for m in machines.values():
         m.start()
