@@ -305,7 +305,7 @@ def boot(c, node, media="qcow2", firmware="bios", accel="auto", lab=str(DEFAULT_
         "keep": "keep only the newest N releases",
         "lab": "lab definition file",
         "gpg_key": "sign SHA256SUMS with this GPG key (or set PVELAB_GPG_KEY)",
-        "artefacts": "comma-separated artefact kinds to publish (default: qcow2,iso,installer)",
+        "artefacts": "comma-separated artefact kinds to publish (default: qcow2,iso,installer; netboot adds the network boot bundles and the ISOs they fetch)",
         "force": "publish even when the artefacts are identical to the latest release's",
     }
 )

@@ -433,6 +433,8 @@ def publish(
     unknown = [k for k in kinds if k not in ARTEFACT_KINDS]
     if unknown or not kinds:
         raise PublishError(f"--artefacts: {','.join(kinds)!r}: choose from {', '.join(ARTEFACT_KINDS)}")
+    if "netboot" in kinds:  # the bundles fetch the node's ISOs: they travel together
+        kinds = tuple(k for k in ARTEFACT_KINDS if k in kinds or k in ("iso", "installer"))
     if keep is not None and keep < 1:
         raise PublishError(f"--keep: {keep}: must be at least 1 (the newest release always stays)")
     labdir = destination(lab, dest)
