@@ -395,9 +395,8 @@ def main(argv: list[str]) -> int:
     iso = pve1.with_suffix(".iso")
     bundle = pbuild / lab.name / "pve-1" / layout.artefact("pve-1", "netboot").name
     figures["netboot_bundle_mb"] = bundle.stat().st_size / 1e6
-    os.environ["PVELAB_BUILD_DIR"] = str(
-        pbuild
-    )  # in-process boots (a network boot's root) use the bench's build
+    # in-process boots (a network boot's serving root) use the bench's build
+    os.environ["PVELAB_BUILD_DIR"] = str(pbuild)
     kinds = {  # label: (image, media, firmware)
         "stock": (stock_qcow2, "qcow2", "bios"),
         "pvelab": (pve1, "qcow2", "bios"),

@@ -98,8 +98,7 @@ def _installer_vm(
     medium: Medium = MEDIA["install"],
     net: LabNet | None = None,
 ) -> Machine:
-    kind = medium.artefact
-    path = Layout(lab.name).artefact(node.name, kind)
+    path = Layout(lab.name).artefact(node.name, medium.artefact)
     if not path.exists():
         raise InstallError(f"{path} is missing: run `invoke build --lab {lab.path} --node {node.name}` first")
     drive = prepare(medium, fw, path, workdir, f"{node.name}-installer")

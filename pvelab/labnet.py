@@ -27,6 +27,7 @@ from pathlib import Path
 
 from . import locks
 from .errors import PvelabError
+from .lab import default_mac
 
 CLONE_NEWNET = 0x40000000
 DEFAULT_SUBNET = "172.31.81.0/24"
@@ -49,10 +50,6 @@ def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.Com
 BRIDGE_MAC = "52:54:00:81:00:fe"  # the lab bridge (guests: 52:54:00:81:00:01 onwards)
 
 
-def mac_for(index: int) -> str:
-    return f"52:54:00:81:00:{index + 1:02x}"
-
-
 @dataclass
 class LabNet:
     """Context manager: ``with LabNet(["pve-1", ...], logdir) as net: net.tap("pve-1")``."""
@@ -64,7 +61,7 @@ class LabNet:
     bridge: str = "br-lab"
     dnsmasq: subprocess.Popen | None = None
     boot_options: tuple[str, ...] = ()  # further dnsmasq options: network boot (pvelab.netboot)
-    node_macs: dict[str, str] = field(default_factory=dict)  # the lab's MACs (default: mac_for)
+    node_macs: dict[str, str] = field(default_factory=dict)  # the lab's MACs (default: lab.default_mac)
 
     def __post_init__(self):
         net = ipaddress.IPv4Network(self.subnet)
@@ -72,7 +69,7 @@ class LabNet:
         self.gateway = str(hosts[0])
         self.prefix = net.prefixlen
         self.addresses = {vm: str(hosts[10 + i]) for i, vm in enumerate(self.vms)}
-        self.macs = {vm: self.node_macs.get(vm) or mac_for(i) for i, vm in enumerate(self.vms)}
+        self.macs = {vm: self.node_macs.get(vm) or default_mac(i) for i, vm in enumerate(self.vms)}
         self.taps = {vm: f"tap{i}" for i, vm in enumerate(self.vms)}
         self._range = (str(hosts[100]), str(hosts[150]))
 
