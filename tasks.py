@@ -17,7 +17,8 @@ import sys
 
 from invoke import Exit, task
 
-from pvelab.media import MEDIA
+from pvelab.accel import AUTO
+from pvelab.media import DEFAULT_FIRMWARE, DEFAULT_MEDIUM, MEDIA
 from pvelab.paths import DEFAULT_LAB
 
 MEDIA_HELP = ", ".join(MEDIA)
@@ -108,7 +109,7 @@ def build(c, node=None, lab=str(DEFAULT_LAB), refresh=False, rebuild_base=False,
     from pvelab.build import build as run_build
 
     for result in run_build(_lab(lab), node, force_base=refresh or rebuild_base, verify=verify):
-        print(f"{result.node}: {result.qcow2} {result.iso} ({result.seconds:.0f}s)")
+        print(f"{result.node}: {' '.join(map(str, result.artefacts.values()))} ({result.seconds:.0f}s)")
 
 
 @task(
@@ -129,9 +130,9 @@ def build(c, node=None, lab=str(DEFAULT_LAB), refresh=False, rebuild_base=False,
 def boot_test(
     c,
     node=None,
-    media="qcow2",
-    firmware="bios",
-    accel="auto",
+    media=DEFAULT_MEDIUM.name,
+    firmware=DEFAULT_FIRMWARE.name,
+    accel=AUTO,
     lab=str(DEFAULT_LAB),
     timeout=180,
     analyze=False,
@@ -163,9 +164,9 @@ def boot_test(
 def rehearse(
     c,
     lab=str(DEFAULT_LAB),
-    media="qcow2",
-    firmware="bios",
-    accel="auto",
+    media=DEFAULT_MEDIUM.name,
+    firmware=DEFAULT_FIRMWARE.name,
+    accel=AUTO,
     keep_going=False,
     keep=False,
     running=False,
@@ -205,9 +206,9 @@ def rehearse(
 def up(
     c,
     lab=str(DEFAULT_LAB),
-    media="qcow2",
-    firmware="bios",
-    accel="auto",
+    media=DEFAULT_MEDIUM.name,
+    firmware=DEFAULT_FIRMWARE.name,
+    accel=AUTO,
     cluster=False,
     replace=False,
     no_wait=False,
@@ -291,7 +292,9 @@ def down(c, lab=str(DEFAULT_LAB), no_wait=False):
     }
 )
 @friendly
-def boot(c, node, media="qcow2", firmware="bios", accel="auto", lab=str(DEFAULT_LAB)):
+def boot(
+    c, node, media=DEFAULT_MEDIUM.name, firmware=DEFAULT_FIRMWARE.name, accel=AUTO, lab=str(DEFAULT_LAB)
+):
     """Boot one node with its serial console on this terminal (quit: Ctrl-a x)."""
     from pvelab.boottest import boot_one
 
@@ -363,7 +366,7 @@ def nightly(
     dest=None,
     keep=None,
     lab=str(DEFAULT_LAB),
-    accel="auto",
+    accel=AUTO,
     gpg_key=None,
     force=False,
     on_failure=None,

@@ -268,7 +268,7 @@ def compat_load(lab) -> dict[str, float]:
         cfg.write_text(
             json.dumps(
                 dict(
-                    compat_config(lab, lab.pve_hosts[0]),
+                    compat_config(lab, lab.members[0]),
                     tls_cert=str(cert),
                     tls_key=str(key),
                     authkey=str(Path(tmp) / "authkey"),

@@ -23,18 +23,65 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import PvelabError
 from .paths import build_root
 
-# Each kind of artefact a node's build makes, and its file name in the node's folder.
-ARTEFACT_FILES = {
-    "qcow2": "{node}.qcow2",
-    "iso": "{node}.iso",
-    "installer": "{node}-installer.iso",
-    "netboot": "{node}-netboot.tar",  # pvelab.netboot
+
+class ArtefactKind(StrEnum):
+    """Each kind of artefact a node's build makes, in the order they are listed and published.
+
+    A kind knows its file name in the node's folder, whether a boot test on its exact
+    bytes gates its release, whether a release carries it unless ``--artefacts`` says
+    otherwise, and which kinds must travel with it. A str: ``ArtefactKind.ISO == "iso"``,
+    so records keep plain names."""
+
+    QCOW2 = "qcow2"
+    ISO = "iso"
+    INSTALLER = "installer"
+    NETBOOT = "netboot"  # pvelab.netboot
+
+    @property
+    def _spec(self) -> _Kind:
+        return _KINDS[self]
+
+    def file_name(self, node: str) -> str:
+        return self._spec.file.format(node=node)
+
+    def is_booted(self) -> bool:
+        """A release carries it only when a boot test passed on exactly its bytes."""
+        return self._spec.booted
+
+    def is_published_by_default(self) -> bool:
+        return self._spec.published
+
+    def travels_with(self) -> tuple[ArtefactKind, ...]:
+        """Kinds a release must carry beside this one (a netboot bundle fetches the ISOs)."""
+        return self._spec.needs
+
+    @classmethod
+    def published_by_default(cls) -> tuple[ArtefactKind, ...]:
+        return tuple(k for k in cls if k.is_published_by_default())
+
+
+@dataclass(frozen=True)
+class _Kind:
+    file: str
+    booted: bool = True
+    published: bool = True
+    needs: tuple[ArtefactKind, ...] = ()
+
+
+_KINDS = {
+    ArtefactKind.QCOW2: _Kind("{node}.qcow2"),
+    ArtefactKind.ISO: _Kind("{node}.iso"),
+    ArtefactKind.INSTALLER: _Kind("{node}-installer.iso"),
+    ArtefactKind.NETBOOT: _Kind(
+        "{node}-netboot.tar", published=False, needs=(ArtefactKind.ISO, ArtefactKind.INSTALLER)
+    ),
 }
 MANIFEST_SCHEMA = 1
 REPORT_SCHEMA = 1
@@ -79,7 +126,7 @@ class Layout:
         return self.root / node
 
     def artefact(self, node: str, kind: str) -> Path:
-        return self.node_dir(node) / ARTEFACT_FILES[kind].format(node=node)
+        return self.node_dir(node) / ArtefactKind(kind).file_name(node)
 
     def manifest(self, node: str) -> Path:
         return self.node_dir(node) / "manifest.json"

@@ -49,6 +49,11 @@ class AssertionType:
     command: Callable[[Assertion], str]
     passes: Callable[[Assertion, int, str], bool]
     describe: Callable[[Assertion], str]
+    listening_port: Callable[[Assertion], int | None] = lambda a: None  # the port it proves open
+
+    def port_checked(self, a: Assertion) -> int | None:
+        """The port on ``a.on_vm`` a pass of ``a`` proves listening (None: it checks no port)."""
+        return self.listening_port(a)
 
 
 def _port_listening_cmd(a: Assertion) -> str:
@@ -68,6 +73,7 @@ ASSERTION_TYPES: dict[str, AssertionType] = {
             command=_port_listening_cmd,
             passes=lambda a, status, out: status == 0 and bool(out.strip()),
             describe=lambda a: f"{a.on_vm}: port {a.port} listening",
+            listening_port=lambda a: a.port,
         ),
         AssertionType(
             name="command_output",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import apicert
-from .artefacts import ArtefactRef, BootReport, Layout, sha256
+from .artefacts import ArtefactKind, ArtefactRef, BootReport, Layout, sha256
 from .driver import Driver, Progress, sigterm_unwinds
 from .errors import PvelabError
 from .installtest import blank_disk, run_installers
@@ -28,7 +28,15 @@ from .iso import read_from_iso
 from .lab import Lab, Node
 from .locks import locking
 from .machine import Machine
-from .media import MEDIA, Firmware, Medium, boot_combination
+from .media import (
+    DEFAULT_FIRMWARE,
+    DEFAULT_MEDIUM,
+    FIRMWARES,
+    INSTALLED_DISK,
+    Firmware,
+    Medium,
+    boot_combination,
+)
 from .qemu import QEMU, VmSpec, prepare, qemu_command, resolve_accel
 from .scenario import run_scenario, summary, write_reports
 
@@ -57,7 +65,9 @@ def kernel_from_iso(iso: Path, dest: Path) -> Path:
 
 def choose_accel(lab: Lab, node: Node, requested: str) -> tuple[str, str]:
     with tempfile.TemporaryDirectory(prefix="pvelab-boot-") as tmp:
-        return resolve_accel(requested, kernel_from_iso(artefact(lab, node, "iso"), Path(tmp) / "vmlinuz"))
+        return resolve_accel(
+            requested, kernel_from_iso(artefact(lab, node, ArtefactKind.ISO), Path(tmp) / "vmlinuz")
+        )
 
 
 @contextmanager
@@ -76,7 +86,7 @@ def booted_lab(
     every one has SSH. ``disks`` boots each node from that disk (an installed one)
     instead of its artefact."""
     if disks is not None:
-        medium = MEDIA["qcow2"]
+        medium = INSTALLED_DISK
     else:
         for n in nodes:
             artefact(lab, n, medium.artefact)
@@ -97,8 +107,8 @@ After = Callable[[dict[str, Machine], BootReport], Any]
 def boot_test(
     lab: Lab,
     names: list[str] | None = None,
-    media: str = "qcow2",
-    firmware: str = "bios",
+    media: str = DEFAULT_MEDIUM.name,
+    firmware: str = DEFAULT_FIRMWARE.name,
     accel: str = "auto",
     outdir: Path | None = None,
     timeout: float = 180.0,
@@ -187,7 +197,7 @@ def _scenario(booted: Driver, timeout: float):
 def _diagnose(booted: Driver, report: BootReport, analyze: bool) -> None:
     """Failed units on every VM (always) and systemd-analyze (opt-in), after the verdict."""
     report.failed_units = booted.on_all("systemctl --failed --no-legend --plain")
-    if report.firmware != "bios":
+    if FIRMWARES[report.firmware].is_uefi():
         seen = booted.on_all(SECURE_BOOT)
         report.secure_boot = {n: out.split()[-1:] == ["1"] for n, out in seen.items()}
         booted.say(

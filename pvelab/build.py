@@ -15,20 +15,22 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from . import bootdisk, cache, image, iso, netboot, repro, sbom
-from .artefacts import ArtefactInfo, BuildManifest, Layout, sha256
+from .artefacts import ArtefactInfo, ArtefactKind, BuildManifest, Layout, sha256
 from .disk import copy_sparse, grow_disk, loop_partition, mounted, resize_fs, squash
 from .errors import PvelabError
 from .lab import Lab, Node
 from .locks import locking
 from .node import Entry, apply_entries, debugfs_script, installer_entries, layer_entries, run_debugfs
 from .paths import ROOT, build_root
-from .render import RenderedFile, render_files, render_node
+from .qemu import QCOW2_FORMAT
+from .render import RenderedFile, render_node
 from .run import StepError, Steps
 from .secrets import private_keys, scan_tree
 
@@ -59,8 +61,7 @@ class PreflightError(PvelabError):
 @dataclass(frozen=True)
 class NodeBuild:
     node: str
-    qcow2: Path
-    iso: Path
+    artefacts: dict[ArtefactKind, Path]
     manifest: Path
     seconds: float
 
@@ -151,25 +152,52 @@ def release_leftovers(work: Path) -> None:
             subprocess.run(["losetup", "--detach", parts[0]], capture_output=True)
 
 
+@dataclass
+class NodeContext:
+    """One node's build: what each of its stages reads and what they have made so far
+    (mkosi's ``Context``). The node is rendered once, by :func:`_build`, into ``files``
+    (its overlay) and ``installer_files`` (the installer layer)."""
+
+    lab: Lab
+    node: Node
+    base: image.Base
+    live: image.LiveParts
+    steps: Steps
+    files: list[RenderedFile]
+    installer_files: list[RenderedFile]
+    made: dict[ArtefactKind, Path] = field(default_factory=dict)
+    units: list[str] = field(default_factory=list)
+    packages: tuple[dict[str, str], dict[str, str], dict[str, list[str]]] = ({}, {}, {})
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.lab.name)
+
+    @property
+    def work(self) -> Path:
+        """Where the stages write, beside the node's folder; moved into place when all is made."""
+        return self.layout.node_dir(self.node.name) / ".work"
+
+    @property
+    def epoch(self) -> int:
+        return int(self.steps.env.get("SOURCE_DATE_EPOCH", "0"))
+
+    def out(self, kind: ArtefactKind) -> Path:
+        """Where the stage that makes ``kind`` writes it."""
+        return self.work / kind.file_name(self.node.name)
+
+
 # Long on purpose: the node's stages and the atomic move into place form one try/finally.
-def build_node(lab: Lab, node: Node, base: image.Base, live: image.LiveParts, steps: Steps) -> NodeBuild:
+def build_node(ctx: NodeContext) -> NodeBuild:
     t0 = time.monotonic()
-    layout = Layout(lab.name)
-    ndir = layout.node_dir(node.name)
-    work = ndir / ".work"
+    lab, node, layout, work = ctx.lab, ctx.node, ctx.layout, ctx.work
     release_leftovers(work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        files = render_files(lab, node)
-        assert live.disk is not None, "build() makes the boot disk before the nodes"
-        qcow2, units, packages = _disk_stage(lab, node, live.disk, files, work, steps)
-        iso_path = _iso_stage(lab, node, live, work, steps)
-        installer = _installer_stage(lab, node, live, work, steps)
-        with steps.stage("network boot bundle (iPXE, shim + GRUB, kernel, initrd)"):
-            bundle = work / Layout(lab.name).artefact(node.name, "netboot").name
-            netboot.make_bundle(bundle, lab, node, live.kernel, live.initrd, live.signed, _epoch(steps))
-        found = base.info.get("password_found", ["(base not scanned: rebuild it)"]) + [
+        for kind, stage in STAGES.items():
+            ctx.made[kind] = stage(ctx)
+        found = ctx.base.info.get("password_found", ["(base not scanned: rebuild it)"]) + [
             f"node layer: {p}"
             for p in scan_tree(work / "layer", lab.user.password, *(t.secret for t in lab.api.tokens))
         ]
@@ -179,51 +207,38 @@ def build_node(lab: Lab, node: Node, base: image.Base, live: image.LiveParts, st
                 f"{node.name}: a private key is in the node layer ({', '.join(keys[:3])}): keys are made "
                 "on the node at first boot, never baked into an image"
             )
-        with steps.stage("manifest + checksums"):
-            manifest = _manifest(
-                lab,
-                node,
-                base,
-                live,
-                [qcow2, iso_path, installer, bundle],
-                units,
-                packages,
-                [f.path for f in files],
-                steps,
-            )
-            manifest = dataclasses.replace(manifest, password_found=found)
+        with ctx.steps.stage("manifest + checksums"):
+            manifest = dataclasses.replace(_manifest(ctx), password_found=found)
             (work / "manifest.json").write_text(manifest.to_json())
-        with steps.stage("SBOM (CycloneDX 1.6)"):
-            bom = sbom.node_sbom(manifest, packages[2], _epoch(steps), lab.release)
+        with ctx.steps.stage("SBOM (CycloneDX 1.6)"):
+            bom = sbom.node_sbom(manifest, ctx.packages[2], ctx.epoch, lab.release)
             invalid = sbom.validate(bom)
             if invalid:
                 raise StepError(f"{node.name}: the SBOM does not validate: {invalid}")
             (work / "sbom.json").write_text(bom)
         # Everything is complete: move into place (same file system, atomic per file).
-        for kind, src in (("qcow2", qcow2), ("iso", iso_path), ("installer", installer), ("netboot", bundle)):
+        for kind, src in ctx.made.items():
             os.replace(src, layout.artefact(node.name, kind))
         os.replace(work / "sbom.json", layout.sbom(node.name))
         os.replace(work / "manifest.json", layout.manifest(node.name))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     took = time.monotonic() - t0
-    steps.say(f"built {layout.artefact(node.name, 'qcow2')} and .iso in {took:.1f}s")
+    made = ", ".join(layout.artefact(node.name, k).name for k in ctx.made)
+    ctx.steps.say(f"built {made} in {took:.1f}s")
     return NodeBuild(
-        node.name,
-        layout.artefact(node.name, "qcow2"),
-        layout.artefact(node.name, "iso"),
-        layout.manifest(node.name),
-        took,
+        node.name, {k: layout.artefact(node.name, k) for k in ctx.made}, layout.manifest(node.name), took
     )
 
 
-def _disk_stage(
-    lab: Lab, node: Node, disk: Path, files: list[RenderedFile], work: Path, steps: Steps
-) -> tuple[Path, list[str], tuple[dict[str, str], dict[str, str], dict[str, list[str]]]]:
+def _disk_stage(ctx: NodeContext) -> Path:
     """The node's disk: base grown to its size, its layer baked in; also stages the ISO layers.
 
     The root file system is read through a read-only mount and written with debugfs
     (:func:`pvelab.node.run_debugfs`), so the disk is the same bytes every time."""
+    lab, node, work, steps = ctx.lab, ctx.node, ctx.work, ctx.steps
+    disk = ctx.live.disk
+    assert disk is not None, "build() makes the boot disk before the nodes"
     raw = work / "disk.raw"
     with steps.stage(f"disk: copy base, grow to {node.disk_gb} GB"):
         copy_sparse(disk, raw)
@@ -235,17 +250,17 @@ def _disk_stage(
             steps.stage("node layer: render, stage the ISO layers"),
             mounted(part, work / "root", steps, read_only=True) as root,
         ):
-            entries = layer_entries(lab, node, root, files)
+            entries = layer_entries(lab, node, root, ctx.files)
             iso_layer = [*entries, Entry("/etc/fstab", "file", content=LIVE_FSTAB.encode())]
             apply_entries(iso_layer, work / "layer", root)
-            apply_entries(installer_entries(lab, node, root), work / "installer-layer", root)
+            apply_entries(installer_entries(ctx.installer_files), work / "installer-layer", root)
             packages = _dpkg_packages(root)
             licences = sbom.licenses(root, packages[0])
             script = debugfs_script(entries, root, work / "debugfs")
         with steps.stage("bake overlay + enable units (debugfs)"):
             run_debugfs(script, part, steps)
     with steps.stage("qcow2 (zstd-compressed)"):
-        qcow2 = work / f"{node.name}.qcow2"
+        qcow2 = ctx.out(ArtefactKind.QCOW2)
         steps.run(
             [
                 "qemu-img",
@@ -254,7 +269,7 @@ def _disk_stage(
                 "-f",
                 "raw",
                 "-O",
-                "qcow2",
+                QCOW2_FORMAT,
                 "-c",
                 "-o",
                 "compression_type=zstd",
@@ -263,19 +278,17 @@ def _disk_stage(
             ]
         )
         raw.unlink()
-    units = [e.path.rsplit("/", 1)[1] for e in entries if e.kind == "link"]
-    return qcow2, units, (*packages, licences)
+    ctx.units = [e.path.rsplit("/", 1)[1] for e in entries if e.kind == "link"]
+    ctx.packages = (*packages, licences)
+    return qcow2
 
 
-def _epoch(steps: Steps) -> int:
-    return int(steps.env.get("SOURCE_DATE_EPOCH", "0"))
-
-
-def _iso_stage(lab: Lab, node: Node, live: image.LiveParts, work: Path, steps: Steps) -> Path:
+def _iso_stage(ctx: NodeContext) -> Path:
+    lab, node, live, work, steps = ctx.lab, ctx.node, ctx.live, ctx.work, ctx.steps
     with steps.stage("ISO (pycdlib, BIOS+UEFI hybrid)"):
         layer_sq = work / f"{node.name}.squashfs"
-        squash(work / "layer", layer_sq, steps, fast=True, all_time=_epoch(steps))
-        iso_path = work / f"{node.name}.iso"
+        squash(work / "layer", layer_sq, steps, fast=True, all_time=ctx.epoch)
+        iso_path = ctx.out(ArtefactKind.ISO)
         iso.build_iso(
             iso_path,
             node.name,
@@ -285,23 +298,24 @@ def _iso_stage(lab: Lab, node: Node, live: image.LiveParts, work: Path, steps: S
             layer_sq,
             live.signed,
             steps,
-            epoch=_epoch(steps),
+            epoch=ctx.epoch,
             seed=f"{lab.name}/{node.name}/iso",
         )
         steps.log(iso.verify_gpt(iso_path))
     return iso_path
 
 
-def _installer_stage(lab: Lab, node: Node, live: image.LiveParts, work: Path, steps: Steps) -> Path:
+def _installer_stage(ctx: NodeContext) -> Path:
     """The installer ISO: the live ISO's system plus the installer layer and its payload."""
+    lab, node, live, work, steps = ctx.lab, ctx.node, ctx.live, ctx.work, ctx.steps
     assert live.disk is not None
     with steps.stage("installer ISO (the live ISO + installer layer + payload)"):
         layer = work / "installer.squashfs"
-        squash(work / "installer-layer", layer, steps, fast=True, all_time=_epoch(steps))
+        squash(work / "installer-layer", layer, steps, fast=True, all_time=ctx.epoch)
         payload = iso.InstallerPayload(
             layer, bootdisk.install_payload(live.disk, steps), lab.install.disk.describe(node)
         )
-        out = work / Layout(lab.name).artefact(node.name, "installer").name
+        out = ctx.out(ArtefactKind.INSTALLER)
         iso.build_iso(
             out,
             node.name,
@@ -312,25 +326,43 @@ def _installer_stage(lab: Lab, node: Node, live: image.LiveParts, work: Path, st
             live.signed,
             steps,
             installer=payload,
-            epoch=_epoch(steps),
+            epoch=ctx.epoch,
             seed=f"{lab.name}/{node.name}/installer",
         )
         steps.log(iso.verify_gpt(out))
     return out
 
 
-def _manifest(
-    lab: Lab,
-    node: Node,
-    base: image.Base,
-    live: image.LiveParts,
-    files: list[Path],
-    units: list[str],
-    packages: tuple[dict[str, str], dict[str, str], dict[str, list[str]]],
-    overlay_files: list[str],
-    steps: Steps,
-) -> BuildManifest:
-    qcow2, iso_path, installer, bundle = files
+def _netboot_stage(ctx: NodeContext) -> Path:
+    with ctx.steps.stage("network boot bundle (iPXE, shim + GRUB, kernel, initrd)"):
+        bundle = ctx.out(ArtefactKind.NETBOOT)
+        live = ctx.live
+        netboot.make_bundle(bundle, ctx.lab, ctx.node, live.kernel, live.initrd, live.signed, ctx.epoch)
+    return bundle
+
+
+# The stage that makes each artefact kind, in the order they run (the disk's stage also
+# stages the layers the ISOs are made of).
+STAGES: dict[ArtefactKind, Callable[[NodeContext], Path]] = {
+    ArtefactKind.QCOW2: _disk_stage,
+    ArtefactKind.ISO: _iso_stage,
+    ArtefactKind.INSTALLER: _installer_stage,
+    ArtefactKind.NETBOOT: _netboot_stage,
+}
+
+
+def _artefact_info(ctx: NodeContext, kind: ArtefactKind, path: Path) -> ArtefactInfo:
+    """What the manifest records of one artefact: size, digest, and what its kind adds."""
+    info = ArtefactInfo(path.stat().st_size, sha256(path))
+    if kind is ArtefactKind.QCOW2:
+        info = dataclasses.replace(info, virtual_size=ctx.node.disk_gb * 1024**3)
+    elif path.suffix == ".iso":
+        info = dataclasses.replace(info, volume_label=iso.volume_label(ctx.node.name))
+    return info
+
+
+def _manifest(ctx: NodeContext) -> BuildManifest:
+    lab, node, base, live, steps = ctx.lab, ctx.node, ctx.base, ctx.live, ctx.steps
     return BuildManifest(
         lab=lab.name,
         node=node.name,
@@ -338,24 +370,13 @@ def _manifest(
         alias=str(node.alias),
         ram_mb=node.ram_mb,
         disk_gb=node.disk_gb,
-        artefacts={
-            qcow2.name: ArtefactInfo(
-                qcow2.stat().st_size, sha256(qcow2), virtual_size=node.disk_gb * 1024**3
-            ),
-            iso_path.name: ArtefactInfo(
-                iso_path.stat().st_size, sha256(iso_path), volume_label=iso.volume_label(node.name)
-            ),
-            installer.name: ArtefactInfo(
-                installer.stat().st_size, sha256(installer), volume_label=iso.volume_label(node.name)
-            ),
-            bundle.name: ArtefactInfo(bundle.stat().st_size, sha256(bundle)),
-        },
+        artefacts={p.name: _artefact_info(ctx, k, p) for k, p in ctx.made.items()},
         base_key=base.key,
         elements=list(image.BASE_ELEMENTS),
-        overlay_files=overlay_files,
-        enabled_units=units,
-        packages=packages[0],
-        sources=packages[1],
+        overlay_files=[f.path for f in ctx.files],
+        enabled_units=ctx.units,
+        packages=ctx.packages[0],
+        sources=ctx.packages[1],
         kernel=live.kernel_version,
         tools=dict(tool_versions(), **live.signed.versions),
         git_commit=git_commit(),
@@ -379,8 +400,7 @@ def _build(lab: Lab, names: list[str] | None, force_base: bool) -> list[NodeBuil
     nodes = lab.select(names)
     preflight(lab, nodes)
     layout = Layout(lab.name)
-    for n in nodes:
-        render_node(lab, n)
+    rendered = {n.name: render_node(lab, n) for n in nodes}  # each node rendered once, here
     base_steps = Steps("base", layout.base_log)
     base = image.build_base(lab, base_steps, force=force_base)
     epoch = repro.source_date_epoch(base.info.get("archive_state", {}))
@@ -397,7 +417,9 @@ def _build(lab: Lab, names: list[str] | None, force_base: bool) -> list[NodeBuil
             f"pvelab build of {n.name}; base {base.key} (its DIB output: {base_steps.log_path}); "
             f"SOURCE_DATE_EPOCH={epoch}\n"
         )
-        jobs.append((lab, n, base, live, Steps(n.name, log, env=repro.tool_env(epoch))))
+        steps = Steps(n.name, log, env=repro.tool_env(epoch))
+        r = rendered[n.name]
+        jobs.append(NodeContext(lab, n, base, live, steps, r.files, r.installer_files))
     return _run_nodes(jobs)
 
 
@@ -415,20 +437,20 @@ def _die_with_parent() -> None:
 _STOP: Any = None  # multiprocessing.Event of a parallel build: set when it is interrupted
 
 
-def _node_job(*job: Any) -> NodeBuild:
+def _node_job(job: NodeContext) -> NodeBuild:
     if _STOP is not None and _STOP.is_set():
         raise KeyboardInterrupt("the build was interrupted before this node started")
-    return build_node(*job)
+    return build_node(job)
 
 
-def _run_nodes(jobs: list[tuple]) -> list[NodeBuild]:
+def _run_nodes(jobs: list[NodeContext]) -> list[NodeBuild]:
     """Build the nodes, two or more at a time when the host has the cores: a node's build
     is mostly single-threaded (qemu-img, pycdlib, debugfs) and writes only its own
     folder. Worker processes, not threads: pycdlib's clock is replaced per process
     (repro.fixed_clock). The first failure is raised once every started node has ended."""
     workers = min(len(jobs), os.cpu_count() or 1, 4)
     if workers < 2:
-        return [build_node(*job) for job in jobs]
+        return [build_node(job) for job in jobs]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -439,7 +461,7 @@ def _run_nodes(jobs: list[tuple]) -> list[NodeBuild]:
     sys.stderr.flush()
     try:
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_die_with_parent) as pool:
-            futures = [pool.submit(_node_job, *job) for job in jobs]
+            futures = [pool.submit(_node_job, job) for job in jobs]
             try:
                 errors = [f.exception() for f in futures]
             except BaseException:
@@ -455,10 +477,9 @@ def _run_nodes(jobs: list[tuple]) -> list[NodeBuild]:
     except BaseException:
         # a worker interrupted between a mount or losetup and its cleanup leaves them: the
         # workers have ended here, so what is left under a node's .work is released
-        for lab, node, *_ in jobs:
-            work = Layout(lab.name).node_dir(node.name) / ".work"
-            release_leftovers(work)
-            shutil.rmtree(work, ignore_errors=True)
+        for job in jobs:
+            release_leftovers(job.work)
+            shutil.rmtree(job.work, ignore_errors=True)
         raise
     first = next((e for e in errors if e is not None), None)
     if first is not None:

@@ -38,20 +38,21 @@ def actions(lab: Lab) -> list[Action]:
     cluster = lab.cluster_name
     witness_ip = lab.witness.ip if lab.witness else ""
     qsetup = f"pvecm qdevice setup {witness_ip}"  # the Proxmox command the QDevice steps belong to
-    first_ip = lab.pve_hosts[0].ip
+    first_ip = lab.members[0].ip
+    member = lab.members[0].role_def  # its compat service and unit: what the stand-in steps touch
+    conf = f"/etc/pvelab/{member.service}.json"
     steps = [
         Action(
-            "pve-compat gives UDP 5405 to corosync and may read votequorum",
+            f"{member.service} gives UDP 5405 to corosync and may read votequorum",
             MEMBERS,
             (
-                "jq '.udp_ports = []' /etc/pvelab/pve-compat.json > /etc/pvelab/pve-compat.json.new"
-                " && mv /etc/pvelab/pve-compat.json.new /etc/pvelab/pve-compat.json",
+                f"jq '.udp_ports = []' {conf} > {conf}.new && mv {conf}.new {conf}",
                 "groupadd --system --force pvelab-quorum",
-                "mkdir -p /etc/corosync/uidgid.d /etc/systemd/system/pve-compat.service.d",
+                f"mkdir -p /etc/corosync/uidgid.d /etc/systemd/system/{member.unit}.d",
                 "printf 'uidgid {\\n  gid: pvelab-quorum\\n}\\n' > /etc/corosync/uidgid.d/pvelab-compat",
-                "printf '[Service]\\nGroup=pvelab-quorum\\n' > /etc/systemd/system/pve-compat.service.d/quorum.conf",
+                f"printf '[Service]\\nGroup=pvelab-quorum\\n' > /etc/systemd/system/{member.unit}.d/quorum.conf",
                 "systemctl daemon-reload",
-                "systemctl restart pve-compat.service",
+                f"systemctl restart {member.unit}",
             ),
             rehearsal_only=True,
         ),
@@ -90,7 +91,7 @@ def actions(lab: Lab) -> list[Action]:
         Action(
             "stop the stand-in before qnetd takes its port",
             WITNESS,
-            ("systemctl disable --now qdevice-compat.service",),
+            (f"systemctl disable --now {lab.witness.role_def.unit}",),
             rehearsal_only=True,
         ),
         Action(

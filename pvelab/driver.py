@@ -22,7 +22,6 @@ each is reversible and recorded in the run state.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import hashlib
 import json
 import os
@@ -38,9 +37,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import accel as accelerator
 from . import netboot
 from .artefacts import Layout, RecordError, _check_schema, _from_dict, _read_json, write_atomic
-from .errors import PvelabError
+from .faults import DriverError, Fault
 from .lab import Lab, Node
 from .labnet import LabNet
 from .locks import pid_alive
@@ -48,13 +48,8 @@ from .machine import GuestFaultError, Machine, MachineError, qemu_alive
 from .media import Firmware, Medium, boot_combination
 from .qemu import VmSpec, prepare
 
-SSH_TIMEOUT = {"tcg": 900.0, "kvm": 240.0}  # a booting VM to its first SSH login
 RUN_SCHEMA = 1
 KEY_NAME = "id_ed25519"  # the operator's key for a running lab, in its run folder
-
-
-class DriverError(PvelabError):
-    pass
 
 
 class Progress:
@@ -104,59 +99,6 @@ def parallel(machines: dict[str, Machine], fn: Callable[[Machine], Any]) -> tupl
 
 
 # --------------------------------------------------------------------------- faults
-
-
-class Target(enum.Enum):
-    """What a fault is applied to."""
-
-    NODES = "NODE[,NODE...]"  # one or more nodes
-    GROUPS = "A,B C"  # every node of the lab, in named groups
-    NODES_OR_ALL = "NODE|all"
-    VERB = "stop|start"  # qnetd's
-
-
-class Fault(enum.Enum):
-    """The faults a running lab can be put through; each one line, each reversible."""
-
-    POWER_OFF = "power-off"
-    KILL = "kill"
-    POWER_ON = "power-on"
-    CUT = "cut"
-    PARTITION = "partition"
-    HEAL = "heal"
-    QNETD_STOP = "qnetd-stop"
-    QNETD_START = "qnetd-start"
-
-    @property
-    def target(self) -> Target:
-        return {
-            Fault.PARTITION: Target.GROUPS,
-            Fault.HEAL: Target.NODES_OR_ALL,
-            Fault.QNETD_STOP: Target.VERB,
-            Fault.QNETD_START: Target.VERB,
-        }.get(self, Target.NODES)
-
-    @property
-    def is_power(self) -> bool:
-        return self in (Fault.POWER_OFF, Fault.KILL, Fault.POWER_ON)
-
-    @property
-    def is_network(self) -> bool:
-        return self in (Fault.CUT, Fault.PARTITION, Fault.HEAL)
-
-    @classmethod
-    def parse(cls, word: str) -> Fault:
-        if word == "qnetd":  # `invoke fault qnetd stop|start`
-            raise DriverError("fault qnetd: say `qnetd stop` or `qnetd start`")
-        for f in cls:
-            if f.value == word:
-                return f
-        raise DriverError(f"fault: {word!r}: unknown fault (known: {cli_faults()})")
-
-
-def cli_faults() -> str:
-    words = [f.value for f in Fault if not f.value.startswith("qnetd")]
-    return ", ".join([*words, "qnetd stop|start"])
 
 
 def parse_groups(lab: Lab, text: str) -> list[list[str]]:
@@ -372,7 +314,7 @@ class Driver:
         )
 
     def wait_all_ssh(self, names: list[str] | None = None) -> dict[str, float]:
-        timeout = SSH_TIMEOUT.get(self.accel, SSH_TIMEOUT["tcg"])
+        timeout = accelerator.of(self.accel).ssh_timeout
 
         def wait(m: Machine) -> float:
             for attempt in (1, 2):  # a kernel panic that is the emulator's: booted once more
@@ -599,7 +541,7 @@ class Driver:
                 self.machines[n].crash()
             line = f"{', '.join(nodes)}: QEMU killed (no shutdown)"
         elif fault is Fault.POWER_ON:
-            timeout = boot_timeout or SSH_TIMEOUT.get(self.accel, SSH_TIMEOUT["tcg"])
+            timeout = boot_timeout or accelerator.of(self.accel).ssh_timeout
             on = [n for n in nodes if not self.machines[n].is_running()]
             results, errors = parallel({n: self.machines[n] for n in on}, lambda m: m.restart(timeout))
             if errors:

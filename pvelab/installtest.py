@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import accel as accelerator
 from . import netboot
 from .artefacts import Layout
 from .errors import PvelabError
@@ -21,16 +22,15 @@ from .iso import read_from_iso
 from .lab import Lab, Node
 from .labnet import LabNet
 from .machine import Machine
-from .media import MEDIA, Firmware, Medium
-from .qemu import DirectKernel, VmSpec, prepare
+from .media import INSTALLER, Firmware, Medium
+from .qemu import QCOW2_FORMAT, DirectKernel, VmSpec, prepare
 
-INSTALL_TIMEOUT = {"tcg": 900.0, "kvm": 300.0}  # power-on to power-off, all installers
-# An installer whose console has not changed for this long is hung (a healthy TCG install
-# prints at least every ~40 s: boot menu countdown, systemd status, the installer's steps).
-STALL_TIMEOUT = {"tcg": 300.0, "kvm": 120.0}
-# A healthy installer's systemd greets on the console within ~60 s of power-on under TCG;
-# one still in firmware or the boot loader after STALL_TIMEOUT is hung even if its console
-# keeps changing (seen: GRUB's menu redrawn for 15 minutes, the countdown never ending).
+# Each accelerator's waits are in pvelab.accel. An installer whose console has not changed
+# for its stall timeout is hung (a healthy TCG install prints at least every ~40 s: boot
+# menu countdown, systemd status, the installer's steps). A healthy installer's systemd
+# greets on the console within ~60 s of power-on under TCG; one still in firmware or the
+# boot loader after the stall timeout is hung even if its console keeps changing (seen:
+# GRUB's menu redrawn for 15 minutes, the countdown never ending).
 
 
 def hang(console_changed: float, powered_on: float, now: float, stall: float, userspace: bool) -> str | None:
@@ -83,7 +83,7 @@ class InstallRun:
 
 def blank_disk(path: Path, size_gb: int) -> Path:
     path.unlink(missing_ok=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), f"{size_gb}G"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", QCOW2_FORMAT, str(path), f"{size_gb}G"], check=True)
     return path
 
 
@@ -95,7 +95,7 @@ def _installer_vm(
     accel: str,
     workdir: Path,
     cmdline: str | None = None,
-    medium: Medium = MEDIA["install"],
+    medium: Medium = INSTALLER,
     net: LabNet | None = None,
 ) -> Machine:
     path = Layout(lab.name).artefact(node.name, medium.artefact)
@@ -156,7 +156,7 @@ def run_installers(
     say,
     retry_hung: bool = True,
     kernel_cmdline: str | None = None,
-    medium: Medium = MEDIA["install"],
+    medium: Medium = INSTALLER,
 ) -> dict[str, InstallRun]:
     """Boot each node's installer (``medium``: the ISO as a CD, or over the network) with
     its target disk attached; wait until each powers off.
@@ -205,8 +205,8 @@ def _watch(job: _Watch, vm: Callable[[str], Machine]) -> dict[str, InstallRun]:
     for m in machines.values():
         m.start()
     say(f"installing {len(machines)} node(s) ({fw.name}); consoles {workdir}/<node>-installer.console.log")
-    deadline = t0 + INSTALL_TIMEOUT.get(accel, INSTALL_TIMEOUT["tcg"])
-    stall = STALL_TIMEOUT.get(accel, STALL_TIMEOUT["tcg"])
+    deadline = t0 + accelerator.of(accel).install_timeout
+    stall = accelerator.of(accel).stall_timeout
     seen = {name: (-1, t0) for name in machines}  # console size, when it last changed
     powered_on = dict.fromkeys(machines, t0)
     userspace = dict.fromkeys(machines, False)  # systemd or live-boot seen on this attempt's console

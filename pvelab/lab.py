@@ -155,9 +155,9 @@ class Node:
         return ROLES[self.role]
 
     @property
-    def is_pve(self) -> bool:
+    def is_member(self) -> bool:
         """A corosync cluster member (one vote)."""
-        return self.role_def.cluster_member
+        return self.role_def.is_member()
 
 
 @dataclass(frozen=True)
@@ -249,18 +249,18 @@ class Lab:
         raise KeyError(name)
 
     @property
-    def pve_hosts(self) -> tuple[Node, ...]:
-        return tuple(n for n in self.nodes if n.is_pve)
+    def members(self) -> tuple[Node, ...]:
+        return tuple(n for n in self.nodes if n.is_member)
 
     @property
     def witness(self) -> Node | None:
-        return next((n for n in self.nodes if n.role_def.qdevice_host), None)
+        return next((n for n in self.nodes if n.role_def.is_witness()), None)
 
     @property
     def expected_votes(self) -> int:
         """One vote per PVE node plus the QDevice's votes when a witness exists."""
         qvotes = self.qdevice.votes if (self.qdevice and self.witness) else 0
-        return len(self.pve_hosts) + qvotes
+        return len(self.members) + qvotes
 
     @property
     def quorum(self) -> int:
@@ -270,9 +270,9 @@ class Lab:
     def cluster_status(self) -> list[dict]:
         """The `/api2/json/cluster/status` data list every PVE node serves."""
         data: list[dict] = [
-            {"type": "cluster", "name": self.cluster_name, "nodes": len(self.pve_hosts), "quorate": 1}
+            {"type": "cluster", "name": self.cluster_name, "nodes": len(self.members), "quorate": 1}
         ]
-        for n in self.pve_hosts:
+        for n in self.members:
             data.append(
                 {"type": "node", "name": n.name, "online": 1, "id": f"node/{n.name}", "nodeid": n.nodeid}
             )
@@ -472,16 +472,16 @@ def parse_lab(raw: Any, path: Path) -> Lab:
     name, subnet, release, cluster_name = _parse_identity(r, lab)
     qdevice = _parse_qdevice(r, lab) if "qdevice" in lab else None
     nodes = _parse_nodes(r, top, subnet)
-    if qdevice is None and any(n.role_def.qdevice_host for n in nodes):
+    if qdevice is None and any(n.role_def.is_witness() for n in nodes):
         r.fail(
             "lab.qdevice",
             None,
             "is required when a node runs the QDevice (role "
-            + ", ".join(k for k, v in ROLES.items() if v.qdevice_host)
+            + ", ".join(k for k, v in ROLES.items() if v.is_witness())
             + ")",
         )
     if qdevice is not None:
-        _check_qdevice_votes(r, qdevice, sum(1 for n in nodes if n.is_pve))
+        _check_qdevice_votes(r, qdevice, sum(1 for n in nodes if n.is_member))
     names = {n.name for n in nodes}
     return Lab(
         path=path,
@@ -742,7 +742,7 @@ def _parse_nodes(r: _Reader, top: dict, subnet: ipaddress.IPv4Network) -> tuple[
                 f"duplicate alias address (also nodes[{seen_ips[str(alias.ip)]}])",
             )
         seen_ips[str(alias.ip)] = i
-        nodeid = sum(1 for m in nodes if m.is_pve) + 1
+        nodeid = sum(1 for m in nodes if m.is_member) + 1
         node = _parse_node(r, n, where, name, alias, nodeid)
         mac = r.get(n, "mac", where, str, default=default_mac(i))
         if not _MAC.fullmatch(mac) or int(mac[:2], 16) & 1:
@@ -813,14 +813,14 @@ def _parse_node(
         features=features,
         packages=packages,
         test_config=dict(test_config),
-        nodeid=nodeid if ROLES[role].cluster_member else None,
+        nodeid=nodeid if ROLES[role].is_member() else None,
     )
 
 
 def _check_roles(r: _Reader, nodes: list[Node]) -> None:
     index = {n.name: i for i, n in enumerate(nodes)}
-    members = [n for n in nodes if n.is_pve]
-    witnesses = [n for n in nodes if n.role_def.qdevice_host]
+    members = [n for n in nodes if n.is_member]
+    witnesses = [n for n in nodes if n.role_def.is_witness()]
     if witnesses and not members:
         r.fail(
             f"nodes[{index[witnesses[0].name]}].role",

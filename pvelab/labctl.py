@@ -32,21 +32,20 @@ from .corotools import parse_cfgtool, parse_qnetd_clients, parse_quorumtool
 from .driver import (
     KEY_NAME,
     Driver,
-    DriverError,
-    Fault,
     Progress,
     RunState,
-    Target,
     netns_name,
     parallel,
     parse_groups,
     parse_nodes,
     read_state,
 )
+from .faults import DriverError, Fault, Target
 from .lab import Lab
 from .labnet import LabNet
 from .locks import lab_lock, pid_alive
 from .machine import Machine, qemu_alive
+from .media import DEFAULT_FIRMWARE, DEFAULT_MEDIUM
 
 CONSOLE_ESCAPE = b"\x1d"  # Ctrl-]
 
@@ -112,15 +111,15 @@ def cleanup(lab: Lab, state: RunState | None) -> list[str]:
 
 def up(
     lab: Lab,
-    media: str = "qcow2",
-    firmware: str = "bios",
+    media: str = DEFAULT_MEDIUM.name,
+    firmware: str = DEFAULT_FIRMWARE.name,
     accel: str = "auto",
     cluster: bool = False,
     replace: bool = False,
 ) -> RunState:
     """Boot the lab, leave it running; with ``cluster``, real corosync + QDevice, quorate."""
     from .boottest import _install_first, artefact, choose_accel
-    from .media import boot_combination
+    from .media import INSTALLED_DISK, boot_combination
 
     medium, fw = boot_combination(media, firmware)
     say = Progress("up")
@@ -137,7 +136,7 @@ def up(
         chosen, why = choose_accel(lab, lab.nodes[0], accel)
         say(f"accelerator: {chosen} ({why})")
         disks, _ = _install_first(lab, lab.nodes, medium, fw, accel, run_dir, say)
-        boot_medium = boot_combination("qcow2", fw.name)[0] if disks else medium
+        boot_medium = boot_combination(INSTALLED_DISK.name, fw.name)[0] if disks else medium
         driver = Driver(
             lab,
             lab.nodes,
@@ -239,7 +238,7 @@ def describe(lab: Lab, state: RunState) -> str:
     flag = f" --lab {lab.path}" if lab.path.resolve() != _default_lab() else ""
     first, last = (
         next(iter(state.nodes)),
-        lab.pve_hosts[-1].name if lab.pve_hosts else next(iter(state.nodes)),
+        lab.members[-1].name if lab.members else next(iter(state.nodes)),
     )
     lines += [
         f"log in:   invoke ssh {first}{flag}          (as {lab.user.name}; sudo needs no password here)",
@@ -312,7 +311,7 @@ def _node_status(lab: Lab, m: Machine) -> dict[str, Any]:
     role = lab.node(m.name).role_def
     if role.api_cert:
         out["api_fingerprint"] = apicert.fingerprint(m, role.api_cert)
-    if role.cluster_member:
+    if role.is_member():
         _, active = m.execute("systemctl is-active corosync.service", timeout=20)
         out["corosync"] = active.strip()
         if active.strip() == "active":
@@ -322,18 +321,18 @@ def _node_status(lab: Lab, m: Machine) -> dict[str, Any]:
                 k: q[k] for k in ("quorate", "total_votes", "expected_votes", "quorum", "qdevice_vote")
             }
             _, links = m.sudo("corosync-cfgtool -s", timeout=30)
-            ids = {str(n.nodeid): n.name for n in lab.pve_hosts}
+            ids = {str(n.nodeid): n.name for n in lab.members}
             out["links"] = {
                 link: {ids.get(nid, nid): st for nid, st in peers.items()}
                 for link, peers in parse_cfgtool(links).items()
             }
-    if role.qdevice_host:
+    if role.is_witness():
         _, active = m.execute("systemctl is-active corosync-qnetd.service", timeout=20)
         out["qnetd"] = active.strip()
         if active.strip() == "active":
             _, text = m.sudo("corosync-qnetd-tool -l", timeout=30)
             clients = parse_qnetd_clients(text)
-            by_id = {n.nodeid: n.name for n in lab.pve_hosts}
+            by_id = {n.nodeid: n.name for n in lab.members}
             out["qnetd_clients"] = [by_id.get(i, str(i)) for i in clients["node_ids"]]
     return out
 

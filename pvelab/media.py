@@ -14,6 +14,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from .artefacts import ArtefactKind
 from .errors import PvelabError
 
 OVMF = Path("/usr/share/OVMF")
@@ -32,8 +33,7 @@ class Firmware:
     def value(self) -> str:
         return self.name
 
-    @property
-    def uefi(self) -> bool:
+    def is_uefi(self) -> bool:
         return bool(self.code)
 
 
@@ -58,11 +58,13 @@ FIRMWARES: dict[str, Firmware] = {f.name: f for f in (BIOS, UEFI, UEFI_SB)}
 @dataclass(frozen=True)
 class Medium:
     name: str
-    artefact: str  # artefact kind it boots: "qcow2" | "iso"
+    artefact: ArtefactKind  # the artefact kind it boots
     firmwares: tuple[Firmware, ...]
     description: str
     drive: tuple[str, ...]  # QEMU arguments; {path} is the file attached
-    netboot: str = ""  # boots from its NIC: "live" or "install" (pvelab.netboot.Mode)
+    netboot: str = ""  # boots from its NIC: a pvelab.netboot.Mode value ("" for none)
+    installs_first: bool = False  # an installer onto a blank disk, whose disk then boots
+    copy_on_write: bool = False  # booted from a throwaway overlay: the artefact is never written
 
     def drive_args(self, path: Path) -> list[str]:
         """QEMU arguments attaching ``path`` (for qcow2: the throwaway overlay)."""
@@ -70,16 +72,11 @@ class Medium:
 
     def installs(self) -> bool:
         """Boots an installer onto a blank disk; the installed disk then boots alone."""
-        return self.artefact == "installer" or self.netboot == "install"
+        return self.installs_first
 
     def is_network_boot(self) -> bool:
         """No CD and no disk of its own: the NIC boots first (DHCP, TFTP, HTTP)."""
         return bool(self.netboot)
-
-    @property
-    def copy_on_write(self) -> bool:
-        """Booted from a throwaway overlay, so the built artefact is never written."""
-        return self.artefact == "qcow2"
 
 
 MEDIA: dict[str, Medium] = {
@@ -87,28 +84,30 @@ MEDIA: dict[str, Medium] = {
     for m in (
         Medium(
             "qcow2",
-            "qcow2",
+            ArtefactKind.QCOW2,
             (BIOS, UEFI, UEFI_SB),
             "the node's disk image (copy-on-write overlay)",
             ("-drive", "file={path},if=virtio,format=qcow2,cache=unsafe"),
+            copy_on_write=True,
         ),
         Medium(
             "iso",
-            "iso",
+            ArtefactKind.ISO,
             (BIOS, UEFI, UEFI_SB),
             "the live ISO as a CD",
             ("-drive", "file={path},media=cdrom,readonly=on,if=ide,index=0", "-boot", "d"),
         ),
         Medium(
             "install",
-            "installer",
+            ArtefactKind.INSTALLER,
             (BIOS, UEFI, UEFI_SB),
             "the installer ISO as a CD, installing onto a blank disk",
             ("-drive", "file={path},media=cdrom,readonly=on,if=ide,index=0", "-boot", "d"),
+            installs_first=True,
         ),
         Medium(
             "usb",
-            "iso",
+            ArtefactKind.ISO,
             (BIOS, UEFI, UEFI_SB),
             "the hybrid live ISO as a USB stick",
             (
@@ -122,7 +121,7 @@ MEDIA: dict[str, Medium] = {
         ),
         Medium(
             "netboot",
-            "netboot",
+            ArtefactKind.NETBOOT,
             (BIOS, UEFI, UEFI_SB),
             "the network boot bundle: iPXE or shim + GRUB, the live ISO fetched over HTTP",
             (),
@@ -130,18 +129,29 @@ MEDIA: dict[str, Medium] = {
         ),
         Medium(
             "netinstall",
-            "netboot",
+            ArtefactKind.NETBOOT,
             (BIOS, UEFI, UEFI_SB),
             "the network boot bundle's installer (the installer ISO fetched over HTTP), onto a blank disk",
             (),
             netboot="install",
+            installs_first=True,
         ),
     )
 }
-# Artefact kinds each node's build produces, in the order they are listed and published.
-ARTEFACT_KINDS = ("qcow2", "iso", "installer", "netboot")
-# What `invoke publish` (and the nightly) releases unless --artefacts says otherwise.
-PUBLISHED_KINDS = ("qcow2", "iso", "installer")
+DEFAULT_MEDIUM = MEDIA["qcow2"]  # what every task boots unless --media says otherwise
+INSTALLED_DISK = MEDIA["qcow2"]  # how a disk an installer wrote boots (no overlay: it is the throwaway)
+INSTALLER = MEDIA["install"]  # the installer ISO, installing onto a blank disk
+DEFAULT_FIRMWARE = BIOS
+# What every nightly release is boot-tested on (medium, firmware); the installer ISOs by
+# installing. The rehearsal runs on REHEARSAL_MEDIUM.
+NIGHTLY_BOOT_TESTS: tuple[tuple[Medium, Firmware], ...] = (
+    (MEDIA["qcow2"], BIOS),
+    (MEDIA["iso"], BIOS),
+    (MEDIA["iso"], UEFI_SB),
+    (MEDIA["install"], BIOS),
+    (MEDIA["install"], UEFI_SB),
+)
+REHEARSAL_MEDIUM = MEDIA["qcow2"]
 
 
 def medium(name: str) -> Medium:
@@ -170,12 +180,12 @@ def medium_for(kind: str) -> Medium:
     return next(m for m in MEDIA.values() if m.artefact == kind)
 
 
-def boot_test_command(lab_path: Path | str, m: Medium, fw: Firmware = BIOS) -> str:
+def boot_test_command(lab_path: Path | str, m: Medium, fw: Firmware = DEFAULT_FIRMWARE) -> str:
     """The exact ``invoke boot-test`` that writes the boot report of ``m`` under ``fw``
     (what every gate message tells the operator to run)."""
     args = ["invoke", "boot-test", "--lab", str(lab_path)]
-    if m.name != "qcow2":
+    if m is not DEFAULT_MEDIUM:
         args += ["--media", m.name]
-    if fw is not BIOS:
+    if fw is not DEFAULT_FIRMWARE:
         args += ["--firmware", fw.name]
     return shlex.join(args)

@@ -36,7 +36,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from .artefacts import Layout
+from .artefacts import ArtefactKind, Layout
 from .errors import PvelabError
 from .iso import INSTALL_ARG, INSTALL_WAIT, LIVE_CMDLINE
 from .lab import Lab, Node
@@ -64,9 +64,9 @@ class Mode(enum.Enum):
         return self is Mode.INSTALL
 
     @property
-    def iso_kind(self) -> str:
+    def iso_kind(self) -> ArtefactKind:
         """The artefact kind live-boot fetches."""
-        return "installer" if self.is_install() else "iso"
+        return ArtefactKind.INSTALLER if self.is_install() else ArtefactKind.ISO
 
 
 def node_dir(node: str) -> str:
@@ -244,7 +244,7 @@ def serve_tree(lab: Lab, nodes: tuple[Node, ...], mode: Mode, root: Path) -> Non
     layout = Layout(lab.name)
     modes = {n.name: mode for n in nodes}
     for n in nodes:
-        bundle = layout.artefact(n.name, "netboot")
+        bundle = layout.artefact(n.name, ArtefactKind.NETBOOT)
         if not bundle.exists():
             raise NetbootError(
                 f"{bundle} is missing: run `invoke build --lab {lab.path} --node {n.name}` first"

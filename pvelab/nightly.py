@@ -30,19 +30,13 @@ from .build import build, git_commit
 from .errors import PvelabError
 from .lab import Lab
 from .locks import locking
-from .media import MEDIA
+from .media import MEDIA, NIGHTLY_BOOT_TESTS, REHEARSAL_MEDIUM
 from .publish import Release, built_files, destination, publish, unchanged_since
 from .rehearse import rehearse
 
-# (media, firmware) every release is boot-tested on; the rehearsal runs on the disk images.
-BOOT_TESTS = (
-    ("qcow2", "bios"),
-    ("iso", "bios"),
-    ("iso", "uefi-sb"),
-    ("install", "bios"),
-    ("install", "uefi-sb"),
-)
-REHEARSAL_MEDIA = "qcow2"
+# the (medium, firmware) matrix and the rehearsal's medium: pvelab.media.NIGHTLY_BOOT_TESTS
+BOOT_TESTS = tuple((m.name, fw.name) for m, fw in NIGHTLY_BOOT_TESTS)
+REHEARSAL_MEDIA = REHEARSAL_MEDIUM.name
 HOOK_TIMEOUT = 300
 
 

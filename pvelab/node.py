@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .lab import Lab, Node
-from .render import INSTALLER_LAYER, INSTALLER_UNIT, RenderedFile, enabled_units, node_dirs, render_files
+from .render import INSTALLER_UNIT, RenderedFile, enabled_units, node_dirs, render_files
 from .run import StepError, Steps
 
 UNIT_DIRS = ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
@@ -120,9 +120,9 @@ def apply_entries(entries: list[Entry], dest: Path, reference: Path) -> None:
         os.chmod(target, e.mode)
 
 
-def installer_entries(lab: Lab, node: Node, image_root: Path) -> list[Entry]:
-    """The installer ISO's own layer: the installer, its unit (enabled) and install.json."""
-    files = render_files(lab, node, (INSTALLER_LAYER,))
+def installer_entries(files: list[RenderedFile]) -> list[Entry]:
+    """The installer ISO's own layer (its rendered ``files``: the installer and
+    install.json), its unit enabled."""
     entries = [Entry(f.path, "file", f.mode, f.owner, f.group, f.content.encode()) for f in files]
     unit = f"/usr/lib/systemd/system/{INSTALLER_UNIT}"
     entries.append(

@@ -35,16 +35,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import changes, netboot, openpgp, provenance
-from .artefacts import BootReport, BuildManifest, Layout, RecordError, RehearsalReport, sha256
+from .artefacts import ArtefactKind, BootReport, BuildManifest, Layout, RecordError, RehearsalReport, sha256
 from .errors import PvelabError, space_guard
 from .iso import INSTALL_WAIT
 from .lab import Lab, Node
 from .locks import locking
-from .media import ARTEFACT_KINDS, FIRMWARES, MEDIA, PUBLISHED_KINDS, boot_test_command, medium_for
+from .media import FIRMWARES, MEDIA, boot_test_command, medium_for
 from .page import release_page, template_env
 from .quorum import table as quorum_table
 from .secrets import DEFAULT_PASSWORD
 from .topology import checks_from, topology_svg
+
+# What `invoke publish` (and the nightly) releases unless --artefacts says otherwise.
+PUBLISHED_KINDS = ArtefactKind.published_by_default()
 
 
 class PublishError(PvelabError):
@@ -154,7 +157,7 @@ def _check_artefact(
         and r.artefacts[node].sha256 == got
     }
     passed_by = [k for k, r in on_these_bytes.items() if r.passed]
-    if not passed_by:
+    if not passed_by and ArtefactKind(kind).is_booted():
         if on_these_bytes:
             again = "; ".join(
                 f"`{boot_test_command(lab.path, MEDIA[r.media], FIRMWARES[r.firmware])}`"
@@ -430,11 +433,12 @@ def publish(
     ``kinds`` limits the release to some artefact kinds (e.g. only the qcow2 images).
     When the gated artefacts are identical to the latest release's, nothing is written
     and that release is returned with ``new=False`` (``force``: publish anyway)."""
-    unknown = [k for k in kinds if k not in ARTEFACT_KINDS]
-    if unknown or not kinds:
-        raise PublishError(f"--artefacts: {','.join(kinds)!r}: choose from {', '.join(ARTEFACT_KINDS)}")
-    if "netboot" in kinds:  # the bundles fetch the node's ISOs: they travel together
-        kinds = tuple(k for k in ARTEFACT_KINDS if k in kinds or k in ("iso", "installer"))
+    known = [k.value for k in ArtefactKind]
+    if not kinds or any(k not in known for k in kinds):
+        raise PublishError(f"--artefacts: {','.join(kinds)!r}: choose from {', '.join(known)}")
+    # what a kind needs travels with it (a netboot bundle fetches the node's ISOs)
+    wanted = {ArtefactKind(k) for k in kinds}
+    kinds = tuple(k for k in ArtefactKind if k in wanted or any(k in w.travels_with() for w in wanted))
     if keep is not None and keep < 1:
         raise PublishError(f"--keep: {keep}: must be at least 1 (the newest release always stays)")
     labdir = destination(lab, dest)
@@ -528,7 +532,7 @@ def _stage_release(
             src = layout.rehearsal_dir(media) / fname
             if src.exists():
                 shutil.copyfile(src, stage / "rehearsal" / f"{media}.{fname}")
-    if any("netboot" in e["files"] for e in checked["nodes"].values()):
+    if any(ArtefactKind.NETBOOT in e["files"] for e in checked["nodes"].values()):
         # what a provisioning team serves the bundles with (README: "Network boot")
         (stage / "netboot").mkdir()
         (stage / "netboot" / "dnsmasq.conf").write_text(netboot.dnsmasq_example(lab))

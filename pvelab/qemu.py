@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import accel as accelerator
 from .errors import PvelabError
 from .media import Firmware, Medium
 
@@ -27,6 +28,7 @@ class MachineError(PvelabError):
 
 # --------------------------------------------------------------------------- acceleration
 
+QCOW2_FORMAT = "qcow2"  # qemu-img's name of the disk format (-f, -O)
 _accel_cache: dict[str, tuple[str, str]] = {}
 
 
@@ -48,9 +50,9 @@ def probe_kvm(kernel: Path, timeout: float = 30.0) -> tuple[bool, str]:
             [
                 QEMU,
                 "-accel",
-                "kvm",
+                accelerator.KVM.name,
                 "-cpu",
-                "host",
+                accelerator.KVM.cpu,
                 "-m",
                 "256",
                 "-display",
@@ -86,17 +88,19 @@ def probe_kvm(kernel: Path, timeout: float = 30.0) -> tuple[bool, str]:
 
 def resolve_accel(requested: str, kernel: Path | None) -> tuple[str, str]:
     """(accelerator, why) for --accel auto|kvm|tcg."""
-    if requested in ("tcg", "kvm"):
+    if requested in accelerator.ACCELS:
         return requested, "requested"
-    if requested != "auto":
-        raise MachineError(f"--accel: {requested!r}: must be auto, kvm or tcg")
+    if requested != accelerator.AUTO:
+        raise MachineError(f"--accel: {requested!r}: must be one of {accelerator.choices()}")
     key = str(kernel)
     if key not in _accel_cache:
         if kernel is None:
-            _accel_cache[key] = ("tcg", "no kernel to probe KVM with")
+            _accel_cache[key] = (accelerator.TCG.name, "no kernel to probe KVM with")
         else:
             ok, why = probe_kvm(kernel)
-            _accel_cache[key] = ("kvm", why) if ok else ("tcg", f"KVM unusable: {why}")
+            _accel_cache[key] = (
+                (accelerator.KVM.name, why) if ok else (accelerator.TCG.name, f"KVM unusable: {why}")
+            )
     return _accel_cache[key]
 
 
@@ -174,16 +178,16 @@ def prepare(
                 "create",
                 "-q",
                 "-f",
-                "qcow2",
+                QCOW2_FORMAT,
                 "-F",
-                "qcow2",
+                QCOW2_FORMAT,
                 "-b",
                 str(artefact.resolve()),
                 str(drive),
             ],
             check=True,
         )
-    if firmware.uefi:
+    if firmware.is_uefi():
         shutil.copyfile(first_existing(firmware.vars), workdir / f"{name}.OVMF_VARS.fd")
     return drive
 
@@ -194,7 +198,7 @@ def _nic_boot(spec: VmSpec) -> str:
     BIOS needs it: SeaBIOS has no PXE of its own)."""
     if not spec.medium.is_network_boot():
         return ""
-    return ",bootindex=0" + (",romfile=" if spec.firmware.uefi else "")
+    return ",bootindex=0" + (",romfile=" if spec.firmware.is_uefi() else "")
 
 
 # Long on purpose: one command line built argument by argument (the formatter puts each on a line).
@@ -222,20 +226,18 @@ def qemu_command(spec: VmSpec, interactive: bool = False) -> list[str]:
         "-pidfile",
         str(spec.workdir / f"{spec.name}.pid"),
     ]
-    if spec.icount and spec.accel == "tcg":
+    if spec.icount and accelerator.of(spec.accel).counts_instructions:
         # one instruction = 1 ns of guest time, no waiting for the host clock: a guest's own
         # timings (systemd-analyze) count instructions, the same in every run
         args += ["-icount", "shift=0,sleep=off"]
-    # Under TCG: QEMU's default CPU without SVM. The lab never runs nested guests, and
-    # an SVM flag makes the guest load kvm_amd (and ccp, irqbypass) on every boot.
-    args += ["-cpu", "host"] if spec.accel == "kvm" else ["-cpu", "qemu64,-svm"]
+    args += ["-cpu", accelerator.of(spec.accel).cpu]
     args += spec.medium.drive_args(spec.drive)
     if spec.target_disk is not None:
         args += ["-drive", f"file={spec.target_disk},if=virtio,format=qcow2,cache=unsafe"]
     if spec.direct_kernel is not None:
         k = spec.direct_kernel
         args += ["-kernel", str(k.kernel), "-initrd", str(k.initrd), "-append", k.cmdline]
-    if spec.firmware.uefi:
+    if spec.firmware.is_uefi():
         args += [
             "-drive",
             f"if=pflash,format=raw,readonly=on,file={first_existing(spec.firmware.code)}",

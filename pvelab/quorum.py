@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .faults import Fault
 from .lab import Lab
 
 
@@ -46,7 +47,7 @@ class Expect:
 
 
 def _tie_break(lab: Lab, part: frozenset[str]) -> bool:
-    lowest = min(lab.pve_hosts, key=lambda n: n.nodeid or 0)
+    lowest = min(lab.members, key=lambda n: n.nodeid or 0)
     return lowest.name in part
 
 
@@ -54,7 +55,7 @@ def qdevice_partition(lab: Lab, state: State) -> frozenset[str] | None:
     """The partition qnetd gives the QDevice vote to, or None."""
     if lab.qdevice is None or lab.witness is None or not state.qnetd:
         return None
-    n = len(lab.pve_hosts)
+    n = len(lab.members)
     connected = [p for p in state.partitions() if not (p & state.cut)]  # cut members cannot reach qnetd
     if lab.qdevice.algorithm == "ffsplit":
         majority = [p for p in connected if len(p) > n // 2]
@@ -80,10 +81,19 @@ def expect(lab: Lab, state: State) -> dict[str, Expect]:
 
 @dataclass(frozen=True)
 class Event:
-    """One thing the rehearsal does to the lab, and the state it leads to."""
+    """One thing the rehearsal does to the lab: a fault of the running lab's vocabulary
+    on ``nodes``, or nothing (``fault=None``: the first step looks at the lab as it is)."""
 
-    kind: str  # power-off | kill | power-on | qnetd-stop | qnetd-start | cut | heal | none
+    fault: Fault | None = None
     nodes: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        """Its name in reports: the fault's, or ``none``."""
+        return self.fault.value if self.fault else "none"
+
+    def __str__(self) -> str:
+        return f"{self.kind} {' '.join(self.nodes)}".strip()
 
 
 @dataclass(frozen=True)
@@ -97,43 +107,49 @@ class Step:
 
 def walk(lab: Lab) -> list[Step]:
     """The failure walk for this lab: node loss (clean and hard), qnetd loss, a partition."""
-    members = [n.name for n in sorted(lab.pve_hosts, key=lambda n: n.nodeid or 0)]
+    members = [n.name for n in sorted(lab.members, key=lambda n: n.nodeid or 0)]
     everyone = frozenset(members)
     last, first = members[-1], members[0]
     plan: list[tuple[str, tuple[Event, ...], State]] = [
-        ("all up", (Event("none"),), State(everyone)),
-        (f"{last} powered off (clean shutdown)", (Event("power-off", (last,)),), State(everyone - {last})),
+        ("all up", (Event(),), State(everyone)),
+        (
+            f"{last} powered off (clean shutdown)",
+            (Event(Fault.POWER_OFF, (last,)),),
+            State(everyone - {last}),
+        ),
     ]
     if len(members) >= 3:
         second = members[-2]
         plan.append(
             (
                 f"{second} killed too (QEMU killed, no shutdown)",
-                (Event("kill", (second,)),),
+                (Event(Fault.KILL, (second,)),),
                 State(everyone - {last, second}),
             )
         )
-        plan.append((f"{last} and {second} back", (Event("power-on", (last, second)),), State(everyone)))
+        plan.append((f"{last} and {second} back", (Event(Fault.POWER_ON, (last, second)),), State(everyone)))
     else:  # two members: the other one fails hard while the first is back
         plan.append(
             (
                 f"{last} back, {first} killed (QEMU killed, no shutdown)",
-                (Event("power-on", (last,)), Event("kill", (first,))),
+                (Event(Fault.POWER_ON, (last,)), Event(Fault.KILL, (first,))),
                 State(everyone - {first}),
             )
         )
-        plan.append((f"{first} back", (Event("power-on", (first,)),), State(everyone)))
+        plan.append((f"{first} back", (Event(Fault.POWER_ON, (first,)),), State(everyone)))
     if lab.witness is not None:
-        plan.append(("qnetd stopped on the witness", (Event("qnetd-stop"),), State(everyone, qnetd=False)))
-        plan.append(("qnetd back", (Event("qnetd-start"),), State(everyone)))
+        plan.append(
+            ("qnetd stopped on the witness", (Event(Fault.QNETD_STOP),), State(everyone, qnetd=False))
+        )
+        plan.append(("qnetd back", (Event(Fault.QNETD_START),), State(everyone)))
     plan.append(
         (
             f"{last} cut off from the others and the witness",
-            (Event("cut", (last,)),),
+            (Event(Fault.CUT, (last,)),),
             State(everyone, cut=frozenset({last})),
         )
     )
-    plan.append(("network healed", (Event("heal", (last,)),), State(everyone)))
+    plan.append(("network healed", (Event(Fault.HEAL, (last,)),), State(everyone)))
     return [
         Step(i, title, events, state, expect(lab, state)) for i, (title, events, state) in enumerate(plan, 1)
     ]
@@ -144,7 +160,7 @@ def table(lab: Lab) -> list[dict]:
 
     ``naive_votes`` is the simple arithmetic (every QDevice vote always counted); it
     differs where qnetd withholds the vote (ffsplit and a minority partition)."""
-    names = [n.name for n in sorted(lab.pve_hosts, key=lambda n: n.nodeid or 0)]
+    names = [n.name for n in sorted(lab.members, key=lambda n: n.nodeid or 0)]
     q = lab.qdevice.votes if lab.qdevice and lab.witness else 0
     cases = [
         ("all up", State(frozenset(names)), len(names) + q),

@@ -33,14 +33,15 @@ from .artefacts import (
 from .boottest import artefact, booted_lab
 from .corotools import parse_quorumtool
 from .deploy import FIRST, MEMBERS, WITNESS, Action, actions
-from .driver import Driver, DriverError, Fault, Progress, RunState, netns_name, parallel, read_state
+from .driver import Driver, Progress, RunState, netns_name, parallel, read_state
 from .errors import PvelabError
+from .faults import DriverError, Fault
 from .guestpkgs import PackageSet, fetch
 from .lab import CustomTest, Lab, Scenario
 from .labctl import claim, describe
 from .locks import lab_lock, locking
 from .machine import Machine, MachineError
-from .media import Firmware, Medium, boot_combination
+from .media import DEFAULT_FIRMWARE, DEFAULT_MEDIUM, Firmware, Medium, boot_combination
 from .paths import cache_dir
 from .quorum import Event, Expect, Step, walk
 from .run import Steps
@@ -99,7 +100,7 @@ class Rehearsal:
         say: Progress,
     ):
         self.lab, self.booted, self.packages, self.report, self.say = lab, booted, packages, report, say
-        self.members = [n.name for n in sorted(lab.pve_hosts, key=lambda n: n.nodeid or 0)]
+        self.members = [n.name for n in sorted(lab.members, key=lambda n: n.nodeid or 0)]
         self.witness = lab.witness.name if lab.witness else None
         self.down: set[str] = set()
 
@@ -208,7 +209,7 @@ class Rehearsal:
         out = self.on_hosts(self.members, lambda m: self.root(m.name, "corosync-cfgtool -s"))
         for name, text in out.items():
             peers = [p for p in self.members if p != name]
-            ids = {n.name: n.nodeid for n in self.lab.pve_hosts}
+            ids = {n.name: n.nodeid for n in self.lab.members}
             connected = {
                 p: bool(re.search(rf"nodeid:\s+{ids[p]}:\s+(localhost|connected)", text)) for p in peers
             }
@@ -228,9 +229,9 @@ class Rehearsal:
     # ---------------------------------------------------------------- walk
     def apply(self, event: Event) -> None:
         """One walk event, as the running lab's fault of the same name."""
-        if event.kind == "none":
+        fault = event.fault
+        if fault is None:
             return
-        fault = Fault(event.kind)
         line = self.booted.fault(fault, list(event.nodes), boot_timeout=BOOT_TIMEOUT)
         self.say(f"fault: {line}")
         if fault in (Fault.POWER_OFF, Fault.KILL):
@@ -261,7 +262,7 @@ class Rehearsal:
                 return WalkStep(
                     step.number,
                     step.title,
-                    [f"{e.kind} {' '.join(e.nodes)}".strip() for e in step.events],
+                    [str(e) for e in step.events],
                     done,
                     elapsed if done else None,
                     nodes,
@@ -274,7 +275,9 @@ class Rehearsal:
             t0 = time.monotonic()
             for event in step.events:
                 self.apply(event)
-            timeout = SETTLE_TIMEOUT + (BOOT_TIMEOUT if any(e.kind == "power-on" for e in step.events) else 0)
+            timeout = SETTLE_TIMEOUT + (
+                BOOT_TIMEOUT if any(e.fault is Fault.POWER_ON for e in step.events) else 0
+            )
             result = self.settle(step, t0, timeout)
             self.report.steps.append(result)
             self.say(
@@ -332,8 +335,8 @@ def guest_packages(lab: Lab, steps: Steps) -> dict[str, PackageSet]:
 @locking("rehearse")
 def rehearse(
     lab: Lab,
-    media: str = "qcow2",
-    firmware: str = "bios",
+    media: str = DEFAULT_MEDIUM.name,
+    firmware: str = DEFAULT_FIRMWARE.name,
     accel: str = "auto",
     keep_going: bool = False,
     outdir: Path | None = None,

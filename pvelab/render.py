@@ -139,12 +139,22 @@ def enabled_units(node: Node) -> list[str]:
     return [node.role_def.unit, STARTUP_UNIT]
 
 
-def render_node(lab: Lab, node: Node, out: Path | None = None) -> Path:
-    """Write one node's overlay to ``out`` (default build/<lab>/<node>/overlay), atomically."""
+@dataclass(frozen=True)
+class Rendered:
+    """One node, rendered once: its overlay (written to ``overlay``) and its installer layer."""
+
+    overlay: Path
+    files: list[RenderedFile]
+    installer_files: list[RenderedFile]
+
+
+def render_node(lab: Lab, node: Node, out: Path | None = None) -> Rendered:
+    """Render one node and write its overlay to ``out`` (default build/<lab>/<node>/overlay), atomically."""
     out = out or Layout(lab.name).overlay(node.name)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for f in render_files(lab, node):
+    files = render_files(lab, node)
+    for f in files:
         dest = tmp / f.path.lstrip("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(f.content)
@@ -154,8 +164,8 @@ def render_node(lab: Lab, node: Node, out: Path | None = None) -> Path:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    return out
+    return Rendered(out, files, render_files(lab, node, (INSTALLER_LAYER,)))
 
 
 def render_lab(lab: Lab, names: list[str] | None = None) -> list[Path]:
-    return [render_node(lab, node) for node in lab.select(names)]
+    return [render_node(lab, node).overlay for node in lab.select(names)]

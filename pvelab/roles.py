@@ -29,6 +29,15 @@ class Role:
     compat_config: Callable[[Lab, Node], dict[str, Any]]
     host_ports: tuple[tuple[str, int], ...] = ()  # service -> guest port a running lab forwards
     api_cert: str = ""  # the TLS certificate its API serves (made at first boot), if it serves one
+    colour: str = "#eeeeee"  # its boxes' fill in the topology picture and on the release page
+
+    def is_member(self) -> bool:
+        """A corosync cluster member with one vote."""
+        return self.cluster_member
+
+    def is_witness(self) -> bool:
+        """Hosts the QDevice daemon (qnetd) that gives the cluster its tie-breaking vote."""
+        return self.qdevice_host
 
 
 def _pve_host_config(lab: Lab, node: Node) -> dict[str, Any]:
@@ -40,7 +49,7 @@ def _pve_host_config(lab: Lab, node: Node) -> dict[str, Any]:
         "http_port": 8006,
         "tcp_ports": [5404, 5405],
         "udp_ports": [5405],
-        "nodes": [n.name for n in lab.pve_hosts],
+        "nodes": [n.name for n in lab.members],
         "cluster_status": lab.cluster_status(),
         "cluster_name": lab.cluster_name,
         "users": {f"{lab.user.name}@pam": lab.api.role},
@@ -92,6 +101,7 @@ ROLES: dict[str, Role] = {
             compat_config=_pve_host_config,
             host_ports=(("api", 8006),),
             api_cert=PVE_API_CERT,
+            colour="#e8f1fb",
         ),
         Role(
             name="qdevice-witness",
@@ -101,6 +111,7 @@ ROLES: dict[str, Role] = {
             qdevice_host=True,
             dirs=(),
             compat_config=_witness_config,
+            colour="#fdf3e1",
         ),
     )
 }

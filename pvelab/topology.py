@@ -20,7 +20,6 @@ from .lab import Connection, Lab
 
 BOX_W, BOX_H = 150, 56
 MARGIN = 14  # clearance a curved link keeps from other boxes
-ROLE_FILL = {"pve-host": "#e8f1fb", "qdevice-witness": "#fdf3e1"}
 COLOURS = {"pass": "#2e7d32", "fail": "#c62828", None: "#555555"}
 IP = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
 
@@ -52,14 +51,16 @@ def checks_from(lab: Lab, scenario_results: list, rehearsal_passed: bool | None 
     passes only if it passed in every result that checked it."""
     checks = Checks()
     by_ip = {str(n.alias.ip): n.name for n in lab.nodes}
+    # a result names its assertion by node and description: the lab's own definition says what it checks
+    defined = {(a.on_vm, a.kind.describe(a)): a for t in lab.scenario.custom_tests for a in t.assertions}
     for result in scenario_results:
         for test in result.tests:
             for a in test.assertions:
-                if a.type == "port_listening":
-                    port = re.search(r"port (\d+)", a.description)
-                    if port:
-                        key = (a.on_vm, int(port.group(1)))
-                        checks.ports[key] = checks.ports.get(key, True) and a.passed
+                definition = defined.get((a.on_vm, a.description))
+                port = definition.kind.port_checked(definition) if definition else None
+                if port is not None:
+                    key = (a.on_vm, port)
+                    checks.ports[key] = checks.ports.get(key, True) and a.passed
                     continue
                 for ip in IP.findall(a.description):
                     other = by_ip.get(ip) if _is_ip(ip) else None
@@ -158,7 +159,7 @@ def topology_svg(lab: Lab, checks: Checks | None = None) -> str:
         out.append(
             f'<g class="node" id="node-{escape(n.name)}">'
             f'<rect x="{x - BOX_W // 2}" y="{y - BOX_H // 2}" width="{BOX_W}" height="{BOX_H}" '
-            f'rx="8" fill="{ROLE_FILL.get(n.role, "#eee")}" stroke="#246"/>'
+            f'rx="8" fill="{n.role_def.colour}" stroke="#246"/>'
             f'<text x="{x}" y="{y - 8}" text-anchor="middle" font-weight="bold">{escape(n.name)}</text>'
             f'<text x="{x}" y="{y + 7}" text-anchor="middle">{escape(n.role)}</text>'
             f'<text x="{x}" y="{y + 21}" text-anchor="middle" fill="#444">{escape(str(n.alias))}</text>'

@@ -81,8 +81,8 @@ def check_shapes(data, lab):
     assert cluster["name"] == lab.cluster_name and cluster["quorate"] == 1 and cluster["nodes"] == 3
     assert isinstance(cluster["version"], int) and cluster["id"] == "cluster"
     nodes = {e["name"]: e for e in status if e["type"] == "node"}
-    assert set(nodes) == {n.name for n in lab.pve_hosts}
-    for n in lab.pve_hosts:
+    assert set(nodes) == {n.name for n in lab.members}
+    for n in lab.members:
         e = nodes[n.name]
         assert e["ip"] == str(n.alias.ip) and e["nodeid"] == n.nodeid and e["online"] == 1
         assert e["local"] == (1 if n.name == NODE else 0) and e["id"] == f"node/{n.name}"

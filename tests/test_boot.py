@@ -63,7 +63,7 @@ def test_qcow2_lab_passes_and_gate_can_fail(built, lab):
     assert len(set(report.host_keys.values())) == len(names)
     # and so is each PVE node's API certificate (pve-ssl.service): its fingerprint is reported
     fps = report.api_fingerprints
-    assert set(fps) == {n.name for n in lab.pve_hosts} and len(set(fps.values())) == len(fps), fps
+    assert set(fps) == {n.name for n in lab.members} and len(set(fps.values())) == len(fps), fps
     assert all(len(fp) == 95 for fp in fps.values()), fps
     # reports on disk
     data = json.loads((out / "report.json").read_text())
@@ -165,7 +165,7 @@ def test_single_node_boots(built, lab, media, firmware):
             ]
             assert parts == ["BIOS boot", "EFI System", "Linux filesystem"], parts
             assert m.succeed("findmnt -no SOURCE /").strip() == "/dev/vda3"
-        if fw.uefi:
+        if fw.is_uefi():
             enforced = m.succeed(SECURE_BOOT).split()[-1]
             assert enforced == ("1" if fw.secure_boot else "0")
         if fw.secure_boot:

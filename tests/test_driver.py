@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from pvelab.corotools import parse_cfgtool, parse_qnetd_clients
-from pvelab.driver import DriverError, Fault, NodeRecord, RunState, Target, parse_groups, parse_nodes
+from pvelab.driver import NodeRecord, RunState, parse_groups, parse_nodes
+from pvelab.faults import DriverError, Fault, Target
 from pvelab.media import BIOS, MEDIA
 from pvelab.paths import ROOT
 from pvelab.qemu import VmSpec, qemu_command

@@ -3,7 +3,8 @@ retried once by the driver and never taken for a boot."""
 
 import pytest
 
-from pvelab.driver import Driver, DriverError
+from pvelab.driver import Driver
+from pvelab.faults import DriverError
 from pvelab.guestfault import FaultKind, scan
 from pvelab.machine import GuestFaultError
 

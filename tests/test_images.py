@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 
 from pvelab import iso as isomod
-from pvelab.artefacts import Layout
+from pvelab.artefacts import ArtefactKind, Layout
 from pvelab.bootdisk import ROOT_PARTITION
 from pvelab.build import build
 from pvelab.disk import loop_partition, mounted
 from pvelab.lab import FORBIDDEN_PACKAGES, FORBIDDEN_PREFIXES, load_lab
-from pvelab.media import ARTEFACT_KINDS
 from pvelab.paths import DEFAULT_LAB, OVERLAYS
 from pvelab.render import render_files
 from pvelab.roles import ROLES
@@ -139,7 +138,7 @@ def test_spec_files_modes_owners(roots, lab, name):
     ops_uid = next(
         int(l.split(":")[2]) for l in (root / "etc/passwd").read_text().splitlines() if l.startswith("ops:")
     )
-    if node.is_pve:
+    if node.is_member:
         for d in (f"nodes/{name}", "storage", "qemu-server", "lxc", "priv"):
             st = (root / "etc/pve" / d).stat()
             assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o750, d
@@ -447,7 +446,7 @@ def test_iso_squashfs_layers(built, lab, name, tmp_path):
     assert f"squashfs-root/usr/lib/pvelab/{module}" in layer
     assert "_compat.py" not in base.replace("/compat.py", "")  # no role's module in the shared base
     assert "ssh_host_" not in base + layer
-    if lab.node(name).is_pve:
+    if lab.node(name).is_member:
         assert re.search(r"^drwxr-x--- 1000/1000 .* squashfs-root/etc/pve/priv$", layer, re.M), layer
         assert "squashfs-root/etc/pve/corosync.conf" in layer
     assert (
@@ -481,7 +480,7 @@ def test_rebuild_gives_identical_bytes(built, lab):
     """Same base, same lab: rebuilding a node reproduces its qcow2, ISO and installer ISO
     bit for bit (fixed clock, derived identifiers, debugfs instead of a kernel mount)."""
     layout = Layout(lab.name)
-    files = [layout.artefact("pve-1", kind) for kind in ARTEFACT_KINDS]
+    files = [layout.artefact("pve-1", kind) for kind in ArtefactKind]
     before = {p.name: _sha(p) for p in files}
     build(lab, ["pve-1"])
     assert {p.name: _sha(p) for p in files} == before
@@ -526,7 +525,7 @@ def test_interrupted_build_keeps_the_last_good_artefacts(built, lab, sig):
         assert str(ndir) not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     # the next build cleans up whatever a killed one left and succeeds
     rebuilt = build(lab, ["pve-2"])[0]
-    assert rebuilt.qcow2.exists() and not (ndir / ".work").exists()
+    assert rebuilt.artefacts[ArtefactKind.QCOW2].exists() and not (ndir / ".work").exists()
     assert {p.name: _sha(p) for p in (ndir / "pve-2.qcow2", ndir / "pve-2.iso")} == before  # same bytes
     assert str(ndir) not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
 
@@ -606,7 +605,7 @@ def test_two_builds_of_one_lab_at_once(built, lab):
     from pvelab.paths import ROOT
 
     layout = Layout(lab.name)
-    files = [layout.artefact("pve-1", kind) for kind in ARTEFACT_KINDS]
+    files = [layout.artefact("pve-1", kind) for kind in ArtefactKind]
     before = {p.name: _sha(p) for p in files}
     cmd = [sys.executable, "-m", "invoke", "build", "--node", "pve-1"]
     procs = [
@@ -630,7 +629,7 @@ def test_damaged_cache_is_said_moved_aside_and_remade(built, lab):
     from pvelab.paths import ROOT, cache_dir
 
     layout = Layout(lab.name)
-    files = [layout.artefact(n, kind) for n in ("pve-1",) for kind in ARTEFACT_KINDS]
+    files = [layout.artefact(n, kind) for n in ("pve-1",) for kind in ArtefactKind]
     before = {p.name: _sha(p) for p in files}
     key = json.loads(layout.manifest("pve-1").read_text())["base_key"]
     entry = cache_dir() / "base" / key

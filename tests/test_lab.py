@@ -7,7 +7,7 @@ from pvelab.lab import LabError, load_lab
 
 def test_default_lab_model(lab):
     assert [n.name for n in lab.nodes] == ["pve-1", "pve-2", "pve-3", "pbs-witness"]
-    assert [n.nodeid for n in lab.pve_hosts] == [1, 2, 3]
+    assert [n.nodeid for n in lab.members] == [1, 2, 3]
     assert lab.witness.name == "pbs-witness" and lab.witness.ip == "10.81.0.20"
     assert lab.expected_votes == 4 and lab.quorum == 3
     assert {n.name: (n.ram_mb, n.disk_gb) for n in lab.nodes} == {

@@ -14,6 +14,7 @@ import pytest
 from pvelab import sbom
 from pvelab.artefacts import (
     ArtefactInfo,
+    ArtefactKind,
     ArtefactRef,
     BootReport,
     BuildManifest,
@@ -21,7 +22,7 @@ from pvelab.artefacts import (
     ScenarioResult,
     TestResult,
 )
-from pvelab.media import ARTEFACT_KINDS, MEDIA
+from pvelab.media import MEDIA
 from pvelab.paths import ROOT
 from pvelab.publish import PublishError, publish
 from pvelab.topology import topology_svg
@@ -51,7 +52,7 @@ def make_built(lab):
         d = node_dir(lab, n.name)
         d.mkdir(parents=True)
         arts = {}
-        for kind in ARTEFACT_KINDS:
+        for kind in ArtefactKind:
             p = Layout(lab.name).artefact(n.name, kind)
             p.write_bytes(f"{kind} of {n.name}\n".encode() * 1000)
             arts[p.name] = ArtefactInfo(size=p.stat().st_size, sha256=_sha(p))

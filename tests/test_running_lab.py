@@ -135,7 +135,7 @@ def api_clients(lab, s, tmp_path):
     lab's API token with verification off; a wrong password and token get 401, a write 501."""
     user = f"{lab.user.name}@pam"
     tok = (lab.api.tokens[0].id, lab.api.tokens[0].secret)
-    for n in lab.pve_hosts:
+    for n in lab.members:
         host, port = s["nodes"][n.name]["forwards"]["api"].split(":")
         fp = s["nodes"][n.name]["api_fingerprint"]
         trust = pinned_cert(host, int(port), fp, tmp_path / f"{n.name}.pem")
@@ -147,12 +147,10 @@ def api_clients(lab, s, tmp_path):
             data = read_all(api, n.name, lab.storage[0].id)
             cluster = next(e for e in data["cluster/status"] if e["type"] == "cluster")
             assert cluster["quorate"] == 1 and cluster["name"] == lab.cluster_name  # votequorum, live
-            assert {e["node"]: e["status"] for e in data["nodes"]} == {
-                m.name: "online" for m in lab.pve_hosts
-            }
+            assert {e["node"]: e["status"] for e in data["nodes"]} == {m.name: "online" for m in lab.members}
             me = next(e for e in data["nodes"] if e["node"] == n.name)
             assert me["ssl_fingerprint"] == fp and data[f"nodes/{n.name}/status"]["uptime"] > 0
-            assert {e["node"] for e in data["cluster/config/nodes"]} == {m.name for m in lab.pve_hosts}
+            assert {e["node"] for e in data["cluster/config/nodes"]} == {m.name for m in lab.members}
             assert data["access/permissions"]["/"]["Sys.Audit"] == 1
             print(
                 f"{n.name}: proxmoxer read {len(data)} endpoints; qdevice: {data['cluster/config/qdevice']}"
@@ -175,7 +173,7 @@ def test_up_work_break_walk_down(labs, tmp_path):
     three, two = labs
     layout = Layout(three.name)
     before = {n.name: sha256(layout.artefact(n.name, "qcow2")) for n in three.nodes}
-    members = [n.name for n in three.pve_hosts]
+    members = [n.name for n in three.members]
 
     # up --cluster returns (its process has exited) and the lab keeps running
     t0 = time.monotonic()
