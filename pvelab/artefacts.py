@@ -25,10 +25,13 @@ import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import PvelabError
 from .paths import build_root
+
+if TYPE_CHECKING:
+    from .lab import Lab, Node
 
 
 class ArtefactKind(StrEnum):
@@ -90,6 +93,20 @@ REHEARSAL_SCHEMA = 1
 
 class RecordError(PvelabError):
     pass
+
+
+class MissingArtefact(PvelabError):
+    pass
+
+
+def built(lab: Lab, node: Node, kind: str) -> Path:
+    """The built artefact of ``kind`` of ``node``; missing, one line saying how to build it."""
+    path = Layout(lab.name).artefact(node.name, kind)
+    if not path.exists():
+        raise MissingArtefact(
+            f"{path} is missing: run `invoke build --lab {lab.path} --node {node.name}` first"
+        )
+    return path
 
 
 def sha256(path: Path) -> str:

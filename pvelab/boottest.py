@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import apicert
-from .artefacts import ArtefactKind, ArtefactRef, BootReport, Layout, sha256
+from .artefacts import ArtefactKind, ArtefactRef, BootReport, Layout, built, sha256
 from .driver import Driver, Progress, sigterm_unwinds
 from .errors import PvelabError
 from .installtest import blank_disk, run_installers
@@ -49,15 +49,6 @@ class BootTestError(PvelabError):
     pass
 
 
-def artefact(lab: Lab, node: Node, kind: str) -> Path:
-    path = Layout(lab.name).artefact(node.name, kind)
-    if not path.exists():
-        raise BootTestError(
-            f"{path} is missing: run `invoke build --lab {lab.path} --node {node.name}` first"
-        )
-    return path
-
-
 def kernel_from_iso(iso: Path, dest: Path) -> Path:
     """The node's own kernel (for the KVM probe), read out of its ISO."""
     return read_from_iso(iso, "/live/vmlinuz", dest)
@@ -66,7 +57,7 @@ def kernel_from_iso(iso: Path, dest: Path) -> Path:
 def choose_accel(lab: Lab, node: Node, requested: str) -> tuple[str, str]:
     with tempfile.TemporaryDirectory(prefix="pvelab-boot-") as tmp:
         return resolve_accel(
-            requested, kernel_from_iso(artefact(lab, node, ArtefactKind.ISO), Path(tmp) / "vmlinuz")
+            requested, kernel_from_iso(built(lab, node, ArtefactKind.ISO), Path(tmp) / "vmlinuz")
         )
 
 
@@ -89,7 +80,7 @@ def booted_lab(
         medium = INSTALLED_DISK
     else:
         for n in nodes:
-            artefact(lab, n, medium.artefact)
+            built(lab, n, medium.artefact)
     for tool in (QEMU, "qemu-img", "dnsmasq", "ip"):
         if shutil.which(tool) is None:
             raise BootTestError(f"{tool} not found: it boots the lab (run scripts/setup)")
@@ -125,7 +116,7 @@ def boot_test(
     nodes = lab.select(names)
     outdir = outdir or Layout(lab.name).boot_test_dir(medium.name, fw.value)
     say = Progress("boot-test")
-    refs = {n.name: artefact(lab, n, medium.artefact) for n in nodes}
+    refs = {n.name: built(lab, n, medium.artefact) for n in nodes}
     # the tested artefacts' digests (hundreds of MB) are taken while the VMs boot
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
     hashed = hasher.submit(lambda: {k: ArtefactRef(str(p), sha256(p)) for k, p in refs.items()})
@@ -234,7 +225,7 @@ def boot_one(lab: Lab, name: str, media: str, firmware: str, accel: str) -> int:
             f"run `invoke up --media {medium.name}` and `invoke console {name}`"
         )
     node = lab.select([name])[0]
-    path = artefact(lab, node, medium.artefact)
+    path = built(lab, node, medium.artefact)
     chosen, why = choose_accel(lab, node, accel)
     say = Progress("boot")
     say(f"accelerator: {chosen} ({why}); network: QEMU user mode, restricted (no outside access)")

@@ -38,13 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from . import accel as accelerator
-from . import netboot
-from .artefacts import Layout, RecordError, _check_schema, _from_dict, _read_json, write_atomic
+from . import netboot, serving
+from .artefacts import Layout, RecordError, _check_schema, _from_dict, _read_json, built, write_atomic
 from .faults import DriverError, Fault
 from .lab import Lab, Node
 from .labnet import LabNet
-from .locks import pid_alive
-from .machine import GuestFaultError, Machine, MachineError, qemu_alive
+from .locks import pid_alive, qemu_alive
+from .machine import GuestFaultError, Machine, MachineError
 from .media import Firmware, Medium, boot_combination
 from .qemu import VmSpec, prepare
 
@@ -237,7 +237,7 @@ class Driver:
         self.accel, self.accel_reason, self.outdir, self.say = accel, accel_reason, workdir, say
         self.disks = disks
         self.net = LabNet([n.name for n in nodes], workdir, node_macs={n.name: n.mac for n in nodes})
-        self.serving: netboot.Serving | None = None  # a network boot's TFTP/HTTP side
+        self.serving: serving.Serving | None = None  # a network boot's TFTP/HTTP side
         if netns:
             self.net.name = netns
         self.machines: dict[str, Machine] = {}
@@ -270,7 +270,7 @@ class Driver:
     def start(self) -> None:
         self.outdir.mkdir(parents=True, exist_ok=True)
         if self.medium.is_network_boot() and self.disks is None:
-            self.serving = netboot.Serving(
+            self.serving = serving.Serving(
                 self.lab, self.nodes, netboot.Mode(self.medium.netboot), self.outdir
             )
             self.say(self.serving.configure(self.net))
@@ -281,9 +281,7 @@ class Driver:
         if self.disks is not None:
             files = self.disks
         else:
-            from .boottest import artefact
-
-            files = {n.name: artefact(self.lab, n, self.medium.artefact) for n in self.nodes}
+            files = {n.name: built(self.lab, n, self.medium.artefact) for n in self.nodes}
         for n in self.nodes:
             drive = prepare(self.medium, self.fw, files[n.name], self.outdir, n.name, self.disks is None)
             self.machines[n.name] = Machine(

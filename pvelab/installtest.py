@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import accel as accelerator
-from . import netboot
+from . import netboot, serving
 from .artefacts import Layout
 from .errors import PvelabError
 from .guestfault import ANSI, USERSPACE
@@ -131,19 +131,19 @@ def _installer_vm(
 def _install_network(
     lab: Lab, nodes: tuple[Node, ...], medium: Medium, workdir: Path, say
 ) -> Iterator[LabNet | None]:
-    """A network installer's lab network (DHCP, TFTP, HTTP: :class:`netboot.Serving`); None for a CD."""
+    """A network installer's lab network (DHCP, TFTP, HTTP: :class:`serving.Serving`); None for a CD."""
     if not medium.is_network_boot():
         yield None
         return
     net = LabNet([n.name for n in nodes], workdir, node_macs={n.name: n.mac for n in nodes})
-    serving = netboot.Serving(lab, nodes, netboot.Mode(medium.netboot), workdir)
-    say(serving.configure(net))
+    served = serving.Serving(lab, nodes, netboot.Mode(medium.netboot), workdir)
+    say(served.configure(net))
     try:
         with net:
-            serving.start(net)
+            served.start(net)
             yield net
     finally:
-        serving.stop()
+        served.stop()
 
 
 def run_installers(

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import apicert, netboot
+from . import apicert, serving
 from .artefacts import Layout, RehearsalReport, write_atomic
 from .corotools import parse_cfgtool, parse_qnetd_clients, parse_quorumtool
 from .driver import (
@@ -43,8 +43,8 @@ from .driver import (
 from .faults import DriverError, Fault, Target
 from .lab import Lab
 from .labnet import LabNet
-from .locks import lab_lock, pid_alive
-from .machine import Machine, qemu_alive
+from .locks import lab_lock, pid_alive, qemu_alive
+from .machine import Machine
 from .media import DEFAULT_FIRMWARE, DEFAULT_MEDIUM
 
 CONSOLE_ESCAPE = b"\x1d"  # Ctrl-]
@@ -97,8 +97,8 @@ def cleanup(lab: Lab, state: RunState | None) -> list[str]:
             removed += 1
     for name in (KEY_NAME, f"{KEY_NAME}.pub", "state.json"):
         (workdir / name).unlink(missing_ok=True)
-    if (workdir / netboot.SERVE_DIR).is_dir():
-        shutil.rmtree(workdir / netboot.SERVE_DIR)
+    if (workdir / serving.SERVE_DIR).is_dir():
+        shutil.rmtree(workdir / serving.SERVE_DIR)
         removed += 1
     (Layout(lab.name).run_dir / "state.json").unlink(missing_ok=True)
     if removed:
@@ -118,7 +118,8 @@ def up(
     replace: bool = False,
 ) -> RunState:
     """Boot the lab, leave it running; with ``cluster``, real corosync + QDevice, quorate."""
-    from .boottest import _install_first, artefact, choose_accel
+    from .artefacts import built
+    from .boottest import _install_first, choose_accel
     from .media import INSTALLED_DISK, boot_combination
 
     medium, fw = boot_combination(media, firmware)
@@ -129,7 +130,7 @@ def up(
                 say(line)
         state_file = claim(lab)
         for n in lab.nodes:
-            artefact(lab, n, medium.artefact)
+            built(lab, n, medium.artefact)
         packages = _cluster_packages(lab) if cluster else {}
         run_dir = Layout(lab.name).run_dir
         run_dir.mkdir(parents=True, exist_ok=True)

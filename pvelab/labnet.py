@@ -28,6 +28,7 @@ from pathlib import Path
 from . import locks
 from .errors import PvelabError
 from .lab import default_mac
+from .locks import remove_netns
 
 CLONE_NEWNET = 0x40000000
 DEFAULT_SUBNET = "172.31.81.0/24"
@@ -154,15 +155,7 @@ class LabNet:
                 self.dnsmasq.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.dnsmasq.kill()
-        if self.name in _ip("ip", "netns", "list", check=False).stdout.split():
-            # leftover processes in the namespace (a QEMU that ignored SIGTERM) die with it
-            pids = _ip("ip", "netns", "pids", self.name, check=False).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            _ip("ip", "netns", "del", self.name, check=False)
+        remove_netns(self.name)  # leftover processes in it (a QEMU that ignored SIGTERM) die with it
 
     # -------------------------------------------------------------- faults
     def segments(self) -> dict[str, str]:

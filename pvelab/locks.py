@@ -188,11 +188,33 @@ def leave(netns: str | None = None, qemu: tuple[str, int] | None = None) -> None
         _write(held)
 
 
+def qemu_alive(pid: int, name: str) -> bool:
+    """Is ``pid`` still the QEMU of guest ``name``? (not a zombie, not a reused pid)"""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and b"-name" in cmdline and name.encode() in cmdline
+
+
+def remove_netns(name: str) -> bool:
+    """Delete network namespace ``name``, killing what still runs in it (a QEMU that
+    ignored SIGTERM, a dnsmasq); its bridge and taps go with it. False: there was none."""
+    if name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
+        return False
+    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
+    return True
+
+
 def sweep(left: Holder) -> str:
     """Remove what a killed holder left; one line saying what it was and what was done."""
-    from .labnet import LabNet  # both record into this module
-    from .machine import qemu_alive
-
     done = []
     for name, pid in left.qemu.items():
         if qemu_alive(pid, name):
@@ -201,12 +223,8 @@ def sweep(left: Holder) -> str:
                 done.append(f"QEMU of {name} (pid {pid}) killed")
             except ProcessLookupError:
                 pass
-    present = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     for ns in left.netns:
-        if ns in present:
-            net = LabNet([], build_root())
-            net.name = ns
-            net.down()  # what is left in it (dnsmasq, a QEMU) dies with it
+        if remove_netns(ns):  # what is left in it (dnsmasq, a QEMU) dies with it
             done.append(f"namespace {ns} (bridge, taps, dnsmasq) removed")
     what = "; ".join(done) if done else "nothing of it was still running"
     return f"the run {left.describe()} ended without cleaning up (killed?); lock taken over: {what}"

@@ -24,9 +24,10 @@ import paramiko
 from . import locks
 from .guestfault import GuestFault, scan
 from .labnet import LabNet
+from .locks import qemu_alive
 from .qemu import MachineError, VmSpec, qemu_command
 
-__all__ = ["GuestFaultError", "Machine", "MachineError", "qemu_alive"]
+__all__ = ["GuestFaultError", "Machine", "MachineError"]
 
 
 class GuestFaultError(MachineError):
@@ -35,16 +36,6 @@ class GuestFaultError(MachineError):
     def __init__(self, node: str, fault: GuestFault, console: Path):
         super().__init__(f"{node}: {fault.describe()}; console: {console}")
         self.node, self.fault = node, fault
-
-
-def qemu_alive(pid: int, name: str) -> bool:
-    """Is ``pid`` still the QEMU of guest ``name``? (not a zombie, not a reused pid)"""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z" and b"-name" in cmdline and name.encode() in cmdline
 
 
 @dataclass

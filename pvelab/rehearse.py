@@ -27,10 +27,11 @@ from .artefacts import (
     NodeObservation,
     RehearsalReport,
     WalkStep,
+    built,
     sha256,
     write_atomic,
 )
-from .boottest import artefact, booted_lab
+from .boottest import booted_lab
 from .corotools import parse_quorumtool
 from .deploy import FIRST, MEMBERS, WITNESS, Action, actions
 from .driver import Driver, Progress, RunState, netns_name, parallel, read_state
@@ -362,7 +363,7 @@ def rehearse(
                 f"{layout.manifest(n.name)} is missing: run `invoke build --lab {lab.path}` first"
             )
     packages = guest_packages(lab, Steps("rehearse", outdir / "packages.log"))
-    refs = {n.name: artefact(lab, n, medium.artefact) for n in lab.nodes}
+    refs = {n.name: built(lab, n, medium.artefact) for n in lab.nodes}
     report = RehearsalReport(
         lab=lab.name,
         lab_file=str(lab.path),

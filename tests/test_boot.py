@@ -212,7 +212,7 @@ def test_a_killed_boot_test_is_cleaned_up_by_the_next_run(built, lab):
     import time
 
     from pvelab import locks
-    from pvelab.machine import qemu_alive
+    from pvelab.locks import qemu_alive
     from pvelab.paths import ROOT
 
     proc = subprocess.Popen(
