@@ -17,21 +17,21 @@ import sys
 
 from invoke import Exit, task
 
-from pvelab.accel import AUTO
-from pvelab.media import DEFAULT_FIRMWARE, DEFAULT_MEDIUM, MEDIA
-from pvelab.paths import DEFAULT_LAB
+from pvelab.core.paths import DEFAULT_LAB
+from pvelab.model.accel import AUTO
+from pvelab.model.media import DEFAULT_FIRMWARE, DEFAULT_MEDIUM, MEDIA
 
 MEDIA_HELP = ", ".join(MEDIA)
 
 
 def _lab(path):
-    from pvelab.lab import load_lab
+    from pvelab.model.labfile import load_lab
 
     return load_lab(path)
 
 
 def _keep(keep):
-    from pvelab.errors import PvelabError
+    from pvelab.core.errors import PvelabError
 
     if keep is None:
         return None
@@ -53,8 +53,8 @@ def friendly(fn):
     def wrapper(*args, **kwargs):
         import os
 
-        from pvelab.errors import PvelabError
-        from pvelab.locks import no_wait
+        from pvelab.core.errors import PvelabError
+        from pvelab.core.locks import no_wait
 
         debug = os.environ.get("PVELAB_DEBUG") == "1" or "--debug" in sys.argv or "-d" in sys.argv[:2]
         try:
@@ -76,7 +76,7 @@ def friendly(fn):
 @friendly
 def render(c, node=None, lab=str(DEFAULT_LAB)):
     """Render the overlays of each node into build/<lab>/<node>/overlay/."""
-    from pvelab.render import render_lab
+    from pvelab.build.render import render_lab
 
     for tree in render_lab(_lab(lab), node):
         print(tree)
@@ -86,7 +86,7 @@ def render(c, node=None, lab=str(DEFAULT_LAB)):
 @friendly
 def recipes(c, lab=str(DEFAULT_LAB)):
     """Write one JSON recipe per node and the scenario JSON into build/<lab>/recipes/."""
-    from pvelab.recipes import export_recipes
+    from pvelab.build.recipes import export_recipes
 
     for path in export_recipes(_lab(lab)):
         print(path)
@@ -106,7 +106,7 @@ def recipes(c, lab=str(DEFAULT_LAB)):
 @friendly
 def build(c, node=None, lab=str(DEFAULT_LAB), refresh=False, rebuild_base=False, verify=False, no_wait=False):
     """Build qcow2 + bootable ISO + installer ISO + manifest for each node into build/<lab>/<node>/."""
-    from pvelab.build import build as run_build
+    from pvelab.build.pipeline import build as run_build
 
     for result in run_build(_lab(lab), node, force_base=refresh or rebuild_base, verify=verify):
         print(f"{result.node}: {' '.join(map(str, result.artefacts.values()))} ({result.seconds:.0f}s)")
@@ -139,7 +139,7 @@ def boot_test(
     no_wait=False,
 ):
     """Boot the built nodes together under QEMU and run the lab's validation scenario."""
-    from pvelab.boottest import boot_test as run
+    from pvelab.checks.boottest import boot_test as run
 
     report = run(
         _lab(lab), node, media=media, firmware=firmware, accel=accel, timeout=float(timeout), analyze=analyze
@@ -173,7 +173,7 @@ def rehearse(
     no_wait=False,
 ):
     """Form the real corosync cluster from the baked wiring on the booted lab; walk the quorum cases."""
-    from pvelab.rehearse import rehearse as run
+    from pvelab.checks.rehearse import rehearse as run
 
     report = run(
         _lab(lab),
@@ -296,7 +296,7 @@ def boot(
     c, node, media=DEFAULT_MEDIUM.name, firmware=DEFAULT_FIRMWARE.name, accel=AUTO, lab=str(DEFAULT_LAB)
 ):
     """Boot one node with its serial console on this terminal (quit: Ctrl-a x)."""
-    from pvelab.boottest import boot_one
+    from pvelab.checks.boottest import boot_one
 
     raise Exit(code=boot_one(_lab(lab), node, media, firmware, accel))
 
@@ -326,7 +326,7 @@ def publish(
     """Publish what is built and boot-tested as DEST/<lab>/<timestamp>/ (gated, atomic)."""
     import os
 
-    from pvelab.publish import publish as run
+    from pvelab.release.publish import publish as run
 
     rel = run(
         _lab(lab),
@@ -375,7 +375,7 @@ def nightly(
     """Build; unless identical to the latest release, boot-test every medium, rehearse, publish."""
     import os
 
-    from pvelab.nightly import nightly as run
+    from pvelab.release.nightly import nightly as run
 
     rel = run(
         _lab(lab),
@@ -400,7 +400,7 @@ def nightly(
 @friendly
 def verify(c, release, key=None):
     """Check a release you received, offline: checksums, signatures, provenance, SBOMs, test reports."""
-    from pvelab.verify import verify as run
+    from pvelab.release.verify import verify as run
 
     v = run(release, key)
     for problem in v.problems:
@@ -422,7 +422,7 @@ def bench(c, boots=3, icount=False):
     """Stock DIB vs pvelab side by side: build times, boot to SSH, sizes; ratios + JSON."""
     import subprocess
 
-    from pvelab.paths import ROOT
+    from pvelab.core.paths import ROOT
 
     raise Exit(
         code=subprocess.call(

@@ -24,12 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pvelab import image  # noqa: E402
-from pvelab.artefacts import sha256 as sha  # noqa: E402
-from pvelab.disk import loop_partition, mounted  # noqa: E402
-from pvelab.lab import load_lab  # noqa: E402
-from pvelab.paths import DEFAULT_LAB, build_root  # noqa: E402
-from pvelab.run import Steps  # noqa: E402
+from pvelab.build import base as image  # noqa: E402
+from pvelab.build.disk import loop_partition, mounted  # noqa: E402
+from pvelab.core.paths import DEFAULT_LAB, build_root  # noqa: E402
+from pvelab.core.run import Steps  # noqa: E402
+from pvelab.model.artefacts import sha256 as sha  # noqa: E402
+from pvelab.model.labfile import load_lab  # noqa: E402
 
 OUT = build_root() / "bench" / "base-repro"
 OUTPUTS = ("base.raw", "filesystem.squashfs", "vmlinuz", "initrd.img")

@@ -30,15 +30,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pvelab import dib_blockdev, netboot  # noqa: E402
-from pvelab.artefacts import Layout  # noqa: E402
-from pvelab.hostapt import dib_mirror_env  # noqa: E402
-from pvelab.lab import load_lab  # noqa: E402
-from pvelab.labnet import LabNet  # noqa: E402
-from pvelab.machine import Machine  # noqa: E402
-from pvelab.media import BIOS, FIRMWARES, MEDIA  # noqa: E402
-from pvelab.paths import DEFAULT_LAB, build_root  # noqa: E402
-from pvelab.qemu import VmSpec, prepare  # noqa: E402
+from pvelab.build import dib_blockdev, netboot  # noqa: E402
+from pvelab.build.hostapt import dib_mirror_env  # noqa: E402
+from pvelab.core.paths import DEFAULT_LAB, build_root  # noqa: E402
+from pvelab.model.artefacts import Layout  # noqa: E402
+from pvelab.model.labfile import load_lab  # noqa: E402
+from pvelab.model.media import BIOS, FIRMWARES, MEDIA  # noqa: E402
+from pvelab.running.labnet import LabNet  # noqa: E402
+from pvelab.running.machine import Machine  # noqa: E402
+from pvelab.running.qemu import VmSpec, prepare  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 OUT = build_root() / "bench"
@@ -168,7 +168,7 @@ def ssh_banner_seconds(
 def installer_figures(lab, pbuild: Path, node) -> dict[str, float]:
     """pve-1's installer ISO (BIOS, TCG): power-on to power-off on a blank disk, then the
     installed disk's boot to SSH."""
-    from pvelab.installtest import blank_disk, run_installers
+    from pvelab.checks.installtest import blank_disk, run_installers
 
     layout_dir = pbuild / lab.name / node.name
     installer = layout_dir / f"{node.name}-installer.iso"
@@ -256,10 +256,10 @@ def compat_load(lab) -> dict[str, float]:
     import subprocess as sp
     import tempfile
 
-    from pvelab.apicert import make_self_signed
-    from pvelab.loadtest import get, insecure_client, measure, oversized, slow_clients
-    from pvelab.paths import ELEMENTS, OVERLAYS
-    from pvelab.render import compat_config
+    from pvelab.build.render import compat_config
+    from pvelab.checks.loadtest import get, insecure_client, measure, oversized, slow_clients
+    from pvelab.core.paths import ELEMENTS, OVERLAYS
+    from pvelab.running.apicert import make_self_signed
 
     with tempfile.TemporaryDirectory(prefix="pvelab-bench-") as tmp:
         cfg = Path(tmp) / "pve-compat.json"

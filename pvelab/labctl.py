@@ -1,6 +1,6 @@
 """The lab an operator's hands know: ``up``, ``status``, ``ssh``, ``console``, ``fault``, ``down``.
 
-``up`` boots the lab through :class:`pvelab.driver.Driver` in ``build/<lab>/run/`` and
+``up`` boots the lab through :class:`pvelab.running.driver.Driver` in ``build/<lab>/run/`` and
 detaches it: the VMs, dnsmasq and the loopback port forwarder run on after the command
 returns. Every later command finds the lab again from its run state. One running lab per
 lab name (a lock file and the run state guard it); different labs run side by side, each
@@ -17,8 +17,6 @@ import json
 import os
 import select
 import shlex
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,10 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import apicert, serving
-from .artefacts import Layout, RehearsalReport, write_atomic
-from .corotools import parse_cfgtool, parse_qnetd_clients, parse_quorumtool
-from .driver import (
+from pvelab.core.locks import lab_lock, qemu_alive
+from pvelab.model.artefacts import Layout, RehearsalReport, write_atomic
+from pvelab.model.faults import DriverError, Fault, Target
+from pvelab.model.lab import Lab
+from pvelab.model.media import DEFAULT_FIRMWARE, DEFAULT_MEDIUM
+from pvelab.running import apicert
+from pvelab.running.corotools import parse_cfgtool, parse_qnetd_clients, parse_quorumtool
+from pvelab.running.driver import (
     KEY_NAME,
     Driver,
     Progress,
@@ -40,73 +42,13 @@ from .driver import (
     parse_nodes,
     read_state,
 )
-from .faults import DriverError, Fault, Target
-from .lab import Lab
-from .labnet import LabNet
-from .locks import lab_lock, pid_alive, qemu_alive
-from .machine import Machine
-from .media import DEFAULT_FIRMWARE, DEFAULT_MEDIUM
+from pvelab.running.lifecycle import claim, cleanup
+from pvelab.running.machine import Machine
 
 CONSOLE_ESCAPE = b"\x1d"  # Ctrl-]
 
 
 # --------------------------------------------------------------------------- lock and state
-
-
-def claim(lab: Lab) -> Path:
-    """The run state's path for a new running lab; DriverError if the lab is up already.
-    Stale state (or a namespace left without state) is said and cleaned first."""
-    state = read_state(lab)
-    if state is not None:
-        why = state.liveness()
-        if not why:
-            raise DriverError(
-                f"lab {lab.name} is already up (since {state.started_at}): invoke status --lab {lab.path};"
-                f" take it down with invoke down, or up --replace"
-            )
-        print(f"lab {lab.name}: stale state ({why}); cleaning it up first", flush=True)
-        cleanup(lab, state)
-    elif Path(f"/run/netns/{netns_name(lab)}").exists():
-        print(f"lab {lab.name}: a network namespace {netns_name(lab)} without state; removing it", flush=True)
-        cleanup(lab, None)
-    return Layout(lab.name).run_dir / "state.json"
-
-
-def cleanup(lab: Lab, state: RunState | None) -> list[str]:
-    """Kill whatever of the lab still runs, remove its namespace and throwaway files; what was done."""
-    done = []
-    ns = state.netns if state else netns_name(lab)
-    if state is not None:
-        for name, rec in state.nodes.items():
-            if qemu_alive(rec.pid, name):
-                os.kill(rec.pid, signal.SIGKILL)
-                done.append(f"QEMU of {name} killed")
-        if state.forwarder_pid and pid_alive(state.forwarder_pid):
-            os.kill(state.forwarder_pid, signal.SIGTERM)
-    workdir = Path(state.workdir) if state else Layout(lab.name).run_dir
-    if Path(f"/run/netns/{ns}").exists():
-        net = LabNet([], workdir)
-        net.name = ns
-        net.down()  # what is left in the namespace dies with it
-        done.append(f"network namespace {ns} (bridge, taps, dnsmasq) removed")
-    removed = 0
-    patterns = ("*.overlay.qcow2", "*.disk.qcow2", "*.OVMF_VARS.fd", "*.console.sock", "*.pid", "dnsmasq.pid")
-    for pattern in patterns:
-        for f in workdir.glob(pattern):
-            f.unlink(missing_ok=True)
-            removed += 1
-    for name in (KEY_NAME, f"{KEY_NAME}.pub", "state.json"):
-        (workdir / name).unlink(missing_ok=True)
-    if (workdir / serving.SERVE_DIR).is_dir():
-        shutil.rmtree(workdir / serving.SERVE_DIR)
-        removed += 1
-    (Layout(lab.name).run_dir / "state.json").unlink(missing_ok=True)
-    if removed:
-        done.append(f"{removed} throwaway file(s) (overlays, UEFI variables, sockets) removed")
-    return done
-
-
-# --------------------------------------------------------------------------- up / down
 
 
 def up(
@@ -118,9 +60,9 @@ def up(
     replace: bool = False,
 ) -> RunState:
     """Boot the lab, leave it running; with ``cluster``, real corosync + QDevice, quorate."""
-    from .artefacts import built
-    from .boottest import _install_first, choose_accel
-    from .media import INSTALLED_DISK, boot_combination
+    from pvelab.checks.boottest import _install_first, choose_accel
+    from pvelab.model.artefacts import built
+    from pvelab.model.media import INSTALLED_DISK, boot_combination
 
     medium, fw = boot_combination(media, firmware)
     say = Progress("up")
@@ -163,8 +105,8 @@ def up(
 
 
 def _cluster_packages(lab: Lab) -> dict:
-    from .rehearse import guest_packages
-    from .run import Steps
+    from pvelab.checks.rehearse import guest_packages
+    from pvelab.core.run import Steps
 
     return guest_packages(lab, Steps("up", Layout(lab.name).run_dir / "packages.log"))
 
@@ -172,8 +114,8 @@ def _cluster_packages(lab: Lab) -> dict:
 def _form_cluster(lab: Lab, driver: Driver, packages: dict, say: Progress) -> None:
     """The rehearsal's deployment, then wait until every member is quorate as the lab's
     arithmetic says (the walk's first step)."""
-    from .quorum import walk
-    from .rehearse import SETTLE_TIMEOUT, Rehearsal
+    from pvelab.checks.rehearse import SETTLE_TIMEOUT, Rehearsal
+    from pvelab.model.quorum import walk
 
     report = _empty_report(lab, driver)
     run = Rehearsal(lab, driver, packages, report, say)
@@ -220,41 +162,6 @@ def down(lab: Lab) -> list[str]:
 
 
 # --------------------------------------------------------------------------- describe / status
-
-
-def describe(lab: Lab, state: RunState) -> str:
-    """What ``up`` prints: per node its addresses, how to log in, its console log."""
-    lines = [
-        f"lab {lab.name} is up ({state.media}, {state.firmware}, {state.accel})"
-        + (f"; corosync cluster {lab.cluster_name} with its QDevice, quorate" if state.cluster else ""),
-        f"{'node':<12} {'lab address':<13} {'DHCP address':<14} {'SSH on the host':<17} {'API on the host':<17} console log",
-    ]
-    for name, rec in state.nodes.items():
-        fw = rec.forwards
-        lines.append(
-            f"{name:<12} {rec.alias:<13} {rec.address:<14} "
-            f"{'127.0.0.1:' + str(fw['ssh']) if 'ssh' in fw else '-':<17} "
-            f"{'127.0.0.1:' + str(fw['api']) if 'api' in fw else '-':<17} {rec.console_log}"
-        )
-    flag = f" --lab {lab.path}" if lab.path.resolve() != _default_lab() else ""
-    first, last = (
-        next(iter(state.nodes)),
-        lab.members[-1].name if lab.members else next(iter(state.nodes)),
-    )
-    lines += [
-        f"log in:   invoke ssh {first}{flag}          (as {lab.user.name}; sudo needs no password here)",
-        f"run:      invoke ssh {first}{flag} --root -- corosync-quorumtool -s",
-        f"console:  invoke console {first}{flag}      (Ctrl-] leaves)",
-        f"faults:   invoke fault cut {last}{flag}, invoke fault heal all{flag}, ... ; invoke status{flag}",
-        f"stop:     invoke down{flag}",
-    ]
-    return "\n".join(lines)
-
-
-def _default_lab() -> Path:
-    from .paths import DEFAULT_LAB
-
-    return DEFAULT_LAB.resolve()
 
 
 def status(lab: Lab) -> dict[str, Any]:
@@ -520,7 +427,7 @@ def fault(lab: Lab, action: str, target: str = "") -> str:
 
 
 def _redeploy(lab: Lab, driver: Driver, names: set[str]) -> None:
-    from .rehearse import Rehearsal
+    from pvelab.checks.rehearse import Rehearsal
 
     driver.connect()
     run = Rehearsal(lab, driver, _cluster_packages(lab), _empty_report(lab, driver), Progress("fault"))

@@ -6,8 +6,8 @@ import sys
 import pytest
 import yaml
 
-from pvelab.lab import load_lab
-from pvelab.paths import DEFAULT_LAB, ELEMENTS, OVERLAYS
+from pvelab.core.paths import DEFAULT_LAB, ELEMENTS, OVERLAYS
+from pvelab.model.labfile import load_lab
 
 COMPAT_DIR = ELEMENTS / "pvelab-compat" / "static" / "usr" / "lib" / "pvelab"  # shared library
 ROLE_MODULE_DIRS = [OVERLAYS / role / "usr" / "lib" / "pvelab" for role in ("pve-host", "qdevice-witness")]

@@ -13,8 +13,8 @@ import requests
 from proxmoxer import AuthenticationError, ResourceException
 from pveclient import READS, connect, fingerprint_of_pem, pinned_cert, read_all
 
-from pvelab.apicert import make_self_signed
-from pvelab.render import api_tokens, compat_config, render_files
+from pvelab.build.render import api_tokens, compat_config, render_files
+from pvelab.running.apicert import make_self_signed
 
 HOST = "127.0.0.1"
 NODE = "pve-2"
@@ -252,7 +252,7 @@ def test_tickets_expire_and_are_bound_to_the_node_key(compat_modules):
 def test_token_hash_made_on_the_host_is_checked_on_the_node(lab, compat_modules):
     import pve_api
 
-    from pvelab.secrets import token_hash, token_salt
+    from pvelab.model.passwords import token_hash, token_salt
 
     stored = token_hash("s3cret-s3cret-s3cret", token_salt(lab.name, "automation"))
     assert pve_api.token_matches("s3cret-s3cret-s3cret", stored)

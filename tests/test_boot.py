@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pvelab.artefacts import Layout
-from pvelab.boottest import boot_test
-from pvelab.build import build
-from pvelab.scenario import run_scenario
+from pvelab.build.pipeline import build
+from pvelab.checks.boottest import boot_test
+from pvelab.checks.scenario import run_scenario
+from pvelab.model.artefacts import Layout
 
 pytestmark = [pytest.mark.boot, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, taps)")]
 
@@ -37,8 +37,8 @@ def break_pve3(machines, report):
     """Stop pve-compat on pve-3 and run the same scenario again: the gate must fail."""
     status, out = machines["pve-3"].sudo("systemctl stop pve-compat.service")
     assert status == 0, out
-    from pvelab.lab import load_lab
-    from pvelab.paths import DEFAULT_LAB
+    from pvelab.core.paths import DEFAULT_LAB
+    from pvelab.model.labfile import load_lab
 
     broken = run_scenario(
         load_lab(DEFAULT_LAB).scenario,
@@ -135,8 +135,8 @@ def test_single_node_boots(built, lab, media, firmware):
     """One node on the other media and firmware: the hybrid ISO as a USB stick (isohybrid
     MBR for BIOS, the GPT's EFI partition for UEFI), and the qcow2's GPT disk under UEFI,
     with and without Secure Boot (shim -> signed GRUB from its ESP -> signed kernel)."""
-    from pvelab.boottest import SECURE_BOOT, Progress, booted_lab
-    from pvelab.media import boot_combination
+    from pvelab.checks.boottest import SECURE_BOOT, Progress, booted_lab
+    from pvelab.model.media import boot_combination
 
     node = lab.node("pbs-witness")
     medium, fw = boot_combination(media, firmware)
@@ -175,9 +175,9 @@ def test_single_node_boots(built, lab, media, firmware):
 def test_second_lab_side_by_side(built, lab, tmp_path):
     """A second lab with the same node names builds, boot-tests and publishes beside the first
     without touching a byte of the first lab's outputs (the shared base is reused)."""
-    from pvelab.lab import load_lab
-    from pvelab.paths import LABS
-    from pvelab.publish import publish
+    from pvelab.core.paths import LABS
+    from pvelab.model.labfile import load_lab
+    from pvelab.release.publish import publish
 
     other = load_lab(LABS / "proxmox-2node-qdevice.yaml")
     first = Layout(lab.name).root
@@ -211,9 +211,9 @@ def test_a_killed_boot_test_is_cleaned_up_by_the_next_run(built, lab):
     import sys
     import time
 
-    from pvelab import locks
-    from pvelab.locks import qemu_alive
-    from pvelab.paths import ROOT
+    from pvelab.core import locks
+    from pvelab.core.locks import qemu_alive
+    from pvelab.core.paths import ROOT
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "invoke", "boot-test", "--node", "pve-1", "--node", "pve-2"],

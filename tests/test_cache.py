@@ -2,8 +2,8 @@
 
 import shutil
 
-from pvelab import image
-from pvelab.lab import load_lab
+from pvelab.build import base as image
+from pvelab.model.labfile import load_lab
 
 
 def key(lab):
@@ -61,8 +61,8 @@ def test_a_base_build_clears_what_killed_builds_left(lab, tmp_path, monkeypatch)
     failing build leaves its own behind for reading, and no finished base is touched."""
     import pytest
 
-    from pvelab import archive
-    from pvelab.run import StepError, Steps
+    from pvelab.build import archive_state as archive
+    from pvelab.core.run import StepError, Steps
 
     state = {"trixie": archive.SuiteState("trixie", "http://mirror.invalid/debian", "ab" * 32, "d", "13")}
     monkeypatch.setattr(archive, "fetch_state", lambda release: state)
@@ -87,7 +87,7 @@ def test_a_base_build_clears_what_killed_builds_left(lab, tmp_path, monkeypatch)
 
 
 def key_with(lab, state):
-    from pvelab import archive
+    from pvelab.build import archive_state as archive
 
     return image.base_key(dict(image.base_inputs(lab), archive=archive.key_part(state)))
 
@@ -96,7 +96,7 @@ def test_seal_finds_truncation_flips_and_reseals_a_plain_copy(tmp_path):
     import os
     import shutil
 
-    from pvelab import cache
+    from pvelab.build import cache
 
     entry = tmp_path / "e"
     entry.mkdir()

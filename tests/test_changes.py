@@ -3,8 +3,8 @@
 import json
 import subprocess
 
-from pvelab import changes
-from pvelab.paths import ROOT
+from pvelab.core.paths import ROOT
+from pvelab.release import changes
 
 
 def release(d, name, packages, corosync, lab_text, commit, sha="aa"):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pvelab.render import compat_config
+from pvelab.build.render import compat_config
 
 SPEC_STATUS = (
     '{"data":[{"type":"cluster","name":"pve-cluster","nodes":3,"quorate":1},'
@@ -176,7 +176,7 @@ def test_header_count_and_size_caps(pve):
 
 def test_normal_clients_served_while_hundreds_are_slow(pve):
     """300 idle and 100 byte-a-second clients connected: plain GETs still answer at once."""
-    from pvelab.loadtest import measure, slow_clients
+    from pvelab.checks.loadtest import measure, slow_clients
 
     port = api_port(pve)
     with slow_clients(port, idle=300, trickle=100, seconds=40) as attack:
@@ -191,7 +191,7 @@ def test_oversized_requests_stay_within_the_units_memory(lab, tmp_path):
     every one is refused, normal GETs keep working, and the high-water mark of resident
     memory stays far below the unit's MemoryMax=128M."""
 
-    from pvelab.loadtest import get, oversized
+    from pvelab.checks.loadtest import get, oversized
 
     port = free_port()
     proc = start_pve_compat(lab, tmp_path, port, f"{free_port()}")

@@ -12,8 +12,8 @@ import subprocess
 
 import pytest
 
-from pvelab.lab import load_lab
-from pvelab.render import render_files
+from pvelab.build.render import render_files
+from pvelab.model.labfile import load_lab
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for unshare")
 

@@ -7,14 +7,14 @@ from importlib.metadata import entry_points
 import pytest
 import yaml
 
-from pvelab import dib_blockdev
+from pvelab.build import dib_blockdev
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices")
 
 
 def test_registered_as_dib_plugin():
     eps = {e.name: e.value for e in entry_points(group="diskimage_builder.block_device.plugin")}
-    assert eps["pvelab_partitioning"] == "pvelab.dib_blockdev:LoopPartitioning"
+    assert eps["pvelab_partitioning"] == "pvelab.build.dib_blockdev:LoopPartitioning"
     assert "partitioning" in eps  # DIB's own, still used where device-mapper works
 
 

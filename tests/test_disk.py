@@ -3,7 +3,7 @@
 import os
 import subprocess
 
-from pvelab.disk import copy_data, partition_extent
+from pvelab.build.disk import copy_data, partition_extent
 
 MIB = 2**20
 

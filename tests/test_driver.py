@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from pvelab.corotools import parse_cfgtool, parse_qnetd_clients
-from pvelab.driver import NodeRecord, RunState, parse_groups, parse_nodes
-from pvelab.faults import DriverError, Fault, Target
-from pvelab.media import BIOS, MEDIA
-from pvelab.paths import ROOT
-from pvelab.qemu import VmSpec, qemu_command
+from pvelab.core.paths import ROOT
+from pvelab.model.faults import DriverError, Fault, Target
+from pvelab.model.media import BIOS, MEDIA
+from pvelab.running.corotools import parse_cfgtool, parse_qnetd_clients
+from pvelab.running.driver import NodeRecord, RunState, parse_groups, parse_nodes
+from pvelab.running.qemu import VmSpec, qemu_command
 
 CFGTOOL = """Local node ID 1, transport knet
 LINK ID 0 udp
@@ -58,7 +58,7 @@ def test_qnetd_clients():
 
 
 def test_fault_words_are_the_walks_words(lab):
-    from pvelab.quorum import walk
+    from pvelab.model.quorum import walk
 
     kinds = {e.kind for s in walk(lab) for e in s.events} - {"none"}
     assert kinds <= {f.value for f in Fault}

@@ -3,10 +3,10 @@ retried once by the driver and never taken for a boot."""
 
 import pytest
 
-from pvelab.driver import Driver
-from pvelab.faults import DriverError
-from pvelab.guestfault import FaultKind, scan
-from pvelab.machine import GuestFaultError
+from pvelab.model.faults import DriverError
+from pvelab.running.driver import Driver
+from pvelab.running.guestfault import FaultKind, scan
+from pvelab.running.machine import GuestFaultError
 
 IOAPIC = """\
 [    0.000000] Linux version 6.12.57+deb13-amd64
@@ -94,7 +94,7 @@ def test_an_installer_stuck_before_userspace_is_hung_though_its_console_changes(
     """GRUB redrawing its menu keeps the console changing: the stall watch alone never
     fires, so no userspace STALL seconds after power-on is a hang too; a console that
     went silent is one whatever it shows; a booted installer printing is not."""
-    from pvelab.installtest import hang
+    from pvelab.checks.installtest import hang
 
     assert hang(console_changed=299, powered_on=0, now=300, stall=300, userspace=False) == (
         "still in firmware or the boot loader 300s after power-on"

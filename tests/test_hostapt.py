@@ -1,6 +1,6 @@
 """Mirrors come from the host's apt sources, never from the repository."""
 
-from pvelab.hostapt import debian_mirrors, dib_mirror_env
+from pvelab.build.hostapt import debian_mirrors, dib_mirror_env
 
 
 def write(root, rel, text):

@@ -1,6 +1,6 @@
 """Image tests: open the real built artefacts (no boot) and check what they contain.
 
-The session builds the lab with `pvelab.build.build` (reusing the cached base when its
+The session builds the lab with `pvelab.build.pipeline.build` (reusing the cached base when its
 inputs are unchanged), then opens each qcow2 through a raw copy + loop partition and
 each ISO with xorriso, sgdisk and unsquashfs.
 """
@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from pvelab import iso as isomod
-from pvelab.artefacts import ArtefactKind, Layout
-from pvelab.bootdisk import ROOT_PARTITION
-from pvelab.build import build
-from pvelab.disk import loop_partition, mounted
-from pvelab.lab import FORBIDDEN_PACKAGES, FORBIDDEN_PREFIXES, load_lab
-from pvelab.paths import DEFAULT_LAB, OVERLAYS
-from pvelab.render import render_files
-from pvelab.roles import ROLES
-from pvelab.run import Steps
+from pvelab.build import iso as isomod
+from pvelab.build.bootdisk import ROOT_PARTITION
+from pvelab.build.disk import loop_partition, mounted
+from pvelab.build.pipeline import build
+from pvelab.build.render import render_files
+from pvelab.core.paths import DEFAULT_LAB, OVERLAYS
+from pvelab.core.run import Steps
+from pvelab.model.artefacts import ArtefactKind, Layout
+from pvelab.model.lab import FORBIDDEN_PACKAGES, FORBIDDEN_PREFIXES
+from pvelab.model.labfile import load_lab
+from pvelab.model.roles import ROLES
 
 pytestmark = [pytest.mark.image, pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop mounts")]
 NODES = [n.name for n in load_lab(DEFAULT_LAB).nodes]
@@ -199,8 +200,8 @@ def test_packages(roots, lab, name):
 def test_no_plain_password_anywhere(roots, built, lab, name):
     """The lab password reaches the image only as a crypt hash: no file holds it in plain
     text (DIB records its environment in /etc/dib-manifests), and the build says so too."""
-    from pvelab.artefacts import BuildManifest
-    from pvelab.secrets import scan_tree
+    from pvelab.model.artefacts import BuildManifest
+    from pvelab.model.passwords import scan_tree
 
     assert scan_tree(roots[name], lab.user.password) == []
     assert BuildManifest.from_json(built[name].manifest).password_found == []
@@ -459,7 +460,7 @@ def test_iso_squashfs_layers(built, lab, name, tmp_path):
 def test_sbom_validates_and_lists_every_package(built, roots, lab, name):
     """CycloneDX 1.6 per node, valid per the official schema (cyclonedx-python-lib's
     validator), naming every installed package and the artefacts' checksums."""
-    from pvelab import sbom
+    from pvelab.build import sbom
 
     text = Layout(lab.name).sbom(name).read_text()
     assert sbom.validate(text) is None
@@ -498,7 +499,7 @@ def test_interrupted_build_keeps_the_last_good_artefacts(built, lab, sig):
     import sys
     import time
 
-    from pvelab.paths import ROOT
+    from pvelab.core.paths import ROOT
 
     ndir = Layout(lab.name).node_dir("pve-2")
     before = {p.name: _sha(p) for p in (ndir / "pve-2.qcow2", ndir / "pve-2.iso")}
@@ -538,7 +539,7 @@ def test_interrupted_parallel_build_replaces_nothing_and_leaves_nothing(built, l
     import sys
     import time
 
-    from pvelab.paths import ROOT
+    from pvelab.core.paths import ROOT
 
     layout = Layout(lab.name)
     files = [layout.artefact(n, kind) for n in NODES for kind in ("qcow2", "iso")]
@@ -602,7 +603,7 @@ def test_two_builds_of_one_lab_at_once(built, lab):
     first (saying who holds the lab), both succeed, and the bytes are a clean build's."""
     import sys
 
-    from pvelab.paths import ROOT
+    from pvelab.core.paths import ROOT
 
     layout = Layout(lab.name)
     files = [layout.artefact("pve-1", kind) for kind in ArtefactKind]
@@ -625,8 +626,8 @@ def test_damaged_cache_is_said_moved_aside_and_remade(built, lab):
     each is said in one line, moved aside and made again; the artefacts are a clean build's bytes."""
     import sys
 
-    from pvelab.cache import SEAL
-    from pvelab.paths import ROOT, cache_dir
+    from pvelab.build.cache import SEAL
+    from pvelab.core.paths import ROOT, cache_dir
 
     layout = Layout(lab.name)
     files = [layout.artefact(n, kind) for n in ("pve-1",) for kind in ArtefactKind]
@@ -686,7 +687,7 @@ def test_full_disk_at_the_node_stage_keeps_the_previous_artefacts(built, lab, tm
     import sys
     import time
 
-    from pvelab.paths import ROOT, cache_dir
+    from pvelab.core.paths import ROOT, cache_dir
 
     small = tmp_path / "small"
     small.mkdir()

@@ -9,11 +9,11 @@ import subprocess
 
 import pytest
 
-from pvelab.artefacts import Layout
-from pvelab.boottest import Progress, boot_test, choose_accel
-from pvelab.build import build
-from pvelab.installtest import run_installers
-from pvelab.media import FIRMWARES
+from pvelab.build.pipeline import build
+from pvelab.checks.boottest import Progress, boot_test, choose_accel
+from pvelab.checks.installtest import run_installers
+from pvelab.model.artefacts import Layout
+from pvelab.model.media import FIRMWARES
 
 pytestmark = [pytest.mark.boot, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, taps)")]
 
@@ -87,9 +87,9 @@ def test_a_silent_installer_is_killed_retried_once_and_quoted(lab, tmp_path, mon
     trying its network boot entries, then waiting at its shell: its console changes, then
     goes quiet) is killed after the stall timeout, retried once on a fresh disk, then
     reported with its console's last lines: never a silent 30-minute wait."""
-    from pvelab import accel as accelerator
-    from pvelab.artefacts import Layout
-    from pvelab.installtest import InstallError, blank_disk
+    from pvelab.checks.installtest import InstallError, blank_disk
+    from pvelab.model import accel as accelerator
+    from pvelab.model.artefacts import Layout
 
     node = lab.node("pbs-witness")
     accel, _ = choose_accel(lab, node, "auto")  # probes with the real build's kernel
@@ -126,7 +126,7 @@ def test_a_panicking_installer_kernel_is_named_and_retried_once(built, lab, tmp_
     (before any userspace, as the emulator's early faults do): the panic is named, the
     install is retried once on a fresh disk, the second panic stops the run with the
     node and the console's line, and the blank disk is never taken for an installed one."""
-    from pvelab.installtest import InstallError, blank_disk
+    from pvelab.checks.installtest import InstallError, blank_disk
 
     node = lab.node("pbs-witness")
     disk = blank_disk(tmp_path / "target.qcow2", node.disk_gb)

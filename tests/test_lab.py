@@ -2,7 +2,8 @@
 
 import pytest
 
-from pvelab.lab import LabError, load_lab
+from pvelab.model.lab import LabError
+from pvelab.model.labfile import load_lab
 
 
 def test_default_lab_model(lab):
@@ -31,7 +32,7 @@ def test_default_lab_model(lab):
 
 
 def test_quorum_table_matches_spec(lab):
-    from pvelab.quorum import table
+    from pvelab.model.quorum import table
 
     rows = {r["situation"]: (r["naive_votes"], r["quorate"]) for r in table(lab)}
     assert rows == {
@@ -318,7 +319,7 @@ def test_cli_error_has_no_traceback(raw_lab, write_lab):
         [sys.executable, "-m", "invoke", "render", "--lab", str(path)],
         capture_output=True,
         text=True,
-        cwd=str(__import__("pvelab.paths").paths.ROOT),
+        cwd=str(__import__("pvelab.core.paths").core.paths.ROOT),
     )
     assert res.returncode == 2
     assert "nodes[0].alias" in res.stderr and "10.99.0.1/24" in res.stderr
@@ -332,7 +333,7 @@ def test_password_hash_instead_of_password(raw_lab, write_lab, monkeypatch):
     lab = load_lab(write_lab(raw_lab))
     assert lab.user.crypt_hash() == h and lab.user.password is None
     monkeypatch.delenv("PVELAB_PASSWORD", raising=False)
-    from pvelab.errors import PvelabError
+    from pvelab.core.errors import PvelabError
 
     with pytest.raises(PvelabError, match="PVELAB_PASSWORD"):
         lab.user.login_password  # noqa: B018 - the property raises
@@ -366,7 +367,7 @@ def test_plain_password_is_hashed_salted_and_stable(lab):
     ],
 )
 def test_hostile_files_are_one_short_error(name, content, problem, tmp_path):
-    from pvelab.paths import DEFAULT_LAB
+    from pvelab.core.paths import DEFAULT_LAB
 
     text = DEFAULT_LAB.read_text().replace("# Lab:", "# Läb:")
     path = tmp_path / f"{name}.yaml"
@@ -391,7 +392,7 @@ def test_fuzzed_lab_files_load_or_fail_cleanly(tmp_path):
     """Random mutations of the real lab file: each ends in a model or a LabError, never a traceback."""
     import random
 
-    from pvelab.paths import DEFAULT_LAB
+    from pvelab.core.paths import DEFAULT_LAB
 
     rng = random.Random(20261130)
     original = DEFAULT_LAB.read_text()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pvelab.paths import ROOT
+from pvelab.core.paths import ROOT
 
 BIN = Path(sys.executable).parent
 

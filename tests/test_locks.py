@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from pvelab import locks
-from pvelab.paths import DEFAULT_LAB, ROOT
+from pvelab.core import locks
+from pvelab.core.paths import DEFAULT_LAB, ROOT
 
 LAB = "proxmox-3node-cluster"  # DEFAULT_LAB's name
 HOLD = """
 import sys, time
-from pvelab import locks
+from pvelab.core import locks
 with locks.lab_lock({lab!r}, "build"):
     {body}
     print("held", flush=True)

@@ -9,11 +9,11 @@ import tarfile
 
 import pytest
 
-from pvelab import netboot
-from pvelab.lab import load_lab
-from pvelab.media import FIRMWARES, MEDIA
-from pvelab.qemu import VmSpec, qemu_command
-from pvelab.signedboot import SignedBoot
+from pvelab.build import netboot
+from pvelab.build.signedboot import SignedBoot
+from pvelab.model.labfile import load_lab
+from pvelab.model.media import FIRMWARES, MEDIA
+from pvelab.running.qemu import VmSpec, qemu_command
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import pytest
 from test_publish import _sha, make_built
 
-from pvelab import nightly as nightly_mod
-from pvelab.artefacts import ArtefactInfo, BuildManifest, Layout
-from pvelab.nightly import NightlyFailed, nightly
-from pvelab.paths import ROOT
-from pvelab.publish import PublishError
+from pvelab.core.paths import ROOT
+from pvelab.model.artefacts import ArtefactInfo, BuildManifest, Layout
+from pvelab.release import nightly as nightly_mod
+from pvelab.release.nightly import NightlyFailed, nightly
+from pvelab.release.publish import PublishError
 
 
 class Stages(list):

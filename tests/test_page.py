@@ -9,10 +9,19 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pvelab.artefacts import AssertionResult, ScenarioResult, TestResult
-from pvelab.changes import compare
-from pvelab.page import release_page
-from pvelab.topology import BOX_H, BOX_W, COLOURS, _bezier, checks_from, listening_ports, route, topology_svg
+from pvelab.model.artefacts import AssertionResult, ScenarioResult, TestResult
+from pvelab.release.changes import compare
+from pvelab.release.diagram import (
+    BOX_H,
+    BOX_W,
+    COLOURS,
+    _bezier,
+    checks_from,
+    listening_ports,
+    route,
+    topology_svg,
+)
+from pvelab.release.page import release_page
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed: run scripts/setup")

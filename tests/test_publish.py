@@ -11,8 +11,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from pvelab import sbom
-from pvelab.artefacts import (
+from pvelab.build import sbom
+from pvelab.core.paths import ROOT
+from pvelab.model.artefacts import (
     ArtefactInfo,
     ArtefactKind,
     ArtefactRef,
@@ -22,10 +23,9 @@ from pvelab.artefacts import (
     ScenarioResult,
     TestResult,
 )
-from pvelab.media import MEDIA
-from pvelab.paths import ROOT
-from pvelab.publish import PublishError, publish
-from pvelab.topology import topology_svg
+from pvelab.model.media import MEDIA
+from pvelab.release.diagram import topology_svg
+from pvelab.release.publish import PublishError, publish
 
 
 def _sha(p):
@@ -174,7 +174,7 @@ def test_netboot_is_published_on_request_behind_the_same_gate(lab, built, tmp_pa
     readme = (rel.path / "README.md").read_text()
     assert "## Network boot" in readme and all(f"`{n.name}`: `{n.mac}`" in readme for n in lab.nodes)
     assert "dhcp-host=52:54:00:81:00:04,set:pbs-witness" in (rel.path / "netboot/dnsmasq.conf").read_text()
-    from pvelab.verify import verify
+    from pvelab.release.verify import verify
 
     checked = verify(rel.path)  # the bundles are provenance subjects like the other artefacts
     assert checked.ok, checked.problems
@@ -269,7 +269,7 @@ def test_kill_minus_9_midway(lab, built, tmp_path, step):
     marker = tmp_path / "paused"
     env = dict(os.environ, PVELAB_PUBLISH_PAUSE_AT=step, PVELAB_PUBLISH_PAUSE_MARKER=str(marker))
     code = (
-        "from pvelab.lab import load_lab; from pvelab.publish import publish; "
+        "from pvelab.model.labfile import load_lab; from pvelab.release.publish import publish; "
         f"publish(load_lab({str(lab.path)!r}), {str(dest)!r}, force=True)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT)
@@ -362,8 +362,8 @@ def test_topology_svg(lab):
 @pytest.mark.parametrize("lab_file", ["proxmox-3node-cluster.yaml", "proxmox-2node-qdevice.yaml"])
 def test_every_link_clears_the_other_boxes(lab_file):
     """pve-1 to pve-3 would run under pve-2 as a straight line: it bows around it."""
-    from pvelab.lab import load_lab
-    from pvelab.topology import BOX_H, BOX_W, _bezier, route
+    from pvelab.model.labfile import load_lab
+    from pvelab.release.diagram import BOX_H, BOX_W, _bezier, route
 
     lab = load_lab(ROOT / "labs" / lab_file)
     for c in lab.connections:
@@ -498,7 +498,7 @@ def test_gate_refuses_an_image_holding_the_plain_password(lab, built, tmp_path):
 
 
 def test_readme_never_prints_a_non_default_password(raw_lab, write_lab, tmp_path, monkeypatch):
-    from pvelab.lab import load_lab
+    from pvelab.model.labfile import load_lab
 
     raw_lab["lab"]["user"]["password"] = "s3cret-of-this-lab"
     other = load_lab(write_lab(raw_lab))
@@ -531,7 +531,7 @@ def check_invoke_command(cmd):
 
     from invoke import Collection
 
-    from pvelab.media import boot_combination
+    from pvelab.model.media import boot_combination
 
     sys.path.insert(0, str(ROOT))
     import tasks
@@ -582,7 +582,7 @@ def test_full_destination_keeps_the_previous_release(lab, built, tmp_path):
     """A publish that runs out of space on the destination: one line naming that file
     system, exit status 1 (DiskFull), the previous release and `latest` untouched, no
     staging folder or pointer file left."""
-    from pvelab.errors import DiskFull
+    from pvelab.core.errors import DiskFull
 
     probe = publish(lab, tmp_path / "probe")
     size = sum(p.stat().st_size for p in probe.path.rglob("*") if p.is_file())

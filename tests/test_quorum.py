@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from pvelab.lab import load_lab
-from pvelab.paths import LABS
-from pvelab.quorum import State, expect, qdevice_partition, walk
-from pvelab.rehearse import matches, parse_quorumtool
+from pvelab.checks.rehearse import matches, parse_quorumtool
+from pvelab.core.paths import LABS
+from pvelab.model.labfile import load_lab
+from pvelab.model.quorum import State, expect, qdevice_partition, walk
 
 
 def lab_with(raw_lab, write_lab, members, algorithm="ffsplit", votes=1, witness=True):

@@ -2,7 +2,7 @@
 
 import json
 
-from pvelab.recipes import export_recipes
+from pvelab.build.recipes import export_recipes
 
 
 def test_recipes_and_scenario(lab, tmp_path):

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from pvelab.artefacts import BuildManifest, Layout, RehearsalReport, sha256
-from pvelab.build import build
-from pvelab.lab import load_lab
+from pvelab.build.pipeline import build
+from pvelab.checks.rehearse import rehearse, table
+from pvelab.core.paths import LABS
 from pvelab.labctl import down, status
-from pvelab.paths import LABS
-from pvelab.quorum import walk
-from pvelab.rehearse import rehearse, table
+from pvelab.model.artefacts import BuildManifest, Layout, RehearsalReport, sha256
+from pvelab.model.labfile import load_lab
+from pvelab.model.quorum import walk
 
 pytestmark = [pytest.mark.boot, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, taps)")]
 

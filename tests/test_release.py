@@ -11,9 +11,9 @@ import subprocess
 
 import pytest
 
-from pvelab.nightly import BOOT_TESTS, nightly
-from pvelab.publish import released_files
-from pvelab.verify import verify
+from pvelab.release.nightly import BOOT_TESTS, nightly
+from pvelab.release.publish import released_files
+from pvelab.release.verify import verify
 
 pytestmark = [
     pytest.mark.boot,

@@ -3,8 +3,8 @@
 import json
 import re
 
-from pvelab.lab import load_lab
-from pvelab.render import node_dirs, render_files, render_lab, render_node
+from pvelab.build.render import node_dirs, render_files, render_lab, render_node
+from pvelab.model.labfile import load_lab
 
 STORAGE_CFG = "zfspool: rpool-data\n\tpool rpool/data\n\tcontent images,rootdir\n\tsparse 1\n"
 COMMON = {

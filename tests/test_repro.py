@@ -8,8 +8,9 @@ import time
 import pycdlib.dates
 import pytest
 
-from pvelab import archive, repro
-from pvelab.node import Entry, debugfs_script
+from pvelab.build import archive_state as archive
+from pvelab.build.layer import Entry, debugfs_script
+from pvelab.core import repro
 
 INRELEASE = """\
 -----BEGIN PGP SIGNED MESSAGE-----
@@ -113,7 +114,7 @@ def test_debugfs_script_lays_a_layer_and_the_result_is_reproducible(tmp_path):
 
 
 def test_sbom_licences_from_dep5_copyright(tmp_path):
-    from pvelab import sbom
+    from pvelab.build import sbom
 
     doc = tmp_path / "usr/share/doc"
     (doc / "a").mkdir(parents=True)

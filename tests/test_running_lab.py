@@ -19,12 +19,12 @@ import pytest
 from proxmoxer import AuthenticationError, ResourceException
 from pveclient import READS, connect, pinned_cert, read_all
 
-from pvelab.artefacts import BuildManifest, Layout, RehearsalReport, sha256
-from pvelab.build import build
-from pvelab.driver import netns_name
-from pvelab.lab import load_lab
-from pvelab.paths import LABS, ROOT
-from pvelab.quorum import walk
+from pvelab.build.pipeline import build
+from pvelab.core.paths import LABS, ROOT
+from pvelab.model.artefacts import BuildManifest, Layout, RehearsalReport, sha256
+from pvelab.model.labfile import load_lab
+from pvelab.model.quorum import walk
+from pvelab.running.driver import netns_name
 
 pytestmark = [pytest.mark.boot, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, taps)")]
 

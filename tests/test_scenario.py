@@ -8,10 +8,10 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from pvelab.artefacts import BootReport
-from pvelab.lab import Assertion, CustomTest, Scenario
-from pvelab.render import compat_config
-from pvelab.scenario import run_scenario, summary, to_junit, write_reports
+from pvelab.build.render import compat_config
+from pvelab.checks.scenario import run_scenario, summary, to_junit, write_reports
+from pvelab.model.artefacts import BootReport
+from pvelab.model.lab import Assertion, CustomTest, Scenario
 
 
 def local(vm, command):
@@ -204,8 +204,8 @@ def test_lab_scenario_is_the_one_run(lab):
 
 def test_missing_qemu_is_one_clear_line(lab, monkeypatch, tmp_path):
     """No QEMU on the host: the boot test says so before starting anything."""
-    from pvelab.artefacts import Layout
-    from pvelab.boottest import BootTestError, boot_test
+    from pvelab.checks.boottest import BootTestError, boot_test
+    from pvelab.model.artefacts import Layout
 
     for n in lab.nodes:
         path = Layout(lab.name).artefact(n.name, "qcow2")

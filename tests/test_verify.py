@@ -9,10 +9,10 @@ import sys
 import pytest
 from test_publish import make_built
 
-from pvelab import provenance
-from pvelab.paths import ROOT
-from pvelab.publish import publish
-from pvelab.verify import VerifyInputError, verify
+from pvelab.core.paths import ROOT
+from pvelab.release import provenance
+from pvelab.release.publish import publish
+from pvelab.release.verify import VerifyInputError, verify
 
 KEY = "pvelab-release@example.invalid"
 

@@ -1,0 +1,1 @@
+"""The checks on built artefacts: the boot test, the install test, the scenario and the corosync rehearsal."""

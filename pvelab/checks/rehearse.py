@@ -1,0 +1,542 @@
+"""`invoke rehearse`: form the real cluster from the baked wiring and walk the quorum cases.
+
+On the boot test's isolated network and copy-on-write overlays (nothing is written to
+the built artefacts), the rehearsal installs Debian's corosync packages on the running
+VMs only (fetched on the host, :mod:`pvelab.build.guestpkgs`), follows the deployment steps
+of :mod:`pvelab.model.deploy` (the witness runbook's own list), checks the cluster with the
+real tools, then walks the failure cases of :func:`pvelab.model.quorum.walk`: after each
+event it polls ``corosync-quorumtool -s`` on every running member until each reports
+what the lab's arithmetic expects, and records how long that took.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shlex
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pvelab.build.guestpkgs import PackageSet, fetch
+from pvelab.checks.boottest import booted_lab
+from pvelab.checks.scenario import run_scenario, summary
+from pvelab.core.errors import PvelabError
+from pvelab.core.locks import lab_lock, locking
+from pvelab.core.paths import cache_dir
+from pvelab.core.run import Steps
+from pvelab.model.artefacts import (
+    ArtefactRef,
+    BuildManifest,
+    DeployRecord,
+    Layout,
+    NodeObservation,
+    RehearsalReport,
+    WalkStep,
+    built,
+    sha256,
+    write_atomic,
+)
+from pvelab.model.deploy import FIRST, MEMBERS, WITNESS, Action, actions
+from pvelab.model.faults import DriverError, Fault
+from pvelab.model.lab import CustomTest, Lab, Scenario
+from pvelab.model.media import DEFAULT_FIRMWARE, DEFAULT_MEDIUM, Firmware, Medium, boot_combination
+from pvelab.model.quorum import Event, Expect, Step, walk
+from pvelab.running.corotools import parse_quorumtool
+from pvelab.running.driver import Driver, Progress, RunState, netns_name, parallel, read_state
+from pvelab.running.lifecycle import claim, describe
+from pvelab.running.machine import Machine, MachineError
+
+SETTLE_TIMEOUT = 300.0  # seconds for the cluster to reach an expected state (TCG, loaded host)
+BOOT_TIMEOUT = 900.0  # a powered-on VM back to SSH
+POLL_INTERVAL = 2.0
+API_STATUS = (
+    "curl -fsS -m 5 http://localhost:8006/api2/json/cluster/status"
+    " | jq -c '[.data[] | select(.type == \"cluster\") | .quorate][0]'"
+)
+
+
+class RehearsalError(PvelabError):
+    pass
+
+
+# --------------------------------------------------------------------------- parsing the tools
+
+
+def matches(expected: Expect, observed: dict[str, Any], with_qdevice: bool) -> bool:
+    ok = (
+        observed["quorate"] == expected.quorate
+        and observed["expected_votes"] == expected.expected_votes
+        and observed["total_votes"] == expected.total_votes
+        and observed["quorum"] == expected.quorum
+    )
+    if with_qdevice:
+        ok = ok and "Qdevice" in observed["flags"] and observed["qdevice_vote"] == expected.qdevice_vote
+    return ok and (("Quorate" in observed["flags"]) == expected.quorate)
+
+
+def expected_dict(e: Expect) -> dict[str, Any]:
+    return {
+        "expected_votes": e.expected_votes,
+        "total_votes": e.total_votes,
+        "quorum": e.quorum,
+        "quorate": e.quorate,
+        "qdevice_vote": e.qdevice_vote,
+    }
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Rehearsal:
+    """One rehearsal on a booted lab: deploy, check, walk; fills ``report``."""
+
+    def __init__(
+        self,
+        lab: Lab,
+        booted: Driver,
+        packages: dict[str, PackageSet],
+        report: RehearsalReport,
+        say: Progress,
+    ):
+        self.lab, self.booted, self.packages, self.report, self.say = lab, booted, packages, report, say
+        self.members = [n.name for n in sorted(lab.members, key=lambda n: n.nodeid or 0)]
+        self.witness = lab.witness.name if lab.witness else None
+        self.down: set[str] = set()
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def machines(self) -> dict[str, Machine]:
+        return self.booted.machines
+
+    def hosts(self, target: str) -> list[str]:
+        if target == WITNESS:
+            return [self.witness] if self.witness else []
+        if target == FIRST:
+            return self.members[:1]
+        return [m for m in self.members if m not in self.down]
+
+    def root(self, name: str, command: str, timeout: float = 120.0) -> str:
+        status, out = self.machines[name].sudo(command, timeout=timeout)
+        if status != 0:
+            raise RehearsalError(f"{name}: `{command}` exited {status}: {out.strip()[-400:]}")
+        return out
+
+    def on_hosts(self, names: list[str], fn: Callable[[Machine], Any]) -> dict[str, Any]:
+        results, errors = parallel({n: self.machines[n] for n in names}, fn)
+        if errors:
+            raise RehearsalError("; ".join(errors.values()))
+        return results
+
+    def read_root_file(self, name: str, path: str) -> bytes:
+        return base64.b64decode(self.root(name, f"base64 -w0 {shlex.quote(path)}"))
+
+    def write_root_file(self, name: str, path: str, data: bytes, mode: str) -> None:
+        tmp = Path(f"/tmp/pvelab-rehearsal-{name}-{Path(path).name}")
+        local = self.booted.outdir / tmp.name
+        local.write_bytes(data)
+        try:
+            self.machines[name].put(local, str(tmp))
+        finally:
+            local.unlink(missing_ok=True)
+        self.root(name, f"install -m {mode} {tmp} {shlex.quote(path)} && rm -f {tmp}")
+
+    # ---------------------------------------------------------------- deploy
+    def install(self, names: list[str], packages: tuple[str, ...]) -> str:
+        pset = self.packages[" ".join(packages)]
+
+        def one(m: Machine) -> str:
+            m.succeed("rm -rf /tmp/pvelab-debs && mkdir -p /tmp/pvelab-debs")
+            for deb in pset.debs:
+                m.put(deb, f"/tmp/pvelab-debs/{deb.name}")
+            # no service starts from a maintainer script: the deployment starts each one itself
+            status, out = m.sudo(
+                "printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d"
+                " && chmod 755 /usr/sbin/policy-rc.d"
+                " && DEBIAN_FRONTEND=noninteractive dpkg -i /tmp/pvelab-debs/*.deb;"
+                " rc=$?; rm -f /usr/sbin/policy-rc.d; rm -rf /tmp/pvelab-debs; exit $rc",
+                timeout=900,
+            )
+            if status != 0:
+                raise MachineError(f"{m.name}: dpkg -i exited {status}: {out.strip()[-600:]}")
+            return out
+
+        return "\n".join(f"[{n}] {o.strip()[-300:]}" for n, o in self.on_hosts(names, one).items())
+
+    def run_action(self, a: Action, only: set[str] | None = None) -> DeployRecord:
+        t0 = time.monotonic()
+        targets = [h for h in self.hosts(a.on) if only is None or h in only]
+        out = ""
+        if a.copy:
+            src_path, to, dst_path, mode = a.copy
+            data = self.read_root_file(self.hosts(a.on)[0], src_path)
+            targets = [h for h in self.hosts(to) if only is None or h in only]
+            for t in targets:
+                self.write_root_file(t, dst_path, data, mode)
+            out = f"{len(data)} bytes to {', '.join(targets)}"
+        else:
+            if a.install:
+                out += self.install(targets, a.install)
+            for cmd in a.commands:
+
+                def one(m: Machine, c: str = cmd) -> str:
+                    return self.root(m.name, c, timeout=300)
+
+                res = self.on_hosts(targets, one)
+                out += "".join(f"[{n}] $ {cmd}\n{o}" for n, o in res.items())
+        record = DeployRecord(a.title, targets, round(time.monotonic() - t0, 1), True, out[-4000:])
+        self.say(f"deploy: {a.title} on {', '.join(targets) or '-'} ({record.seconds}s)")
+        return record
+
+    def deploy(self) -> None:
+        for a in actions(self.lab):
+            try:
+                self.report.deploy.append(self.run_action(a))
+            except (RehearsalError, MachineError) as exc:
+                self.report.deploy.append(DeployRecord(a.title, self.hosts(a.on), 0.0, False, str(exc)))
+                raise
+
+    def redeploy(self, names: set[str]) -> None:
+        """A live (ISO) member powered on again has lost everything: deploy it again."""
+        for a in actions(self.lab):
+            copy_to_them = a.copy is not None and a.copy[1] == MEMBERS
+            if a.on == MEMBERS or copy_to_them:
+                self.run_action(a, only=names)
+
+    # ---------------------------------------------------------------- checks
+    def check_tools(self) -> None:
+        """corosync-cfgtool on every member, corosync-qnetd-tool on the witness."""
+        out = self.on_hosts(self.members, lambda m: self.root(m.name, "corosync-cfgtool -s"))
+        for name, text in out.items():
+            peers = [p for p in self.members if p != name]
+            ids = {n.name: n.nodeid for n in self.lab.members}
+            connected = {
+                p: bool(re.search(rf"nodeid:\s+{ids[p]}:\s+(localhost|connected)", text)) for p in peers
+            }
+            self.report.checks[f"cfgtool {name}"] = {
+                "passed": all(connected.values()),
+                "links": connected,
+                "output": text,
+            }
+        if self.witness:
+            text = self.root(self.witness, "corosync-qnetd-tool -l")
+            listed = {n: bool(re.search(rf"Node ID {self.lab.node(n).nodeid}:", text)) for n in self.members}
+            ok = f'Cluster "{self.lab.cluster_name}"' in text and all(listed.values())
+            self.report.checks[f"qnetd-tool {self.witness}"] = {"passed": ok, "nodes": listed, "output": text}
+        for key, c in self.report.checks.items():
+            self.say(f"check {key}: {'ok' if c['passed'] else 'FAILED'}")
+
+    # ---------------------------------------------------------------- walk
+    def apply(self, event: Event) -> None:
+        """One walk event, as the running lab's fault of the same name."""
+        fault = event.fault
+        if fault is None:
+            return
+        line = self.booted.fault(fault, list(event.nodes), boot_timeout=BOOT_TIMEOUT)
+        self.say(f"fault: {line}")
+        if fault in (Fault.POWER_OFF, Fault.KILL):
+            self.down |= set(event.nodes)
+        elif fault is Fault.POWER_ON:
+            self.down -= set(event.nodes)
+            if not self.booted.medium.copy_on_write:
+                self.redeploy(set(event.nodes))
+
+    def observe(self, name: str) -> tuple[dict[str, Any], str, int | None]:
+        _, text = self.machines[name].sudo("corosync-quorumtool -s", timeout=30)
+        _, api = self.machines[name].execute(API_STATUS, timeout=30)
+        api_q = int(api.strip()) if api.strip() in ("0", "1") else None
+        return parse_quorumtool(text), text, api_q
+
+    def settle(self, step: Step, t0: float, timeout: float) -> WalkStep:
+        with_qdevice = self.witness is not None
+        while True:
+            seen = self.on_hosts(sorted(step.expect), lambda m: self.observe(m.name))
+            nodes = []
+            for name, exp in sorted(step.expect.items()):
+                observed, raw, api_q = seen[name]
+                ok = matches(exp, observed, with_qdevice) and api_q == int(exp.quorate)
+                nodes.append(NodeObservation(name, expected_dict(exp), observed, ok, raw, api_q))
+            elapsed = round(time.monotonic() - t0, 1)
+            done = all(n.passed for n in nodes)
+            if done or elapsed > timeout:
+                return WalkStep(
+                    step.number,
+                    step.title,
+                    [str(e) for e in step.events],
+                    done,
+                    elapsed if done else None,
+                    nodes,
+                )
+            time.sleep(POLL_INTERVAL)
+
+    def walk(self, keep_going: bool) -> None:
+        for step in walk(self.lab):
+            self.say(f"step {step.number}: {step.title}")
+            t0 = time.monotonic()
+            for event in step.events:
+                self.apply(event)
+            timeout = SETTLE_TIMEOUT + (
+                BOOT_TIMEOUT if any(e.fault is Fault.POWER_ON for e in step.events) else 0
+            )
+            result = self.settle(step, t0, timeout)
+            self.report.steps.append(result)
+            self.say(
+                f"step {step.number}: {'settled' if result.passed else 'NOT as expected'}"
+                f" after {result.settle_seconds if result.passed else timeout:.1f}s"
+            )
+            if step.number == 1 and result.passed:
+                self.report.first_quorate_seconds = round(self.say.elapsed(), 1)
+                self.check_tools()
+                self.run_lab_scenario()
+            if not result.passed and not keep_going:
+                break
+
+    def run_lab_scenario(self) -> None:
+        """The lab's own scenario on the cluster members, now answered by the real cluster.
+
+        The witness's assertions are left out: the deployment replaced its stand-in with
+        the real corosync-qnetd, which ``corosync-qnetd-tool -l`` has checked already."""
+        scenario = self.lab.scenario
+        kept = tuple(
+            CustomTest(t.name, tuple(a for a in t.assertions if a.on_vm != self.witness))
+            for t in scenario.custom_tests
+        )
+        members_only = Scenario(scenario.name, tuple(t for t in kept if t.assertions))
+        self.report.scenario = run_scenario(
+            members_only, lambda vm, cmd: self.machines[vm].execute(cmd, timeout=60), timeout=60
+        )
+        self.say(f"lab scenario on the real cluster: {'passed' if self.report.scenario.passed else 'FAILED'}")
+
+
+def guest_packages(lab: Lab, steps: Steps) -> dict[str, PackageSet]:
+    """Every package set the deployment installs, fetched against the nodes' base image."""
+    layout = Layout(lab.name)
+    keys = {BuildManifest.from_json(layout.manifest(n.name)).base_key for n in lab.nodes}
+    if len(keys) != 1:
+        raise RehearsalError(
+            f"the nodes of {lab.name} come from different base images ({', '.join(sorted(keys))}):"
+            f" run `invoke build --lab {lab.path}`"
+        )
+    key = keys.pop()
+    squashfs = cache_dir() / "base" / key / "filesystem.squashfs"
+    if not squashfs.exists():
+        raise RehearsalError(
+            f"{squashfs} is missing (base {key} was pruned): run `invoke build --lab {lab.path}`"
+        )
+    sets = {}
+    for a in actions(lab):
+        if a.install:
+            sets[" ".join(a.install)] = fetch(
+                "+".join(a.install), a.install, squashfs, key, lab.release, steps
+            )
+    return sets
+
+
+@locking("rehearse")
+def rehearse(
+    lab: Lab,
+    media: str = DEFAULT_MEDIUM.name,
+    firmware: str = DEFAULT_FIRMWARE.name,
+    accel: str = "auto",
+    keep_going: bool = False,
+    outdir: Path | None = None,
+    keep: bool = False,
+    running: bool = False,
+) -> RehearsalReport:
+    """Boot the lab as ``invoke up --cluster`` does, walk the quorum cases as faults, take
+    it down. ``keep`` leaves the lab running at the end (``invoke status``/``ssh``/``down``),
+    even after a failed step; ``running`` walks the lab ``invoke up --cluster`` left
+    running (and leaves it up)."""
+    layout = Layout(lab.name)
+    state = read_state(lab) if running else None
+    if running and (state is None or state.liveness() or not state.cluster):
+        raise RehearsalError(
+            f"lab {lab.name} is not up with its cluster: invoke up --cluster --lab {lab.path}"
+        )
+    medium, fw = boot_combination(state.media, state.firmware) if state else boot_combination(media, firmware)
+    outdir = outdir or layout.rehearsal_dir(medium.name)
+    say = Progress("rehearse")
+    for n in lab.nodes:
+        if not layout.manifest(n.name).exists():
+            raise RehearsalError(
+                f"{layout.manifest(n.name)} is missing: run `invoke build --lab {lab.path}` first"
+            )
+    packages = guest_packages(lab, Steps("rehearse", outdir / "packages.log"))
+    refs = {n.name: built(lab, n, medium.artefact) for n in lab.nodes}
+    report = RehearsalReport(
+        lab=lab.name,
+        lab_file=str(lab.path),
+        media=medium.name,
+        firmware=fw.value,
+        accel="",
+        artefacts={k: ArtefactRef(str(p), sha256(p)) for k, p in refs.items()},
+        packages={k: [d.name for d in v.debs] for k, v in packages.items()},
+        lab_sha256=sha256(lab.path),
+    )
+    try:
+        if state is not None:
+            _walk_running(lab, state, packages, report, say, keep_going)
+        else:
+            _boot_and_walk(lab, medium, fw, accel, outdir, packages, report, say, keep_going, keep)
+    except (RehearsalError, MachineError, DriverError) as exc:
+        report.error = str(exc)
+        say(f"FAILED: {exc}")
+    report.wall_seconds = round(say.elapsed(), 1)
+    write_reports(report, outdir)
+    print(table(report), flush=True)
+    return report
+
+
+def _boot_and_walk(
+    lab: Lab,
+    medium: Medium,
+    fw: Firmware,
+    accel: str,
+    outdir: Path,
+    packages: dict[str, PackageSet],
+    report: RehearsalReport,
+    say: Progress,
+    keep_going: bool,
+    keep: bool,
+) -> None:
+    # --keep: the lab is booted as `invoke up` boots it, findable by status/ssh/down
+    state_file = claim(lab) if keep else None
+    kept: dict[str, Any] = {"netns": netns_name(lab), "state_file": state_file} if keep else {}
+    workdir = Layout(lab.name).run_dir if keep else outdir
+    with booted_lab(lab, lab.nodes, medium, fw, accel, workdir, say, **kept) as booted:
+        report.accel = booted.accel
+        report.boot_seconds = round(say.elapsed(), 1)
+        report.guest_faults = booted.guest_faults
+        run = Rehearsal(lab, booted, packages, report, say)
+        try:
+            run.deploy()
+            t_walk = time.monotonic()
+            run.walk(keep_going)
+            report.walk_seconds = round(time.monotonic() - t_walk, 1)
+        finally:
+            if state_file is not None:
+                kept_state = booted.detach(state_file)
+                kept_state.cluster = bool(report.deploy) and all(d.passed for d in report.deploy)
+                booted.save()
+                print(describe(lab, kept_state), flush=True)
+
+
+def _walk_running(
+    lab: Lab,
+    state: RunState,
+    packages: dict[str, PackageSet],
+    report: RehearsalReport,
+    say: Progress,
+    keep_going: bool,
+) -> None:
+    """The walk on a running lab (deployed by ``up --cluster``); it must start healed."""
+    with lab_lock(lab.name, "rehearse --running"):
+        driver = Driver.attach(lab, say)
+        off = [n for n, m in driver.machines.items() if not m.is_running()]
+        cut = driver.net.separated()
+        if off or cut:
+            raise RehearsalError(
+                f"lab {lab.name} has faults in force ({', '.join(off)} off; {cut} cut): the walk starts"
+                " from every node up and connected (invoke fault power-on / heal all)"
+            )
+        errors = driver.connect()
+        if errors:
+            raise RehearsalError("; ".join(errors.values()))
+        report.accel = driver.accel
+        report.boot_seconds = state.up_seconds
+        deployed = Layout(lab.name).run_dir / "deploy.json"
+        if deployed.exists():
+            report.deploy = RehearsalReport.from_json(deployed).deploy
+        run = Rehearsal(lab, driver, packages, report, say)
+        t_walk = time.monotonic()
+        run.walk(keep_going)
+        report.walk_seconds = round(time.monotonic() - t_walk, 1)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def table(report: RehearsalReport) -> str:
+    lines = [
+        f"rehearsal {report.lab} ({report.media}, {report.accel}):",
+        "votes: total/expected; +qd: the QDevice's vote counts for this node; api: pve-compat's quorate",
+        f"{'step':<4} {'node':<12} {'expected':<25} {'observed':<25} {'api':<4} {'settle':>7}  event",
+    ]
+
+    def cell(v: dict) -> str:
+        return (
+            f"{v.get('total_votes')}/{v.get('expected_votes')}{' +qd' if v.get('qdevice_vote') else ''}"
+            f" {'quorate' if v.get('quorate') else 'NOT quorate'}"
+        )
+
+    for s in report.steps:
+        for i, n in enumerate(s.nodes):
+            exp, obs = cell(n.expected), cell(n.observed)
+            settle = f"{s.settle_seconds:.1f}s" if s.settle_seconds is not None else "never"
+            lines.append(
+                f"{s.number if i == 0 else '':<4} {n.node:<12} {exp:<25} {obs:<25} "
+                f"{'-' if n.api_quorate is None else n.api_quorate!s:<4} {settle if i == 0 else '':>7}"
+                f"  {s.title if i == 0 else ''}{'' if n.passed else '   <-- MISMATCH'}".rstrip()
+            )
+    if report.scenario:
+        lines.append(summary(report.scenario))
+    for key, c in report.checks.items():
+        lines.append(f"check {key}: {'ok' if c.get('passed') else 'FAILED'}")
+    if report.error:
+        lines.append(f"error: {report.error}")
+    lines.append(
+        f"{sum(s.passed for s in report.steps)} passed, {sum(not s.passed for s in report.steps)} failed"
+        f" (walk steps); boot {report.boot_seconds}s, first quorate {report.first_quorate_seconds}s,"
+        f" walk {report.walk_seconds}s, wall {report.wall_seconds}s"
+    )
+    return "\n".join(lines)
+
+
+def to_junit(report: RehearsalReport) -> str:
+    import xml.etree.ElementTree as ET
+
+    cases = [(s, n) for s in report.steps for n in s.nodes]
+    suite = ET.Element(
+        "testsuite",
+        name=f"rehearsal {report.lab}",
+        tests=str(len(cases) + len(report.deploy)),
+        failures=str(sum(not n.passed for _, n in cases) + sum(not d.passed for d in report.deploy)),
+        errors="1" if report.error else "0",
+        time=f"{report.wall_seconds:.1f}",
+    )
+    for d in report.deploy:
+        case = ET.SubElement(suite, "testcase", classname="deploy", name=d.title, time=f"{d.seconds:.1f}")
+        if not d.passed:
+            ET.SubElement(case, "failure", message=d.title).text = d.output
+    for s, n in cases:
+        case = ET.SubElement(
+            suite,
+            "testcase",
+            classname=f"step {s.number}: {s.title}",
+            name=n.node,
+            time=f"{s.settle_seconds or 0:.1f}",
+        )
+        ET.SubElement(case, "system-out").text = n.quorumtool
+        if not n.passed:
+            ET.SubElement(
+                case,
+                "failure",
+                message=f"expected {n.expected}, observed {n.observed}, api quorate {n.api_quorate}",
+            )
+    if report.error:
+        ET.SubElement(
+            ET.SubElement(suite, "testcase", classname="rehearsal", name="run"),
+            "error",
+            message=report.error[:500],
+        )
+    return ET.tostring(suite, encoding="unicode", xml_declaration=True)
+
+
+def write_reports(report: RehearsalReport, outdir: Path) -> None:
+    write_atomic(outdir / "report.json", report.to_json())
+    write_atomic(outdir / "junit.xml", to_junit(report))
+    write_atomic(outdir / "summary.txt", table(report) + "\n")
+
+
+__all__ = ["rehearse"]

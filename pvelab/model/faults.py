@@ -1,0 +1,66 @@
+"""The faults a running lab can be put through: the one vocabulary of ``invoke fault``,
+of the running lab (:class:`pvelab.running.driver.Driver`) and of the rehearsal's walk
+(:func:`pvelab.model.quorum.walk`), which names its events in it."""
+
+from __future__ import annotations
+
+import enum
+
+from pvelab.core.errors import PvelabError
+
+
+class DriverError(PvelabError):
+    """A running lab cannot do what was asked (one line, exit status 2)."""
+
+
+class Target(enum.Enum):
+    """What a fault is applied to."""
+
+    NODES = "NODE[,NODE...]"  # one or more nodes
+    GROUPS = "A,B C"  # every node of the lab, in named groups
+    NODES_OR_ALL = "NODE|all"
+    VERB = "stop|start"  # qnetd's
+
+
+class Fault(enum.Enum):
+    """The faults a running lab can be put through; each one line, each reversible."""
+
+    POWER_OFF = "power-off"
+    KILL = "kill"
+    POWER_ON = "power-on"
+    CUT = "cut"
+    PARTITION = "partition"
+    HEAL = "heal"
+    QNETD_STOP = "qnetd-stop"
+    QNETD_START = "qnetd-start"
+
+    @property
+    def target(self) -> Target:
+        return {
+            Fault.PARTITION: Target.GROUPS,
+            Fault.HEAL: Target.NODES_OR_ALL,
+            Fault.QNETD_STOP: Target.VERB,
+            Fault.QNETD_START: Target.VERB,
+        }.get(self, Target.NODES)
+
+    @property
+    def is_power(self) -> bool:
+        return self in (Fault.POWER_OFF, Fault.KILL, Fault.POWER_ON)
+
+    @property
+    def is_network(self) -> bool:
+        return self in (Fault.CUT, Fault.PARTITION, Fault.HEAL)
+
+    @classmethod
+    def parse(cls, word: str) -> Fault:
+        if word == "qnetd":  # `invoke fault qnetd stop|start`
+            raise DriverError("fault qnetd: say `qnetd stop` or `qnetd start`")
+        for f in cls:
+            if f.value == word:
+                return f
+        raise DriverError(f"fault: {word!r}: unknown fault (known: {cli_faults()})")
+
+
+def cli_faults() -> str:
+    words = [f.value for f in Fault if not f.value.startswith("qnetd")]
+    return ", ".join([*words, "qnetd stop|start"])

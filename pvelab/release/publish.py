@@ -1,0 +1,596 @@
+"""`invoke publish`: gated, atomic releases of the built and tested artefacts.
+
+Layout: ``DEST/<lab>/<YYYYMMDD>T<HHMMSS>Z/`` (default ``build/<lab>/releases/<timestamp>/``)
+with each node's qcow2 and ISO (copies, never links into ``build/``), ``SHA256SUMS``
+(+ ``SHA256SUMS.asc`` when a GPG key is configured), ``manifest.json``, the boot-test and
+rehearsal reports, each node's SBOM (``<node>.cdx.json``, CycloneDX), ``lab.yaml`` and ``rendered/<node>/`` (what was built from),
+``CHANGES.md`` + ``changes.json`` (since the previous release, :mod:`pvelab.release.changes`),
+``topology.svg``, ``index.html`` (:mod:`pvelab.release.page`) and a ``README.md`` for the
+provisioning team.
+``DEST/<lab>/latest`` (a symlink, plus a ``LATEST`` file for mounts without symlinks)
+names the newest complete release.
+
+Gate: every artefact must exist, match the sha256 in its build manifest, and have
+passed a boot test of this lab and its scenario run on exactly that file (matched by
+sha256); a rehearsal that failed on exactly those files blocks it too. Atomicity: one
+publish per destination at a time (a lock; a second one refuses); the release is
+assembled in a hidden ``.pvelab-stage-*`` folder beside the releases and appears with
+one rename; ``latest`` moves only afterwards; retention runs last, removes only
+releases pvelab wrote (recognised by their manifest) and never the newest. A publish
+killed at any point leaves the previous state intact, and re-running it is safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pvelab.build import netboot
+from pvelab.build.iso import INSTALL_WAIT
+from pvelab.core.errors import PvelabError, space_guard
+from pvelab.core.locks import locking
+from pvelab.model.artefacts import (
+    ArtefactKind,
+    BootReport,
+    BuildManifest,
+    Layout,
+    RecordError,
+    RehearsalReport,
+    sha256,
+)
+from pvelab.model.lab import Lab, Node
+from pvelab.model.media import FIRMWARES, MEDIA, boot_test_command, medium_for
+from pvelab.model.passwords import DEFAULT_PASSWORD
+from pvelab.model.quorum import table as quorum_table
+from pvelab.release import changes, openpgp, provenance
+from pvelab.release.diagram import checks_from, topology_svg
+from pvelab.release.page import release_page, template_env
+
+# What `invoke publish` (and the nightly) releases unless --artefacts says otherwise.
+PUBLISHED_KINDS = ArtefactKind.published_by_default()
+
+
+class PublishError(PvelabError):
+    pass
+
+
+@dataclass(frozen=True)
+class Release:
+    path: Path
+    name: str
+    files: list[str]
+    new: bool = True  # False: the artefacts were identical to this (existing) release; nothing written
+
+
+def destination(lab: Lab, dest: str | Path | None) -> Path:
+    """Where this lab's releases go: ``DEST/<lab>``, or ``build/<lab>/releases``."""
+    return Layout(lab.name).releases if dest is None else Path(dest).absolute() / lab.name
+
+
+def latest_release(lab: Lab, labdir: Path) -> Path | None:
+    """The release ``latest`` names (``LATEST`` file), else the newest one pvelab wrote."""
+    if not labdir.is_dir():
+        return None
+    releases = _releases(lab, labdir)
+    try:
+        named = (labdir / "LATEST").read_text().strip()
+    except OSError:
+        named = ""
+    return next((r for r in releases if r.name == named), releases[-1] if releases else None)
+
+
+def released_files(release: Path) -> dict[str, str]:
+    """file name -> sha256 of every node artefact in a release (from its manifest)."""
+    m = json.loads((release / "manifest.json").read_text())
+    return {f["name"]: f["sha256"] for n in m["nodes"] for f in n["files"].values()}
+
+
+def built_files(lab: Lab, kinds: tuple[str, ...] = PUBLISHED_KINDS) -> dict[str, str] | None:
+    """file name -> sha256 of the built artefacts per their manifests (None: not all built)."""
+    out = {}
+    for node in lab.nodes:
+        try:
+            m = BuildManifest.from_json(Layout(lab.name).manifest(node.name))
+        except RecordError:
+            return None
+        for kind in kinds:
+            name = Layout(lab.name).artefact(node.name, kind).name
+            if name not in m.artefacts:
+                return None
+            out[name] = m.artefacts[name].sha256
+    return out
+
+
+def unchanged_since(lab: Lab, labdir: Path, kinds: tuple[str, ...] = PUBLISHED_KINDS) -> Path | None:
+    """The latest release when the built artefacts are byte for byte the ones it holds."""
+    latest = latest_release(lab, labdir)
+    if latest is None:
+        return None
+    try:
+        same = released_files(latest) == built_files(lab, kinds)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return latest if same else None
+
+
+def _checkpoint(step: str) -> None:
+    """Fault injection for tests: PVELAB_PUBLISH_FAIL_AT=<step> fails there,
+    PVELAB_PUBLISH_PAUSE_AT=<step> sleeps there (so a test can kill -9 the process)."""
+    if os.environ.get("PVELAB_PUBLISH_FAIL_AT") == step:
+        raise PublishError(f"injected failure at step {step!r}")
+    if os.environ.get("PVELAB_PUBLISH_PAUSE_AT") == step:
+        marker = os.environ.get("PVELAB_PUBLISH_PAUSE_MARKER")
+        if marker:
+            Path(marker).write_text(step)
+        time.sleep(3600)
+
+
+def _load_reports(lab: Lab) -> dict[str, BootReport]:
+    """Every boot report of this lab, keyed ``<media>-<firmware>``."""
+    reports = {}
+    root = Layout(lab.name).root / "boot-test"
+    for path in sorted(root.glob("*/report.json")):
+        reports[path.parent.name] = BootReport.from_json(path)
+    return reports
+
+
+def _check_artefact(
+    lab: Lab, node: str, kind: str, manifest: BuildManifest, reports: dict[str, BootReport]
+) -> tuple[dict | None, str | None]:
+    """(what the release needs of one artefact, None) or (None, the problem)."""
+    path = Layout(lab.name).artefact(node, kind)
+    if not path.exists():
+        return None, f"{node}: {path} missing"
+    info = manifest.artefacts.get(path.name)
+    got = sha256(path)
+    if info is None or got != info.sha256:
+        want = info.sha256[:12] if info else "none"
+        return None, (
+            f"{node}: {path.name} sha256 {got[:12]}... does not match its build "
+            f"manifest ({want}...): modified after the build"
+        )
+    on_these_bytes = {
+        k: r
+        for k, r in reports.items()
+        if MEDIA[r.media].artefact == kind
+        and r.artefacts.get(node) is not None
+        and r.artefacts[node].sha256 == got
+    }
+    passed_by = [k for k, r in on_these_bytes.items() if r.passed]
+    if not passed_by and ArtefactKind(kind).is_booted():
+        if on_these_bytes:
+            again = "; ".join(
+                f"`{boot_test_command(lab.path, MEDIA[r.media], FIRMWARES[r.firmware])}`"
+                for r in on_these_bytes.values()
+            )
+            why = f"its boot test ({', '.join(on_these_bytes)}) did not pass (run {again} again)"
+        else:
+            why = (
+                f"no boot test ran on this exact file (run `{boot_test_command(lab.path, medium_for(kind))}`)"
+            )
+        return None, f"{node}: {path.name}: {why}"
+    return {
+        "path": path,
+        "name": path.name,
+        "size": path.stat().st_size,
+        "sha256": got,
+        "boot_tests": passed_by,
+    }, None
+
+
+# Long on purpose: every check of the release, collected so the refusal names all problems at once.
+def gate(lab: Lab, kinds: tuple[str, ...] = PUBLISHED_KINDS) -> dict:
+    """Check every artefact of ``kinds``; return what the release needs.
+
+    Raises PublishError naming each problem."""
+    problems: list[str] = []
+    try:
+        reports = _load_reports(lab)
+    except RecordError as exc:
+        raise PublishError(f"refusing to publish: {exc}") from None
+    lab_sha = sha256(lab.path)
+    for key, r in reports.items():
+        if r.lab != lab.name or r.result.scenario != lab.scenario.name:
+            problems.append(
+                f"boot-test/{key}: report is of lab {r.lab!r}, scenario "
+                f"{r.result.scenario!r}, not {lab.name!r}/{lab.scenario.name!r}"
+            )
+        elif r.lab_sha256 and r.lab_sha256 != lab_sha:
+            problems.append(
+                f"boot-test/{key}: ran with another version of {lab.path} ({r.lab_file}); "
+                f"run `{boot_test_command(lab.path, MEDIA[r.media], FIRMWARES[r.firmware])}` again"
+            )
+    nodes: dict[str, dict] = {}
+    for node in lab.nodes:
+        mpath = Layout(lab.name).manifest(node.name)
+        if not mpath.exists():
+            problems.append(
+                f"{node.name}: {mpath} missing (run `invoke build --lab {lab.path} --node {node.name}`)"
+            )
+            continue
+        try:
+            manifest = BuildManifest.from_json(mpath)
+        except RecordError as exc:
+            problems.append(str(exc))
+            continue
+        if manifest.password_found and lab.user.password:
+            problems.append(
+                f"{node.name}: the lab's plain password is in the image: "
+                f"{', '.join(manifest.password_found[:3])} (see {mpath})"
+            )
+        if not Layout(lab.name).sbom(node.name).exists():
+            problems.append(
+                f"{node.name}: {Layout(lab.name).sbom(node.name)} missing (rebuild: `invoke build --lab {lab.path} --node {node.name}`)"
+            )
+        entry: dict = {"manifest": manifest, "files": {}}
+        for kind in kinds:
+            checked, problem = _check_artefact(lab, node.name, kind, manifest, reports)
+            if problem:
+                problems.append(problem)
+            else:
+                entry["files"][kind] = checked
+        nodes[node.name] = entry
+    if problems:
+        raise PublishError("refusing to publish:\n  - " + "\n  - ".join(problems))
+    rehearsals = _rehearsals_on_these_bytes(lab, nodes, problems, lab_sha)
+    if problems:
+        raise PublishError("refusing to publish:\n  - " + "\n  - ".join(problems))
+    used = {k for e in nodes.values() for f in e["files"].values() for k in f["boot_tests"]}
+    return {
+        "nodes": nodes,
+        "reports": {k: r for k, r in reports.items() if k in used},
+        "rehearsals": rehearsals,
+    }
+
+
+def _rehearsals_on_these_bytes(
+    lab: Lab, nodes: dict[str, dict], problems: list[str], lab_sha: str
+) -> dict[str, RehearsalReport]:
+    """Rehearsals run on exactly the gated files: a failed one blocks the release like a failed boot test."""
+    out = {}
+    for path in sorted((Layout(lab.name).root / "rehearsal").glob("*/report.json")):
+        try:
+            r = RehearsalReport.from_json(path)
+        except RecordError as exc:
+            problems.append(str(exc))
+            continue
+        if r.lab_sha256 and r.lab_sha256 != lab_sha:
+            continue  # a rehearsal of another version of the lab file says nothing about this one
+        kind = MEDIA[r.media].artefact
+        same = all(
+            kind in e["files"]
+            and r.artefacts.get(n) is not None
+            and r.artefacts[n].sha256 == e["files"][kind]["sha256"]
+            for n, e in nodes.items()
+        )
+        if not same:
+            continue  # a rehearsal of other bytes says nothing about these
+        if not r.passed:
+            problems.append(
+                f"rehearsal/{r.media}: the rehearsal on these exact files failed ({path}); "
+                f"run `invoke rehearse --lab {lab.path} --media {r.media}` again"
+            )
+        out[r.media] = r
+    return out
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """An independent copy: a release never shares its bytes with build/ (no hard link),
+    so nothing done there later can change a published file."""
+    try:
+        shutil.copyfile(src, dst)
+    except OSError as exc:
+        raise PublishError(f"copying {src} to {dst}: {exc.strerror}") from None
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in [*path.rglob("*"), path]:
+        if p.is_symlink():
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _first_line(cmd: list[str]) -> str:
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    return (res.stdout.splitlines() or ["unknown"])[0]
+
+
+def _node_entry(node: Node, entry: dict) -> dict:
+    m: BuildManifest = entry["manifest"]
+    files = {
+        k: {key: f[key] for key in ("name", "size", "sha256", "boot_tests")}
+        for k, f in entry["files"].items()
+    }
+    return {
+        "name": node.name,
+        "role": node.role,
+        "alias": str(node.alias),
+        "ram_mb": node.ram_mb,
+        "disk_gb": node.disk_gb,
+        "files": files,
+        "enabled_units": m.enabled_units,
+        "build_seconds": m.build_seconds,
+        "built_at": m.built_at,
+        "base": {"key": m.base_key, "elements": m.elements},
+        "packages": m.packages,
+        "sources": m.sources,
+    }
+
+
+def _boot_test_entry(r: BootReport) -> dict:
+    return {
+        "passed": r.passed,
+        "wall_seconds": r.wall_seconds,
+        "ssh_ready_seconds": r.ssh_ready_seconds,
+        "accel": r.accel,
+        "secure_boot": r.secure_boot,
+        "tests": {t.name: "pass" if t.passed else "fail" for t in r.result.tests},
+    }
+
+
+def _rehearsal_entry(r: RehearsalReport) -> dict:
+    steps = [
+        {"number": s.number, "title": s.title, "passed": s.passed, "settle_seconds": s.settle_seconds}
+        for s in r.steps
+    ]
+    return {
+        "passed": r.passed,
+        "first_quorate_seconds": r.first_quorate_seconds,
+        "walk_seconds": r.walk_seconds,
+        "steps": steps,
+    }
+
+
+def release_manifest(lab: Lab, name: str, checked: dict, signed: bool = False) -> dict:
+    first: BuildManifest = checked["nodes"][lab.nodes[0].name]["manifest"]
+    return {
+        "lab": lab.name,
+        "release": name,
+        "signed": signed,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": first.git_commit,
+        "nodes": [_node_entry(n, checked["nodes"][n.name]) for n in lab.nodes],
+        "elements": first.elements,
+        "versions": dict(
+            first.tools, kernel=first.kernel, qemu=_first_line(["qemu-system-x86_64", "--version"])
+        ),
+        "boot_tests": {k: _boot_test_entry(r) for k, r in checked["reports"].items()},
+        "scenario": lab.scenario.name,
+        "rehearsals": {media: _rehearsal_entry(r) for media, r in checked.get("rehearsals", {}).items()},
+        "archive": first.archive,
+    }
+
+
+def _readme(lab: Lab, manifest: dict) -> str:
+    return (
+        template_env(html=False)
+        .get_template("release-README.md.j2")
+        .render(
+            lab=lab,
+            manifest=manifest,
+            quorum_table=quorum_table(lab),
+            default_password=DEFAULT_PASSWORD,
+            install_wait=INSTALL_WAIT,
+        )
+    )
+
+
+RELEASE_NAME = re.compile(r"^\d{8}T\d{6}Z$")
+STAGE_PREFIX = ".pvelab-stage-"
+
+
+def _releases(lab: Lab, labdir: Path) -> list[Path]:
+    """Releases pvelab wrote for this lab, oldest first: a folder named like a release
+    whose manifest.json says so. Anything else in the destination is never touched."""
+    out = []
+    for p in labdir.iterdir():
+        if p.is_symlink() or not p.is_dir() or not RELEASE_NAME.match(p.name):
+            continue
+        try:
+            m = json.loads((p / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(m, dict) and m.get("lab") == lab.name and m.get("release") == p.name:
+            out.append(p)
+    return sorted(out)
+
+
+def _point_latest(labdir: Path, name: str) -> None:
+    tmp_link = labdir / f".latest-{os.getpid()}"
+    tmp_link.unlink(missing_ok=True)
+    try:
+        tmp_link.symlink_to(name)
+        os.replace(tmp_link, labdir / "latest")
+    except OSError:
+        tmp_link.unlink(missing_ok=True)  # a mount without symlinks: LATEST below suffices
+    tmp_file = labdir / f".LATEST-{os.getpid()}"
+    tmp_file.write_text(name + "\n")
+    os.replace(tmp_file, labdir / "LATEST")
+
+
+# Long on purpose: the release transaction (validate, lock, stage, rename, point, retire) reads as one sequence.
+@locking("publish")
+def publish(
+    lab: Lab,
+    dest: str | Path | None = None,
+    keep: int | None = None,
+    gpg_key: str | None = None,
+    now: float | None = None,
+    kinds: tuple[str, ...] = PUBLISHED_KINDS,
+    force: bool = False,
+) -> Release:
+    """Publish to ``DEST/<lab>/<timestamp>/``; without ``dest``, ``build/<lab>/releases/``.
+
+    ``kinds`` limits the release to some artefact kinds (e.g. only the qcow2 images).
+    When the gated artefacts are identical to the latest release's, nothing is written
+    and that release is returned with ``new=False`` (``force``: publish anyway)."""
+    known = [k.value for k in ArtefactKind]
+    if not kinds or any(k not in known for k in kinds):
+        raise PublishError(f"--artefacts: {','.join(kinds)!r}: choose from {', '.join(known)}")
+    # what a kind needs travels with it (a netboot bundle fetches the node's ISOs)
+    wanted = {ArtefactKind(k) for k in kinds}
+    kinds = tuple(k for k in ArtefactKind if k in wanted or any(k in w.travels_with() for w in wanted))
+    if keep is not None and keep < 1:
+        raise PublishError(f"--keep: {keep}: must be at least 1 (the newest release always stays)")
+    labdir = destination(lab, dest)
+    if labdir.exists() and not labdir.is_dir():
+        raise PublishError(f"--dest: {labdir} exists and is not a folder")
+    checked = gate(lab, kinds)
+    if gpg_key:
+        try:
+            openpgp.fingerprint(gpg_key)  # before any copying: a key that cannot sign stops here
+        except openpgp.GpgError as exc:
+            raise PublishError(str(exc)) from None
+    same = None if force else unchanged_since(lab, labdir, kinds)
+    if same is not None:
+        return Release(same, same.name, sorted(released_files(same)), new=False)
+    try:
+        labdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PublishError(f"--dest: cannot create {labdir}: {exc.strerror}") from None
+    with _destination_lock(labdir), space_guard(f"publish to {labdir}", labdir):
+        for stale in labdir.glob(STAGE_PREFIX + "*"):
+            shutil.rmtree(stale, ignore_errors=True)  # our own, from a publish that was killed
+        name = _release_name(labdir, now)
+        stage = labdir / f"{STAGE_PREFIX}{name}-{os.getpid()}"
+        stage.mkdir()
+        try:
+            files = _stage_release(lab, stage, name, checked, latest_release(lab, labdir), bool(gpg_key))
+            _provenance(stage, gpg_key)
+            _checksums(stage, checked, gpg_key)
+            _fsync_tree(stage)
+            _checkpoint("rename")
+            os.rename(stage, labdir / name)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        _checkpoint("latest")
+        try:
+            _point_latest(labdir, name)
+        except BaseException:
+            for tmp in (*labdir.glob(".latest-*"), *labdir.glob(".LATEST-*")):
+                tmp.unlink(missing_ok=True)
+            raise
+        if keep:
+            for old in _releases(lab, labdir)[:-keep]:
+                if old.name != name:
+                    shutil.rmtree(old)
+    return Release(labdir / name, name, files)
+
+
+@contextlib.contextmanager
+def _destination_lock(labdir: Path) -> Iterator[None]:
+    """One publish per destination at a time; a second one refuses at once."""
+    with open(labdir / ".pvelab-publish.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PublishError(
+                f"another publish to {labdir} is running; try again when it has finished"
+            ) from None
+        yield
+
+
+def _release_name(labdir: Path, now: float | None) -> str:
+    name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    while (labdir / name).exists():  # two publishes in one second
+        time.sleep(1)
+        name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return name
+
+
+def _stage_release(
+    lab: Lab, stage: Path, name: str, checked: dict, previous: Path | None, signed: bool = False
+) -> list[str]:
+    """Artefacts, reports, manifest, the lab file and rendered files, the changes since
+    ``previous``, topology and README into the staging folder."""
+    files = []
+    for node in lab.nodes:
+        for f in checked["nodes"][node.name]["files"].values():
+            _copy(f["path"], stage / f["name"])
+            files.append(f["name"])
+            _checkpoint("copy")
+    layout = Layout(lab.name)
+    for node in lab.nodes:
+        _copy(layout.sbom(node.name), stage / layout.sbom(node.name).name)
+    (stage / "boot-test").mkdir()
+    for key in checked["reports"]:
+        for fname in ("report.json", "junit.xml"):
+            shutil.copyfile(layout.root / "boot-test" / key / fname, stage / "boot-test" / f"{key}.{fname}")
+    for media in checked.get("rehearsals", {}):
+        (stage / "rehearsal").mkdir(exist_ok=True)
+        for fname in ("report.json", "junit.xml", "summary.txt"):
+            src = layout.rehearsal_dir(media) / fname
+            if src.exists():
+                shutil.copyfile(src, stage / "rehearsal" / f"{media}.{fname}")
+    if any(ArtefactKind.NETBOOT in e["files"] for e in checked["nodes"].values()):
+        # what a provisioning team serves the bundles with (README: "Network boot")
+        (stage / "netboot").mkdir()
+        (stage / "netboot" / "dnsmasq.conf").write_text(netboot.dnsmasq_example(lab))
+        (stage / netboot.GRUB_PREFIX).mkdir()
+        (stage / netboot.GRUB_PREFIX / "grub.cfg").write_text(
+            netboot.grub_dispatch(lab, {n.name: netboot.Mode.LIVE for n in lab.nodes})
+        )
+    manifest = release_manifest(lab, name, checked, signed)
+    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.copyfile(lab.path, stage / "lab.yaml")
+    for node in lab.nodes:
+        if layout.overlay(node.name).is_dir():
+            shutil.copytree(layout.overlay(node.name), stage / "rendered" / node.name, symlinks=True)
+    record = changes.compare(previous, stage)
+    (stage / "changes.json").write_text(json.dumps(record, indent=2) + "\n")
+    (stage / "CHANGES.md").write_text(changes.markdown(record))
+    results = [r.result for r in checked["reports"].values()]
+    rehearsals = list(checked.get("rehearsals", {}).values())
+    checks = checks_from(lab, results, all(r.passed for r in rehearsals) if rehearsals else None)
+    (stage / "topology.svg").write_text(topology_svg(lab, checks))
+    (stage / "index.html").write_text(release_page(lab, manifest, record, checks))
+    (stage / "README.md").write_text(_readme(lab, manifest))
+    _checkpoint("metadata")
+    return files
+
+
+def _checksums(stage: Path, checked: dict, gpg_key: str | None) -> None:
+    """SHA256SUMS (one pass that also proves each copy is what was gated), signed on request."""
+    digests = {p.relative_to(stage).as_posix(): sha256(p) for p in sorted(stage.rglob("*")) if p.is_file()}
+    for entry in checked["nodes"].values():
+        for f in entry["files"].values():
+            if digests[f["name"]] != f["sha256"]:
+                raise PublishError(f"{f['name']}: copy in {stage} does not match its checksum")
+    (stage / "SHA256SUMS").write_text("".join(f"{d}  {rel}\n" for rel, d in digests.items()))
+    if not gpg_key:
+        return
+    try:
+        (stage / "SHA256SUMS.asc").write_bytes(
+            openpgp.sign(gpg_key, (stage / "SHA256SUMS").read_bytes(), armor=True, what="SHA256SUMS")
+        )
+    except openpgp.GpgError as exc:
+        raise PublishError(str(exc)) from None
+
+
+def _provenance(stage: Path, gpg_key: str | None) -> None:
+    """``provenance/<node>.intoto.json`` from the staged release (signed with the release key)."""
+    manifest = json.loads((stage / "manifest.json").read_text())
+    try:
+        provenance.write(stage, manifest, gpg_key)
+    except openpgp.GpgError as exc:
+        raise PublishError(str(exc)) from None
+    _checkpoint("provenance")

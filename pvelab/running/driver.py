@@ -1,0 +1,599 @@
+"""The running lab: one network, one machine per node, a lifecycle and a vocabulary of faults.
+
+Modelled on the NixOS test driver: a :class:`Driver` owns the lab network
+(:mod:`pvelab.running.labnet`) and one :class:`~pvelab.running.machine.Machine` per node, each booted on
+a throwaway copy-on-write overlay of its artefact, so nothing is ever written to the
+built files. The boot test, the rehearsal and ``invoke up`` all boot through it::
+
+    with Driver(lab, nodes, medium, fw, accel, workdir, say) as d:   # booted, SSH on every node
+        d.fault(Fault.CUT, ["pve-3"])
+        ...                                                          # leaving: all torn down
+
+A driver that is :meth:`Driver.detach`-ed is not torn down when the block ends: its VMs,
+dnsmasq and the port forwarder run on in their own sessions, and what is needed to find
+them again is the lab's :class:`RunState` (``build/<lab>/run/state.json``), from which
+:meth:`Driver.attach` rebuilds the driver in another process (``invoke status``,
+``fault``, ``ssh``, ``down``).
+
+The faults (:class:`Fault`) are the words of the rehearsal's walk and of ``invoke fault``:
+each is reversible and recorded in the run state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pvelab.build import netboot
+from pvelab.core.locks import pid_alive, qemu_alive
+from pvelab.model import accel as accelerator
+from pvelab.model.artefacts import (
+    Layout,
+    RecordError,
+    _check_schema,
+    _from_dict,
+    _read_json,
+    built,
+    write_atomic,
+)
+from pvelab.model.faults import DriverError, Fault
+from pvelab.model.lab import Lab, Node
+from pvelab.model.media import Firmware, Medium, boot_combination
+from pvelab.running import serving
+from pvelab.running.labnet import LabNet
+from pvelab.running.machine import GuestFaultError, Machine, MachineError
+from pvelab.running.qemu import VmSpec, prepare
+
+RUN_SCHEMA = 1
+KEY_NAME = "id_ed25519"  # the operator's key for a running lab, in its run folder
+
+
+class Progress:
+    """``[label 12.3s] message`` lines on stderr, timed from the start of the run."""
+
+    def __init__(self, label: str):
+        self.label, self.t0 = label, time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{self.label} {self.elapsed():6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (CI timeouts, kill) unwinds like Ctrl-C, so everything is cleaned up."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def parallel(machines: dict[str, Machine], fn: Callable[[Machine], Any]) -> tuple[dict, dict[str, str]]:
+    """fn(machine) on every VM at once: (name -> result, name -> MachineError text)."""
+    results: dict = {}
+    errors: dict[str, str] = {}
+
+    def run(m: Machine) -> None:
+        try:
+            results[m.name] = fn(m)
+        except MachineError as exc:
+            errors[m.name] = str(exc)
+
+    threads = [threading.Thread(target=run, args=(m,), daemon=True) for m in machines.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def parse_groups(lab: Lab, text: str) -> list[list[str]]:
+    """``"pve-1,pve-2 pve-3,pbs-witness"`` (or ``/`` between groups): every node once."""
+    names = [n.name for n in lab.nodes]
+    groups = [[p for p in g.split(",") if p] for g in text.replace("/", " ").split()]
+    flat = [n for g in groups for n in g]
+    unknown = [n for n in flat if n not in names]
+    twice = sorted({n for n in flat if flat.count(n) > 1})
+    missing = [n for n in names if n not in flat]
+    if unknown or twice or missing or len(groups) < 2:
+        half = len(names) // 2
+        example = f"{','.join(names[:half])} {','.join(names[half:])}"
+        why = (
+            f"unknown {', '.join(unknown)}"
+            if unknown
+            else f"{', '.join(twice)} named twice"
+            if twice
+            else f"{', '.join(missing)} in no group"
+            if missing
+            else "needs two groups or more"
+        )
+        raise DriverError(
+            f"fault partition: {text!r}: {why} (groups of {', '.join(names)}, e.g. '{example}')"
+        )
+    return groups
+
+
+def parse_nodes(lab: Lab, text: str, fault: str) -> list[str]:
+    names = [n.name for n in lab.nodes]
+    picked = [p for p in text.split(",") if p]
+    bad = [p for p in picked if p not in names]
+    if bad or not picked:
+        raise DriverError(
+            f"fault {fault}: {text!r}: {'unknown node ' + ', '.join(bad) if bad else 'no node named'}"
+            f" (nodes: {', '.join(names)})"
+        )
+    return picked
+
+
+# --------------------------------------------------------------------------- run state
+
+
+@dataclass
+class NodeRecord:
+    name: str
+    pid: int
+    address: str  # what DHCP gives it on the lab network
+    alias: str  # its lab address (the node adds it on top)
+    mac: str
+    tap: str
+    console_log: str
+    drive: str  # what QEMU boots: the overlay, the ISO, or the installed disk
+    forwards: dict[str, int] = field(default_factory=dict)  # service -> port on 127.0.0.1
+
+
+@dataclass
+class RunState:
+    """What finds a running lab again (``build/<lab>/run/state.json``)."""
+
+    lab: str
+    lab_file: str
+    netns: str
+    media: str
+    firmware: str
+    accel: str
+    accel_reason: str
+    workdir: str
+    nodes: dict[str, NodeRecord]
+    phase: str = "booting"  # booting (up still running) | up
+    owner_pid: int = 0  # the process that is bringing the lab up
+    started_at: str = ""
+    up_seconds: float = 0.0
+    cluster: bool = False  # real corosync + QDevice deployed
+    forwarder_pid: int | None = None
+    faults: list[dict[str, Any]] = field(default_factory=list)  # what was done, in order
+    schema: int = RUN_SCHEMA
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, path: Path) -> RunState:
+        data = _read_json(path)
+        _check_schema(data, RUN_SCHEMA, path)
+        data = dict(data)
+        if isinstance(data.get("nodes"), dict):
+            data["nodes"] = {
+                k: _from_dict(NodeRecord, v, f"{path}: nodes.{k}") for k, v in data["nodes"].items()
+            }
+        return _from_dict(cls, data, str(path))
+
+    def liveness(self) -> str:
+        """'' when the lab runs, else why its state is stale (one phrase)."""
+        if not Path(f"/run/netns/{self.netns}").exists():
+            return f"its network namespace {self.netns} is gone (host rebooted, or removed by hand)"
+        if self.phase == "booting" and not pid_alive(self.owner_pid):
+            return f"the `invoke up` that was bringing it up (pid {self.owner_pid}) is gone"
+        alive = [n for n, r in self.nodes.items() if qemu_alive(r.pid, n)]
+        powered_off = {
+            n for f in self.faults for n in f.get("nodes", []) if f["fault"] in ("power-off", "kill")
+        }
+        if not alive and not powered_off:
+            return "none of its QEMU processes runs"
+        return ""
+
+
+def netns_name(lab: Lab) -> str:
+    """``pvelab-<lab>-<6 hex>``: the hex from the run folder's path, so that two checkouts
+    (or two PVELAB_BUILD_DIRs) running the same lab never touch each other's namespace."""
+    where = hashlib.sha256(str(Layout(lab.name).run_dir.resolve()).encode()).hexdigest()[:6]
+    return f"pvelab-{lab.name[:40]}-{where}"
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+class Driver:
+    """The running lab: its network, one Machine per node, and when each got SSH."""
+
+    def __init__(
+        self,
+        lab: Lab,
+        nodes: tuple[Node, ...],
+        medium: Medium,
+        fw: Firmware,
+        accel: str,
+        accel_reason: str,
+        workdir: Path,
+        say: Progress,
+        disks: dict[str, Path] | None = None,
+        netns: str | None = None,
+        state_file: Path | None = None,
+    ):
+        self.lab, self.nodes, self.medium, self.fw = lab, nodes, medium, fw
+        self.accel, self.accel_reason, self.outdir, self.say = accel, accel_reason, workdir, say
+        self.disks = disks
+        self.net = LabNet([n.name for n in nodes], workdir, node_macs={n.name: n.mac for n in nodes})
+        self.serving: serving.Serving | None = None  # a network boot's TFTP/HTTP side
+        if netns:
+            self.net.name = netns
+        self.machines: dict[str, Machine] = {}
+        self.ssh_ready_seconds: dict[str, float] = {}
+        self.guest_faults: list[dict[str, Any]] = []  # kernel panics seen on the way (guestfault)
+        self.state_file = state_file  # set: the lab is findable by other processes
+        self.state: RunState | None = None
+        self.detached = False
+        self._started = False
+
+    # ---------------------------------------------------------------- lifecycle
+    def __enter__(self) -> Driver:
+        self._sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            signal.signal(signal.SIGTERM, self._sigterm)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if not self.detached:
+                self.say("stopping the VMs and the lab network")
+                self.stop()
+        finally:
+            signal.signal(signal.SIGTERM, self._sigterm)
+
+    def start(self) -> None:
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        if self.medium.is_network_boot() and self.disks is None:
+            self.serving = serving.Serving(
+                self.lab, self.nodes, netboot.Mode(self.medium.netboot), self.outdir
+            )
+            self.say(self.serving.configure(self.net))
+        self.net.__enter__()
+        self._started = True
+        if self.serving is not None:
+            self.serving.start(self.net)
+        if self.disks is not None:
+            files = self.disks
+        else:
+            files = {n.name: built(self.lab, n, self.medium.artefact) for n in self.nodes}
+        for n in self.nodes:
+            drive = prepare(self.medium, self.fw, files[n.name], self.outdir, n.name, self.disks is None)
+            self.machines[n.name] = Machine(
+                self._spec(n, drive), self.net, self.lab.user.name, self.lab.user.login_password
+            )
+        for m in self.machines.values():
+            m.start()
+        self.say(
+            f"started {len(self.machines)} VM(s) ({self.medium.name}, {self.fw.value}); consoles in {self.outdir}"
+        )
+        if self.state_file is not None:
+            self.state = self._new_state()
+            self.save()
+        self.ssh_ready_seconds = self.wait_all_ssh()
+
+    def _spec(self, n: Node, drive: Path) -> VmSpec:
+        return VmSpec(
+            n.name,
+            n.ram_mb,
+            self.medium,
+            self.fw,
+            self.accel,
+            drive,
+            self.outdir,
+            tap=self.net.taps[n.name],
+            mac=self.net.macs[n.name],
+            console_socket=True,
+        )
+
+    def wait_all_ssh(self, names: list[str] | None = None) -> dict[str, float]:
+        timeout = accelerator.of(self.accel).ssh_timeout
+
+        def wait(m: Machine) -> float:
+            for attempt in (1, 2):  # a kernel panic that is the emulator's: booted once more
+                try:
+                    seconds = round(m.wait_for_ssh(timeout) if attempt == 1 else m.restart(timeout), 1)
+                    break
+                except GuestFaultError as exc:
+                    retry = exc.fault.emulator and attempt == 1
+                    self.guest_faults.append({"node": m.name, **exc.fault.to_dict(), "retried": retry})
+                    if not retry:
+                        raise
+                    self.say(f"{m.name}: {exc.fault.describe()}; booting it again")
+                    m.crash()
+            self.say(f"{m.name}: SSH up after {seconds}s at {m.address}")
+            if self.detached or self.state_file is not None:
+                self.grant_access(m)
+            return seconds
+
+        results, errors = parallel({n: self.machines[n] for n in (names or self.machines)}, wait)
+        if errors:
+            raise DriverError("; ".join(errors.values()))
+        return results
+
+    def stop(self) -> None:
+        """Every VM ended, its throwaway files removed; the lab network removed."""
+        for m in self.machines.values():
+            m.stop()
+        if self.state and self.state.forwarder_pid and pid_alive(self.state.forwarder_pid):
+            try:
+                os.kill(self.state.forwarder_pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        if self.serving is not None:
+            self.serving.stop()
+        if self._started or Path(f"/run/netns/{self.net.name}").exists():
+            self.net.down()
+        for n in self.nodes:
+            for leftover in (f"{n.name}.console.sock", f"{n.name}.pid"):
+                (self.outdir / leftover).unlink(missing_ok=True)
+        if self.state_file is not None:
+            for f in (self.state_file, self.outdir / KEY_NAME, self.outdir / f"{KEY_NAME}.pub"):
+                f.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- detached
+    def _new_state(self) -> RunState:
+        return RunState(
+            lab=self.lab.name,
+            lab_file=str(self.lab.path),
+            netns=self.net.name,
+            media=self.medium.name,
+            firmware=self.fw.value,
+            accel=self.accel,
+            accel_reason=self.accel_reason,
+            workdir=str(self.outdir),
+            nodes={
+                n: NodeRecord(
+                    n,
+                    m.pid or 0,
+                    self.net.addresses[n],
+                    str(self.lab.node(n).alias.ip),
+                    self.net.macs[n],
+                    self.net.taps[n],
+                    str(m.console_log),
+                    str(m.spec.drive),
+                )
+                for n, m in self.machines.items()
+            },
+            owner_pid=os.getpid(),
+            started_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+
+    def save(self) -> None:
+        assert self.state is not None and self.state_file is not None
+        for n, m in self.machines.items():
+            self.state.nodes[n].pid = m.pid or 0
+        write_atomic(self.state_file, self.state.to_json())
+
+    def detach(self, state_file: Path) -> RunState:
+        """Leave the lab running when the ``with`` block ends: key login for the operator,
+        loopback port forwards, the run state written (phase ``up``)."""
+        if self.state_file is None:
+            self.state_file = state_file
+            self.state = self._new_state()
+        assert self.state is not None
+        self.detached = True
+        for m in self.machines.values():
+            if m.is_running():
+                self.grant_access(m)
+        self.start_forwarder()
+        self.state.phase = "up"
+        self.save()
+        return self.state
+
+    @property
+    def key(self) -> Path:
+        return self.outdir / KEY_NAME
+
+    def grant_access(self, m: Machine) -> None:
+        """The operator's key for the lab user, and sudo without a password: on the
+        throwaway overlay only (the way Vagrant boxes are), never on a built artefact."""
+        if not self.key.exists():
+            subprocess.run(
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    f"pvelab {self.lab.name}",
+                    "-f",
+                    str(self.key),
+                ],
+                check=True,
+            )
+        pub = (self.outdir / f"{KEY_NAME}.pub").read_text().strip()
+        m.succeed(
+            "umask 077 && mkdir -p ~/.ssh && touch ~/.ssh/authorized_keys"
+            f" && (grep -qxF '{pub}' ~/.ssh/authorized_keys || echo '{pub}' >> ~/.ssh/authorized_keys)"
+        )
+        status, out = m.sudo(
+            f"echo '{m.user} ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/90-pvelab-lab"
+            " && chmod 0440 /etc/sudoers.d/90-pvelab-lab"
+        )
+        if status != 0:
+            raise MachineError(f"{m.name}: granting the operator's sudo failed: {out.strip()[-300:]}")
+
+    def start_forwarder(self) -> None:
+        """127.0.0.1 ports to each node's SSH and to the services its role serves."""
+        from pvelab.running.forward import start
+
+        assert self.state is not None
+        targets = []
+        for n in self.nodes:
+            for service, port in (("ssh", 22), *n.role_def.host_ports):
+                targets.append((n.name, service, self.net.addresses[n.name], port))
+        pid, ports = start(self.net.name, targets, self.outdir)
+        self.state.forwarder_pid = pid
+        for (node, service, _, _), port in zip(targets, ports, strict=True):
+            self.state.nodes[node].forwards[service] = port
+
+    @classmethod
+    def attach(cls, lab: Lab, say: Progress) -> Driver:
+        """The running lab of ``lab``, from its run state; DriverError when it is not up."""
+        state_file = Layout(lab.name).run_dir / "state.json"
+        state = read_state(lab)
+        if state is None:
+            raise DriverError(f"lab {lab.name} is not up (start it: invoke up --lab {lab.path})")
+        why = state.liveness()
+        if why:
+            raise DriverError(
+                f"lab {lab.name} is not up: stale state, {why} (clean it: invoke down --lab {lab.path})"
+            )
+        medium, fw = boot_combination(state.media, state.firmware)
+        nodes = tuple(lab.node(n) for n in state.nodes)
+        d = cls(
+            lab,
+            nodes,
+            medium,
+            fw,
+            state.accel,
+            state.accel_reason,
+            Path(state.workdir),
+            say,
+            netns=state.netns,
+            state_file=state_file,
+        )
+        d.state, d.detached, d._started = state, True, True
+        for n in nodes:
+            spec = d._spec(n, Path(state.nodes[n.name].drive))
+            m = Machine(spec, d.net, lab.user.name, lab.user.login_password, pid=state.nodes[n.name].pid)
+            d.machines[n.name] = m
+        return d
+
+    def connect(self, names: list[str] | None = None, timeout: float = 20.0) -> dict[str, str]:
+        """SSH to the running VMs (an attached driver starts unconnected): name -> error."""
+        machines = {
+            n: m for n, m in self.machines.items() if (names is None or n in names) and m.is_running()
+        }
+        _, errors = parallel(machines, lambda m: m.client or m.wait_for_ssh(timeout))
+        return errors
+
+    def record(
+        self, fault: Fault, nodes: list[str] | None = None, groups: list[list[str]] | None = None
+    ) -> None:
+        if self.state is None:
+            return
+        entry: dict[str, Any] = {"fault": fault.value, "at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        if nodes:
+            entry["nodes"] = nodes
+        if groups:
+            entry["groups"] = groups
+        self.state.faults.append(entry)
+        self.save()
+
+    # ---------------------------------------------------------------- use
+    def on_all(self, command: str, names: list[str] | None = None) -> dict[str, str]:
+        """Run one command on the given (default: all) VMs at once; name -> output or error."""
+        machines = {n: self.machines[n] for n in (names or self.machines)}
+        results, errors = parallel(machines, lambda m: m.execute(command, timeout=60)[1].strip())
+        return {n: results[n] if n in results else f"error: {errors.get(n, '')}" for n in machines}
+
+    @property
+    def witness(self) -> str | None:
+        return self.lab.witness.name if self.lab.witness else None
+
+    # ---------------------------------------------------------------- faults
+    def fault(
+        self,
+        fault: Fault,
+        nodes: list[str] | None = None,
+        groups: list[list[str]] | None = None,
+        boot_timeout: float | None = None,
+    ) -> str:
+        """Apply one fault; return its one-line account."""
+        nodes = nodes or []
+        if fault is Fault.POWER_OFF:
+            for n in nodes:
+                self.machines[n].power_off()
+            line = f"{', '.join(nodes)}: powered off (clean shutdown)"
+        elif fault is Fault.KILL:
+            for n in nodes:
+                self.machines[n].crash()
+            line = f"{', '.join(nodes)}: QEMU killed (no shutdown)"
+        elif fault is Fault.POWER_ON:
+            timeout = boot_timeout or accelerator.of(self.accel).ssh_timeout
+            on = [n for n in nodes if not self.machines[n].is_running()]
+            results, errors = parallel({n: self.machines[n] for n in on}, lambda m: m.restart(timeout))
+            if errors:
+                raise DriverError("; ".join(errors.values()))
+            if self.detached:
+                for n in on:
+                    self.grant_access(self.machines[n])
+            line = ", ".join(f"{n}: powered on, SSH up after {s:.1f}s" for n, s in results.items()) or (
+                f"{', '.join(nodes)}: already running"
+            )
+        elif fault is Fault.CUT:
+            for n in nodes:
+                self.net.isolate(n)
+            line = f"{', '.join(nodes)}: cut off from every other node"
+        elif fault is Fault.PARTITION:
+            assert groups
+            self.net.partition(groups)
+            line = "partitioned: " + " | ".join(",".join(g) for g in groups)
+        elif fault is Fault.HEAL:
+            targets: list[str | None] = list(nodes) or [None]
+            for one in targets:
+                self.net.rejoin(one)
+            line = f"{', '.join(nodes) if nodes else 'every node'}: back on the lab network"
+        else:
+            if self.witness is None:
+                raise DriverError(f"fault {fault.value}: lab {self.lab.name} has no witness")
+            verb = "stop" if fault is Fault.QNETD_STOP else "start"
+            m = self.machines[self.witness]
+            if m.client is None:
+                m.wait_for_ssh(30)
+            status, out = m.sudo(f"systemctl {verb} corosync-qnetd.service", timeout=120)
+            if status != 0:
+                raise DriverError(
+                    f"{self.witness}: systemctl {verb} corosync-qnetd.service exited {status}: {out.strip()[-300:]}"
+                )
+            line = f"{self.witness}: corosync-qnetd {'stopped' if verb == 'stop' else 'started'}"
+        self.record(fault, nodes, groups)
+        return line
+
+
+def read_state(lab: Lab) -> RunState | None:
+    path = Layout(lab.name).run_dir / "state.json"
+    if not path.exists():
+        return None
+    try:
+        return RunState.from_json(path)
+    except RecordError:
+        return None
