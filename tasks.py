@@ -214,8 +214,8 @@ def up(
     no_wait=False,
 ):
     """Boot the lab and leave it running (build/<lab>/run/); prints how to reach each node."""
-    from pvelab.labctl import describe
     from pvelab.labctl import up as run
+    from pvelab.running.lifecycle import describe
 
     the_lab = _lab(lab)
     print(describe(the_lab, run(the_lab, media, firmware, accel, cluster=cluster, replace=replace)))

@@ -15,7 +15,7 @@ import pytest
 from pvelab.build.pipeline import build
 from pvelab.checks.boottest import boot_test
 from pvelab.checks.scenario import run_scenario
-from pvelab.model.artefacts import Layout
+from pvelab.model.artefacts import ArtefactKind, Layout
 
 pytestmark = [pytest.mark.boot, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, taps)")]
 
@@ -192,7 +192,7 @@ def test_second_lab_side_by_side(built, lab, tmp_path):
     before = snapshot()
     results = build(other)
     assert {r.node for r in results} == {n.name for n in other.nodes}
-    assert all(Layout(other.name).root in r.qcow2.parents for r in results)
+    assert all(Layout(other.name).root in r.artefacts[ArtefactKind.QCOW2].parents for r in results)
     report = boot_test(other, media="qcow2", firmware="bios", accel="auto")
     assert report.passed, failures(report)
     assert report.lab == other.name and len(report.ssh_ready_seconds) == len(other.nodes)

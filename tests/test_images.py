@@ -46,7 +46,17 @@ def roots(built, tmp_path_factory):
     for name, res in built.items():
         raw = work / f"{name}.raw"
         subprocess.run(
-            ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(res.qcow2), str(raw)], check=True
+            [
+                "qemu-img",
+                "convert",
+                "-f",
+                "qcow2",
+                "-O",
+                "raw",
+                str(res.artefacts[ArtefactKind.QCOW2]),
+                str(raw),
+            ],
+            check=True,
         )
         cm_part = loop_partition(raw, steps, read_only=True, number=ROOT_PARTITION)
         part = cm_part.__enter__()
@@ -72,7 +82,7 @@ def installed(root):
 def test_qcow2_format_and_size(built, lab, name):
     info = json.loads(
         subprocess.run(
-            ["qemu-img", "info", "--output=json", str(built[name].qcow2)],
+            ["qemu-img", "info", "--output=json", str(built[name].artefacts[ArtefactKind.QCOW2])],
             capture_output=True,
             text=True,
             check=True,
@@ -86,7 +96,10 @@ def test_boot_disk_layout(built, tmp_path):
     """GPT: BIOS boot, EFI system (FAT, Debian's signed shim and GRUB, the hop to the
     root's grub.cfg), root; a valid GPT whose backup header sits at the grown disk's end."""
     raw = tmp_path / "disk.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(built["pve-1"].qcow2), str(raw)], check=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", str(built["pve-1"].artefacts[ArtefactKind.QCOW2]), str(raw)],
+        check=True,
+    )
     dump = subprocess.run(["sfdisk", "--json", str(raw)], capture_output=True, text=True, check=True).stdout
     parts = json.loads(dump)["partitiontable"]["partitions"]
     assert [p["type"] for p in parts] == [
@@ -302,7 +315,14 @@ def test_lean_disk_boot_and_live_initramfs(roots, built, tmp_path):
         *[l for l in upstream.splitlines() if l.startswith("ExecStart=")],
     ]
     # the ISO boots live-boot's initramfs
-    _xorriso(built["pve-1"].iso, "-osirrox", "on", "-extract", "/live/initrd.img", str(tmp_path / "i"))
+    _xorriso(
+        built["pve-1"].artefacts[ArtefactKind.ISO],
+        "-osirrox",
+        "on",
+        "-extract",
+        "/live/initrd.img",
+        str(tmp_path / "i"),
+    )
     live_files = initrd_files(tmp_path / "i")
     live = list(live_files)
     assert "usr/bin/live-boot" in live and any(n.endswith("/squashfs.ko.xz") for n in live)
@@ -333,7 +353,7 @@ def _xorriso(iso, *args):
 
 @pytest.mark.parametrize("name", NODES)
 def test_iso_boot_records_and_gpt(built, name):
-    iso = built[name].iso
+    iso = built[name].artefacts[ArtefactKind.ISO]
     report = _xorriso(iso, "-report_el_torito", "plain")
     assert re.search(r"El Torito boot img :\s+1\s+BIOS\s+y\s+none", report), report
     assert re.search(r"El Torito boot img :\s+2\s+UEFI\s+y\s+none", report), report
@@ -348,7 +368,7 @@ def test_iso_boot_records_and_gpt(built, name):
 def test_iso_esp_carries_the_signed_boot_chain(built, tmp_path):
     """The ESP (the El Torito UEFI image) holds trixie's shim (Microsoft-signed), Debian's
     signed GRUB and the hop to the ISO's menu; the kernel is Debian-signed too."""
-    iso = built["pbs-witness"].iso
+    iso = built["pbs-witness"].artefacts[ArtefactKind.ISO]
     _xorriso(
         iso,
         "-osirrox",
@@ -394,7 +414,9 @@ def test_installer_iso_menus_and_payload(built, lab, tmp_path):
         "/isolinux/menu.c32",
     ):
         assert path in files, path
-    assert "/install" not in _xorriso(built[node.name].iso, "-find", "/", "-type", "f")
+    assert "/install" not in _xorriso(
+        built[node.name].artefacts[ArtefactKind.ISO], "-find", "/", "-type", "f"
+    )
     _xorriso(
         installer,
         "-osirrox",
@@ -432,7 +454,7 @@ def test_installer_iso_menus_and_payload(built, lab, tmp_path):
 
 @pytest.mark.parametrize("name", NODES)
 def test_iso_squashfs_layers(built, lab, name, tmp_path):
-    iso = built[name].iso
+    iso = built[name].artefacts[ArtefactKind.ISO]
     _xorriso(iso, "-osirrox", "on", "-extract", "/live", str(tmp_path / "live"))
     live = tmp_path / "live"
     assert (live / "filesystem.module").read_text().split() == ["filesystem.squashfs", f"{name}.squashfs"]
