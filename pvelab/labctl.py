@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pvelab.core.locks import lab_lock, qemu_alive
+from pvelab.core.logger import Progress
 from pvelab.model.artefacts import Layout, RehearsalReport, write_atomic
 from pvelab.model.faults import DriverError, Fault, Target
 from pvelab.model.lab import Lab
@@ -34,7 +35,6 @@ from pvelab.running.corotools import parse_cfgtool, parse_qnetd_clients, parse_q
 from pvelab.running.driver import (
     KEY_NAME,
     Driver,
-    Progress,
     RunState,
     netns_name,
     parallel,

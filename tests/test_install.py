@@ -10,8 +10,9 @@ import subprocess
 import pytest
 
 from pvelab.build.pipeline import build
-from pvelab.checks.boottest import Progress, boot_test, choose_accel
+from pvelab.checks.boottest import boot_test, choose_accel
 from pvelab.checks.installtest import run_installers
+from pvelab.core.logger import Progress
 from pvelab.model.artefacts import Layout
 from pvelab.model.media import FIRMWARES
 

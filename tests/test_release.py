@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
+from pvelab.release.evidence import released_files
 from pvelab.release.nightly import BOOT_TESTS, nightly
-from pvelab.release.publish import released_files
 from pvelab.release.verify import verify
 
 pytestmark = [

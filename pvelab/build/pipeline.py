@@ -215,7 +215,7 @@ def build_node(ctx: NodeContext) -> NodeBuild:
             )
         with ctx.steps.stage("manifest + checksums"):
             manifest = dataclasses.replace(_manifest(ctx), password_found=found)
-            (work / "manifest.json").write_text(manifest.to_json())
+            (work / layout.manifest(node.name).name).write_text(manifest.to_json())
         with ctx.steps.stage("SBOM (CycloneDX 1.6)"):
             bom = sbom.node_sbom(manifest, ctx.packages[2], ctx.epoch, lab.release)
             invalid = sbom.validate(bom)
@@ -226,7 +226,7 @@ def build_node(ctx: NodeContext) -> NodeBuild:
         for kind, src in ctx.made.items():
             os.replace(src, layout.artefact(node.name, kind))
         os.replace(work / "sbom.json", layout.sbom(node.name))
-        os.replace(work / "manifest.json", layout.manifest(node.name))
+        os.replace(work / layout.manifest(node.name).name, layout.manifest(node.name))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     took = time.monotonic() - t0

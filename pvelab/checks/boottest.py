@@ -24,6 +24,7 @@ from pvelab.checks.installtest import blank_disk, run_installers
 from pvelab.checks.scenario import run_scenario, summary, write_reports
 from pvelab.core.errors import PvelabError
 from pvelab.core.locks import locking
+from pvelab.core.logger import Progress
 from pvelab.model.artefacts import ArtefactKind, ArtefactRef, BootReport, Layout, built, sha256
 from pvelab.model.lab import Lab, Node
 from pvelab.model.media import (
@@ -36,7 +37,7 @@ from pvelab.model.media import (
     boot_combination,
 )
 from pvelab.running import apicert
-from pvelab.running.driver import Driver, Progress, sigterm_unwinds
+from pvelab.running.driver import Driver, sigterm_unwinds
 from pvelab.running.machine import Machine
 from pvelab.running.qemu import QEMU, VmSpec, prepare, qemu_command, resolve_accel
 
@@ -146,13 +147,9 @@ def boot_test(
         if after:
             report.after = after(booted.machines, report)
     report.wall_seconds = round(say.elapsed(), 1)
-    write_reports(report, outdir)
+    js, xml = write_reports(report, outdir)
     print(summary(report.result), flush=True)
-    print(
-        f"boot test wall time: {report.wall_seconds}s; reports: "
-        f"{outdir / 'report.json'}, {outdir / 'junit.xml'}",
-        flush=True,
-    )
+    print(f"boot test wall time: {report.wall_seconds}s; reports: {js}, {xml}", flush=True)
     return report
 
 

@@ -24,9 +24,13 @@ from pvelab.checks.boottest import booted_lab
 from pvelab.checks.scenario import run_scenario, summary
 from pvelab.core.errors import PvelabError
 from pvelab.core.locks import lab_lock, locking
+from pvelab.core.logger import Case, Progress, junit
 from pvelab.core.paths import cache_dir
 from pvelab.core.run import Steps
 from pvelab.model.artefacts import (
+    JUNIT,
+    REPORT,
+    SUMMARY,
     ArtefactRef,
     BuildManifest,
     DeployRecord,
@@ -44,7 +48,7 @@ from pvelab.model.lab import CustomTest, Lab, Scenario
 from pvelab.model.media import DEFAULT_FIRMWARE, DEFAULT_MEDIUM, Firmware, Medium, boot_combination
 from pvelab.model.quorum import Event, Expect, Step, walk
 from pvelab.running.corotools import parse_quorumtool
-from pvelab.running.driver import Driver, Progress, RunState, netns_name, parallel, read_state
+from pvelab.running.driver import Driver, RunState, netns_name, parallel, read_state
 from pvelab.running.lifecycle import claim, describe
 from pvelab.running.machine import Machine, MachineError
 
@@ -494,49 +498,31 @@ def table(report: RehearsalReport) -> str:
 
 
 def to_junit(report: RehearsalReport) -> str:
-    import xml.etree.ElementTree as ET
-
-    cases = [(s, n) for s in report.steps for n in s.nodes]
-    suite = ET.Element(
-        "testsuite",
-        name=f"rehearsal {report.lab}",
-        tests=str(len(cases) + len(report.deploy)),
-        failures=str(sum(not n.passed for _, n in cases) + sum(not d.passed for d in report.deploy)),
-        errors="1" if report.error else "0",
-        time=f"{report.wall_seconds:.1f}",
-    )
-    for d in report.deploy:
-        case = ET.SubElement(suite, "testcase", classname="deploy", name=d.title, time=f"{d.seconds:.1f}")
-        if not d.passed:
-            ET.SubElement(case, "failure", message=d.title).text = d.output
-    for s, n in cases:
-        case = ET.SubElement(
-            suite,
-            "testcase",
-            classname=f"step {s.number}: {s.title}",
-            name=n.node,
-            time=f"{s.settle_seconds or 0:.1f}",
+    deploy = [
+        Case("deploy", d.title, d.seconds, failure=None if d.passed else d.title, failure_text=d.output)
+        for d in report.deploy
+    ]
+    steps = [
+        Case(
+            f"step {s.number}: {s.title}",
+            n.node,
+            s.settle_seconds or 0,
+            output=n.quorumtool,
+            failure=None
+            if n.passed
+            else f"expected {n.expected}, observed {n.observed}, api quorate {n.api_quorate}",
         )
-        ET.SubElement(case, "system-out").text = n.quorumtool
-        if not n.passed:
-            ET.SubElement(
-                case,
-                "failure",
-                message=f"expected {n.expected}, observed {n.observed}, api quorate {n.api_quorate}",
-            )
-    if report.error:
-        ET.SubElement(
-            ET.SubElement(suite, "testcase", classname="rehearsal", name="run"),
-            "error",
-            message=report.error[:500],
-        )
-    return ET.tostring(suite, encoding="unicode", xml_declaration=True)
+        for s in report.steps
+        for n in s.nodes
+    ]
+    run = [Case("rehearsal", "run", error=report.error[:500])] if report.error else []
+    return junit(f"rehearsal {report.lab}", deploy + steps + run, report.wall_seconds)
 
 
 def write_reports(report: RehearsalReport, outdir: Path) -> None:
-    write_atomic(outdir / "report.json", report.to_json())
-    write_atomic(outdir / "junit.xml", to_junit(report))
-    write_atomic(outdir / "summary.txt", table(report) + "\n")
+    write_atomic(outdir / REPORT, report.to_json())
+    write_atomic(outdir / JUNIT, to_junit(report))
+    write_atomic(outdir / SUMMARY, table(report) + "\n")
 
 
 __all__ = ["rehearse"]

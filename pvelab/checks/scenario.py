@@ -12,12 +12,20 @@ keep the lab file's order.
 from __future__ import annotations
 
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pvelab.model.artefacts import AssertionResult, BootReport, ScenarioResult, TestResult, write_atomic
+from pvelab.core.logger import Case, junit
+from pvelab.model.artefacts import (
+    JUNIT,
+    REPORT,
+    AssertionResult,
+    BootReport,
+    ScenarioResult,
+    TestResult,
+    write_atomic,
+)
 from pvelab.model.assertions import Assertion
 from pvelab.model.lab import Scenario
 
@@ -116,29 +124,26 @@ def summary(report: ScenarioResult) -> str:
 
 
 def to_junit(report: ScenarioResult) -> str:
-    cases = [(t, a) for t in report.tests for a in t.assertions]
-    suite = ET.Element(
-        "testsuite",
-        name=report.scenario,
-        tests=str(len(cases)),
-        failures=str(sum(not a.passed for _, a in cases)),
-        errors="0",
-        time=f"{report.seconds:.2f}",
-    )
-    for t, a in cases:
-        case = ET.SubElement(suite, "testcase", classname=t.name, name=a.description, time=f"{a.seconds:.2f}")
-        out = ET.SubElement(case, "system-out")
-        out.text = f"attempts: {a.attempts}\nexit status: {a.last_status}\noutput:\n{a.last_output}"
-        if not a.passed:
-            fail = ET.SubElement(
-                case, "failure", message=f"{a.description} failed after {a.attempts} attempts"
+    return junit(
+        report.scenario,
+        [
+            Case(
+                t.name,
+                a.description,
+                a.seconds,
+                output=f"attempts: {a.attempts}\nexit status: {a.last_status}\noutput:\n{a.last_output}",
+                failure=None if a.passed else f"{a.description} failed after {a.attempts} attempts",
+                failure_text=a.last_output,
             )
-            fail.text = a.last_output
-    return ET.tostring(suite, encoding="unicode", xml_declaration=True)
+            for t in report.tests
+            for a in t.assertions
+        ],
+        report.seconds,
+    )
 
 
 def write_reports(report: BootReport, outdir: Path) -> tuple[Path, Path]:
-    js, xml = outdir / "report.json", outdir / "junit.xml"
+    js, xml = outdir / REPORT, outdir / JUNIT
     write_atomic(js, report.to_json())
     write_atomic(xml, to_junit(report.result))
     return js, xml

@@ -1,7 +1,8 @@
 """Running tools: one progress line per stage on the console, full output in a log file.
 
-Every long step of pvelab goes through :class:`Steps`: the console shows
-``[node] stage ... done in Xs (total Ys)`` and, for long commands, a heartbeat with the
+Every long step of pvelab goes through :class:`Steps`: the console shows, through the
+one progress sink (:class:`pvelab.core.logger.Progress`),
+``[node 12.3s] stage ... done in Xs (total Ys)`` and, for long commands, a heartbeat with the
 elapsed time and the tool's current phase; the tool's complete output is appended to
 the node's log (``build/<node>/build.log``).
 """
@@ -12,13 +13,13 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from pvelab.core.errors import PvelabError, disk_full, is_no_space
+from pvelab.core.logger import Progress
 from pvelab.core.paths import build_root, cache_dir
 
 HEARTBEAT = float(os.environ.get("PVELAB_HEARTBEAT", "20"))
@@ -29,10 +30,6 @@ _PHASE = re.compile(
 
 class StepError(PvelabError):
     """A failed tool run: names the node, stage, command and log file."""
-
-
-def _console(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def fmt_secs(seconds: float) -> str:
@@ -49,15 +46,13 @@ class Steps:
         self.timings: dict[str, float] = {}
         # the file systems a full disk may be on, besides the log's (the cache, the build tree)
         self.space_paths: list[Path] = [cache_dir(), build_root()]
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.progress = Progress(label, log_path)  # the console line and the log's "== " line
 
     def say(self, msg: str) -> None:
-        _console(f"[{self.label}] {msg}")
-        self.log(f"== {msg}")
+        self.progress(msg)
 
     def log(self, text: str) -> None:
-        with open(self.log_path, "a") as fh:
-            fh.write(text.rstrip("\n") + "\n")
+        self.progress.log(text)
 
     @contextmanager
     def stage(self, name: str):

@@ -5,10 +5,19 @@ One lab, one folder::
     build/<lab>/<node>/<node>.qcow2, <node>.iso, <node>-installer.iso, <node>-netboot.tar,
                        <node>.cdx.json, manifest.json, build.log, overlay/
     build/<lab>/boot-test/<media>-<firmware>/   report.json, junit.xml, consoles
-    build/<lab>/rehearsal/<media>/              report.json, junit.xml, consoles
+    build/<lab>/rehearsal/<media>/              report.json, junit.xml, summary.txt, consoles
     build/<lab>/run/                            the running lab: state.json, overlays, consoles
-    build/<lab>/releases/                       default publish destination
+    build/<lab>/releases/                       default publish destination (ReleasesDir)
     build/cache/                                shared by every lab (base images, packages)
+
+One lab's releases (``DEST/<lab>/``, :class:`ReleasesDir`) and one release
+(:class:`ReleaseLayout`)::
+
+    DEST/<lab>/latest -> <name>, LATEST, status.json, .pvelab-publish.lock, .pvelab-stage-*/
+    DEST/<lab>/<YYYYMMDD>T<HHMMSS>Z/  node artefacts, <node>.cdx.json, provenance/<node>.intoto.json,
+        SHA256SUMS(.asc), manifest.json, lab.yaml, rendered/<node>/, CHANGES.md, changes.json,
+        topology.svg, index.html, README.md, boot-test/<key>.report.json, rehearsal/<media>.*,
+        netboot/
 
 Build, boot test, rehearsal and publish depend on this module, not on each other.
 The build manifest and the boot report are dataclasses with ``to_json``/``from_json``
@@ -129,6 +138,10 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+# The files a test run's folder holds besides its consoles (a boot test has no summary).
+REPORT, JUNIT, SUMMARY = "report.json", "junit.xml", "summary.txt"
+
+
 @dataclass(frozen=True)
 class Layout:
     """Paths of one lab's outputs under the build root."""
@@ -167,10 +180,22 @@ class Layout:
         return self.root / "recipes"
 
     def boot_test_dir(self, media: str, firmware: str) -> Path:
-        return self.root / "boot-test" / f"{media}-{firmware}"
+        return self.boot_test_dir_by_key(f"{media}-{firmware}")
+
+    def boot_test_dir_by_key(self, key: str) -> Path:
+        """A boot test's folder by its key, ``<media>-<firmware>`` (as :meth:`boot_test_reports` finds them)."""
+        return self.root / "boot-test" / key
 
     def rehearsal_dir(self, media: str) -> Path:
         return self.root / "rehearsal" / media
+
+    def boot_test_reports(self) -> list[Path]:
+        """Every boot test's ``report.json`` on disk, in name order (``<media>-<firmware>``)."""
+        return sorted((self.root / "boot-test").glob(f"*/{REPORT}"))
+
+    def rehearsal_reports(self) -> list[Path]:
+        """Every rehearsal's ``report.json`` on disk, in name order (``<media>``)."""
+        return sorted((self.root / "rehearsal").glob(f"*/{REPORT}"))
 
     @property
     def run_dir(self) -> Path:
@@ -180,6 +205,137 @@ class Layout:
     @property
     def releases(self) -> Path:
         return self.root / "releases"
+
+
+@dataclass(frozen=True)
+class ReleaseLayout:
+    """Paths inside one release folder. The names are relative to it (SHA256SUMS, the
+    in-toto statements and ``invoke verify`` address files that way)."""
+
+    root: Path
+
+    SUMS = "SHA256SUMS"
+    SUMS_SIGNATURE = "SHA256SUMS.asc"
+    MANIFEST = "manifest.json"
+    LAB_FILE = "lab.yaml"
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def file(self, name: str) -> Path:
+        """A node artefact or SBOM, by its file name."""
+        return self.root / name
+
+    @property
+    def sums(self) -> Path:
+        return self.root / self.SUMS
+
+    @property
+    def sums_signature(self) -> Path:
+        return self.root / self.SUMS_SIGNATURE
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / self.MANIFEST
+
+    @property
+    def lab_file(self) -> Path:
+        return self.root / self.LAB_FILE
+
+    @property
+    def rendered_dir(self) -> Path:
+        return self.root / "rendered"
+
+    def rendered(self, node: str) -> Path:
+        """What the node was built from (its rendered overlay)."""
+        return self.rendered_dir / node
+
+    @property
+    def changes_json(self) -> Path:
+        return self.root / "changes.json"
+
+    @property
+    def changes_md(self) -> Path:
+        return self.root / "CHANGES.md"
+
+    @property
+    def topology(self) -> Path:
+        return self.root / "topology.svg"
+
+    @property
+    def page(self) -> Path:
+        return self.root / "index.html"
+
+    @property
+    def readme(self) -> Path:
+        return self.root / "README.md"
+
+    @property
+    def boot_test_dir(self) -> Path:
+        return self.root / "boot-test"
+
+    def boot_test(self, key: str, fname: str = REPORT) -> Path:
+        """A boot test's report (``key`` is ``<media>-<firmware>``) as the release carries it."""
+        return self.boot_test_dir / f"{key}.{fname}"
+
+    @property
+    def rehearsal_dir(self) -> Path:
+        return self.root / "rehearsal"
+
+    def rehearsal(self, media: str, fname: str = REPORT) -> Path:
+        return self.rehearsal_dir / f"{media}.{fname}"
+
+    @property
+    def netboot(self) -> Path:
+        """What a provisioning team serves the netboot bundles with (README: Network boot)."""
+        return self.root / "netboot"
+
+    @property
+    def provenance_dir(self) -> Path:
+        return self.root / "provenance"
+
+    def provenance(self, node: str) -> Path:
+        """The node's in-toto statement in its DSSE envelope (:mod:`pvelab.release.provenance`)."""
+        return self.provenance_dir / f"{node}.intoto.json"
+
+
+@dataclass(frozen=True)
+class ReleasesDir:
+    """One lab's releases destination: the releases, what ``latest`` names, the nightly's
+    status, the publish lock and the folders a publish assembles a release in."""
+
+    root: Path
+
+    STAGE_PREFIX = ".pvelab-stage-"
+
+    def release(self, name: str) -> ReleaseLayout:
+        return ReleaseLayout(self.root / name)
+
+    @property
+    def latest_link(self) -> Path:
+        return self.root / "latest"
+
+    @property
+    def latest_file(self) -> Path:
+        """``LATEST``: the name ``latest`` points at, for mounts without symlinks."""
+        return self.root / "LATEST"
+
+    @property
+    def status(self) -> Path:
+        """``status.json``: what the last nightly did."""
+        return self.root / "status.json"
+
+    @property
+    def publish_lock(self) -> Path:
+        return self.root / ".pvelab-publish.lock"
+
+    def staging(self, name: str, pid: int) -> Path:
+        return self.root / f"{self.STAGE_PREFIX}{name}-{pid}"
+
+    def stagings(self) -> list[Path]:
+        """Folders a publish left half-assembled (killed before its rename)."""
+        return sorted(self.root.glob(self.STAGE_PREFIX + "*"))
 
 
 # --------------------------------------------------------------------------- records

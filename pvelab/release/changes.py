@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from pvelab.core.paths import ROOT
+from pvelab.model.artefacts import ReleaseLayout
 
 SCHEMA = 1
 MAX_DIFF_LINES = 200
@@ -95,9 +96,10 @@ def _diff(old: str, new: str, name: str) -> str:
 
 def file_changes(old_release: Path, new_release: Path) -> list[dict]:
     out = []
-    nodes = sorted({p.name for r in (old_release, new_release) for p in (r / "rendered").glob("*")})
+    old, new = ReleaseLayout(old_release), ReleaseLayout(new_release)
+    nodes = sorted({p.name for r in (old, new) for p in r.rendered_dir.glob("*")})
     for node in nodes:
-        before, after = _tree(old_release / "rendered" / node), _tree(new_release / "rendered" / node)
+        before, after = _tree(old.rendered(node)), _tree(new.rendered(node))
         for path in sorted(set(before) | set(after)):
             if before.get(path) == after.get(path):
                 continue
@@ -132,7 +134,7 @@ def _read(path: Path) -> str:
 # Long on purpose: one record with a section per kind of change.
 def compare(old_release: Path | None, new_release: Path, fetch_security: bool = True) -> dict:
     """changes.json for ``new_release`` (a folder holding manifest.json, lab.yaml, rendered/)."""
-    new = json.loads((new_release / "manifest.json").read_text())
+    new = json.loads(ReleaseLayout(new_release).manifest.read_text())
     record: dict = {
         "schema": SCHEMA,
         "release": new["release"],
@@ -142,7 +144,7 @@ def compare(old_release: Path | None, new_release: Path, fetch_security: bool = 
     if old_release is None:
         record["first_release"] = True
         return record
-    old = json.loads((old_release / "manifest.json").read_text())
+    old = json.loads(ReleaseLayout(old_release).manifest.read_text())
     record["previous"] = old["release"]
     security = security_index(new.get("archive", {})) if fetch_security else None
     record["packages"] = package_changes(_packages(old), _packages(new), security)
@@ -153,7 +155,7 @@ def compare(old_release: Path | None, new_release: Path, fetch_security: bool = 
         if old.get("archive", {}).get(suite, {}).get("index_sha256") != state.get("index_sha256")
     }
     record["rendered_files"] = file_changes(old_release, new_release)
-    lab_old, lab_new = _read(old_release / "lab.yaml"), _read(new_release / "lab.yaml")
+    lab_old, lab_new = _read(ReleaseLayout(old_release).lab_file), _read(ReleaseLayout(new_release).lab_file)
     record["lab_file"] = _diff(lab_old, lab_new, "/lab.yaml") if lab_old != lab_new else ""
     record["commits"] = commits(old.get("git_commit", ""), new.get("git_commit", ""))
     record["artefacts"] = {

@@ -29,10 +29,20 @@ from pvelab.checks.boottest import boot_test
 from pvelab.checks.rehearse import rehearse
 from pvelab.core.errors import PvelabError
 from pvelab.core.locks import locking
-from pvelab.model.artefacts import BootReport, Layout, RecordError, RehearsalReport, sha256, write_atomic
+from pvelab.core.logger import Progress
+from pvelab.model.artefacts import (
+    REPORT,
+    BootReport,
+    Layout,
+    RecordError,
+    RehearsalReport,
+    ReleasesDir,
+    write_atomic,
+)
 from pvelab.model.lab import Lab
-from pvelab.model.media import MEDIA, NIGHTLY_BOOT_TESTS, REHEARSAL_MEDIUM
-from pvelab.release.publish import Release, built_files, destination, publish, unchanged_since
+from pvelab.model.media import NIGHTLY_BOOT_TESTS, REHEARSAL_MEDIUM
+from pvelab.release.evidence import Report, passed_on, unchanged_since
+from pvelab.release.publish import Release, destination, publish
 
 # the (medium, firmware) matrix and the rehearsal's medium: pvelab.model.media.NIGHTLY_BOOT_TESTS
 BOOT_TESTS = tuple((m.name, fw.name) for m, fw in NIGHTLY_BOOT_TESTS)
@@ -82,27 +92,16 @@ def _logs(lab: Lab, stage: str) -> list[str]:
     return []
 
 
-def _passed_on_these_bytes(
-    lab: Lab, report_path: Path, record: type[BootReport] | type[RehearsalReport], media: str
-) -> bool:
-    """A passed boot test / rehearsal report whose artefacts are exactly the built ones."""
-    kind = MEDIA[media].artefact
-    built = built_files(lab, (kind,))
+def _already_passed(lab: Lab, report_path: Path, record: type[Report], media: str) -> bool:
+    """The boot test / rehearsal report there passed on exactly the built bytes (evidence.passed_on)."""
     try:
         report = record.from_json(report_path)
     except RecordError:
         return False
-    if built is None or not report.passed or report.media != media or report.lab_sha256 != sha256(lab.path):
-        return False  # a pass with another version of the lab file (its scenario, its wiring) does not count
-    layout = Layout(lab.name)
-    return all(
-        report.artefacts.get(n.name) is not None
-        and report.artefacts[n.name].sha256 == built.get(layout.artefact(n.name, kind).name)
-        for n in lab.nodes
-    )
+    return report.media == media and passed_on(lab, report)
 
 
-def run_hook(command: str, status_path: Path, status: Status) -> None:
+def run_hook(command: str, status_path: Path, status: Status, say: Progress) -> None:
     """The ``--on-failure`` command, through the shell, with the status in its environment."""
     env = dict(
         os.environ,
@@ -114,9 +113,9 @@ def run_hook(command: str, status_path: Path, status: Status) -> None:
     try:
         res = subprocess.run(["sh", "-c", command], env=env, timeout=HOOK_TIMEOUT)
         if res.returncode != 0:
-            print(f"nightly: --on-failure command exited {res.returncode}", flush=True)
+            say(f"--on-failure command exited {res.returncode}")
     except subprocess.TimeoutExpired:
-        print(f"nightly: --on-failure command still running after {HOOK_TIMEOUT}s; left alone", flush=True)
+        say(f"--on-failure command still running after {HOOK_TIMEOUT}s; left alone")
 
 
 # Long on purpose: the nightly's stages, each recorded in status.json before it runs.
@@ -132,13 +131,14 @@ def nightly(
 ) -> Release | None:
     """Run the nightly; returns the release published (or the unchanged latest one)."""
     labdir = destination(lab, dest)
-    status_path = labdir / "status.json"
+    status_path = ReleasesDir(labdir).status
     status = Status(lab.name, started=_now(), git_commit=git_commit())
+    say = Progress("nightly")
 
     def stage(name: str) -> None:
         status.stage = name
         status.write(status_path)
-        print(f"nightly: {name}", flush=True)
+        say(name)
 
     try:
         stage("build")
@@ -149,18 +149,18 @@ def nightly(
             return Release(same, same.name, [], new=False)
         layout = Layout(lab.name)
         for media, firmware in BOOT_TESTS:
-            report = layout.boot_test_dir(media, firmware) / "report.json"
-            if _passed_on_these_bytes(lab, report, BootReport, media):
+            report = layout.boot_test_dir(media, firmware) / REPORT
+            if _already_passed(lab, report, BootReport, media):
                 status.skipped.append(f"boot-test {media}/{firmware}")
-                print(f"nightly: boot test {media}/{firmware} already passed on these bytes", flush=True)
+                say(f"boot test {media}/{firmware} already passed on these bytes")
                 continue
             stage(f"boot-test {media}/{firmware}")
             if not boot_test(lab, media=media, firmware=firmware, accel=accel).passed:
                 raise NightlyFailed(f"boot test {media}/{firmware} FAILED")
-        report = layout.rehearsal_dir(REHEARSAL_MEDIA) / "report.json"
-        if _passed_on_these_bytes(lab, report, RehearsalReport, REHEARSAL_MEDIA):
+        report = layout.rehearsal_dir(REHEARSAL_MEDIA) / REPORT
+        if _already_passed(lab, report, RehearsalReport, REHEARSAL_MEDIA):
             status.skipped.append(f"rehearsal {REHEARSAL_MEDIA}")
-            print(f"nightly: rehearsal {REHEARSAL_MEDIA} already passed on these bytes", flush=True)
+            say(f"rehearsal {REHEARSAL_MEDIA} already passed on these bytes")
         else:
             stage(f"rehearsal {REHEARSAL_MEDIA}")
             if not rehearse(lab, media=REHEARSAL_MEDIA, accel=accel).passed:
@@ -175,20 +175,19 @@ def nightly(
         status.error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         status.logs = _logs(lab, status.stage)
         try:
-            latest = (labdir / "LATEST").read_text().strip()
+            latest = ReleasesDir(labdir).latest_file.read_text().strip()
         except OSError:
             latest = ""
         status.latest = latest
         status.finished = _now()
         status.write(status_path)
-        print(
-            f"nightly: FAILED at {status.stage}: {status.error}; nothing published"
+        say(
+            f"FAILED at {status.stage}: {status.error}; nothing published"
             + (f"; latest is still {latest}" if latest else "")
-            + f"; status: {status_path}",
-            flush=True,
+            + f"; status: {status_path}"
         )
         if on_failure:
-            run_hook(on_failure, status_path, status)
+            run_hook(on_failure, status_path, status, say)
         raise
     finally:
         if status.result != "failed":

@@ -33,14 +33,13 @@ from in_toto_attestation.v1.statement_pb2 import Statement as StatementPb
 from securesystemslib.dsse import Envelope
 from securesystemslib.signer import Signature
 
-from pvelab.model.artefacts import sha256
+from pvelab.model.artefacts import ReleaseLayout, sha256
 from pvelab.release import openpgp
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
 BUILD_TYPE = "urn:pvelab:build:v1"  # what externalParameters/internalParameters mean: this module
 BUILDER_ID = "urn:pvelab:invoke-build"
-FOLDER = "provenance"
 
 
 class ProvenanceError(ValueError):
@@ -48,7 +47,7 @@ class ProvenanceError(ValueError):
 
 
 def path(release: Path, node: str) -> Path:
-    return release / FOLDER / f"{node}.intoto.json"
+    return ReleaseLayout(release).provenance(node)
 
 
 def _rd(**kw: Any) -> Any:
@@ -69,7 +68,7 @@ def _byproducts(release: Path, node: dict, manifest: dict) -> list[Any]:
     """The gate's reports on this node's bytes."""
     out = []
     for key in sorted({k for f in node["files"].values() for k in f["boot_tests"]}):
-        report = release / "boot-test" / f"{key}.report.json"
+        report = ReleaseLayout(release).boot_test(key)
         data = json.loads(report.read_text())
         out.append(
             _report(
@@ -83,7 +82,7 @@ def _byproducts(release: Path, node: dict, manifest: dict) -> list[Any]:
             )
         )
     for media, entry in sorted(manifest.get("rehearsals", {}).items()):
-        report = release / "rehearsal" / f"{media}.report.json"
+        report = ReleaseLayout(release).rehearsal(media)
         out.append(_report(release, report, kind="rehearsal", media=media, passed=bool(entry["passed"])))
     return out
 
@@ -92,11 +91,11 @@ def statement(release: Path, manifest: dict, node_name: str) -> dict:
     """The node's in-toto Statement (a dict, as JSON has it), from the release folder."""
     node = next(n for n in manifest["nodes"] if n["name"] == node_name)
     subjects = [_rd(name=f["name"], digest={"sha256": f["sha256"]}) for f in node["files"].values()]
-    sbom = release / f"{node_name}.cdx.json"
+    sbom = ReleaseLayout(release).file(f"{node_name}.cdx.json")
     subjects.append(_rd(name=sbom.name, digest={"sha256": sha256(sbom)}))
     deps = [
         _rd(name="pvelab", uri="git+pvelab", digest={"gitCommit": manifest["git_commit"]}),
-        _rd(name="lab.yaml", digest={"sha256": sha256(release / "lab.yaml")}),
+        _rd(name=ReleaseLayout.LAB_FILE, digest={"sha256": sha256(ReleaseLayout(release).lab_file)}),
     ]
     for suite, state in sorted(manifest.get("archive", {}).items()):
         deps.append(
@@ -120,7 +119,7 @@ def statement(release: Path, manifest: dict, node_name: str) -> dict:
     bd = prov.build_definition
     bd.build_type = BUILD_TYPE
     bd.external_parameters.update(
-        {"lab": manifest["lab"], "labFile": "lab.yaml", "node": node_name, "role": node["role"]}
+        {"lab": manifest["lab"], "labFile": ReleaseLayout.LAB_FILE, "node": node_name, "role": node["role"]}
     )
     bd.internal_parameters.update(
         {
@@ -156,7 +155,7 @@ def envelope(stmt: dict, gpg_key: str | None, keyid: str = "") -> dict:
 
 def write(release: Path, manifest: dict, gpg_key: str | None) -> list[Path]:
     """``provenance/<node>.intoto.json`` for every node of the release."""
-    (release / FOLDER).mkdir(exist_ok=True)
+    ReleaseLayout(release).provenance_dir.mkdir(exist_ok=True)
     keyid = openpgp.fingerprint(gpg_key) if gpg_key else ""  # one lookup for every envelope
     out = []
     for node in manifest["nodes"]:

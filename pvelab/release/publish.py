@@ -26,7 +26,6 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -39,12 +38,17 @@ from pvelab.build.iso import INSTALL_WAIT
 from pvelab.core.errors import PvelabError, space_guard
 from pvelab.core.locks import locking
 from pvelab.model.artefacts import (
+    JUNIT,
+    REPORT,
+    SUMMARY,
     ArtefactKind,
     BootReport,
     BuildManifest,
     Layout,
     RecordError,
     RehearsalReport,
+    ReleaseLayout,
+    ReleasesDir,
     sha256,
 )
 from pvelab.model.lab import Lab, Node
@@ -53,10 +57,16 @@ from pvelab.model.passwords import DEFAULT_PASSWORD
 from pvelab.model.quorum import table as quorum_table
 from pvelab.release import changes, openpgp, provenance
 from pvelab.release.diagram import checks_from, topology_svg
+from pvelab.release.evidence import (
+    PUBLISHED_KINDS,
+    boot_reports,
+    latest_release,
+    ran_on,
+    released_files,
+    releases,
+    unchanged_since,
+)
 from pvelab.release.page import release_page, template_env
-
-# What `invoke publish` (and the nightly) releases unless --artefacts says otherwise.
-PUBLISHED_KINDS = ArtefactKind.published_by_default()
 
 
 class PublishError(PvelabError):
@@ -76,52 +86,6 @@ def destination(lab: Lab, dest: str | Path | None) -> Path:
     return Layout(lab.name).releases if dest is None else Path(dest).absolute() / lab.name
 
 
-def latest_release(lab: Lab, labdir: Path) -> Path | None:
-    """The release ``latest`` names (``LATEST`` file), else the newest one pvelab wrote."""
-    if not labdir.is_dir():
-        return None
-    releases = _releases(lab, labdir)
-    try:
-        named = (labdir / "LATEST").read_text().strip()
-    except OSError:
-        named = ""
-    return next((r for r in releases if r.name == named), releases[-1] if releases else None)
-
-
-def released_files(release: Path) -> dict[str, str]:
-    """file name -> sha256 of every node artefact in a release (from its manifest)."""
-    m = json.loads((release / "manifest.json").read_text())
-    return {f["name"]: f["sha256"] for n in m["nodes"] for f in n["files"].values()}
-
-
-def built_files(lab: Lab, kinds: tuple[str, ...] = PUBLISHED_KINDS) -> dict[str, str] | None:
-    """file name -> sha256 of the built artefacts per their manifests (None: not all built)."""
-    out = {}
-    for node in lab.nodes:
-        try:
-            m = BuildManifest.from_json(Layout(lab.name).manifest(node.name))
-        except RecordError:
-            return None
-        for kind in kinds:
-            name = Layout(lab.name).artefact(node.name, kind).name
-            if name not in m.artefacts:
-                return None
-            out[name] = m.artefacts[name].sha256
-    return out
-
-
-def unchanged_since(lab: Lab, labdir: Path, kinds: tuple[str, ...] = PUBLISHED_KINDS) -> Path | None:
-    """The latest release when the built artefacts are byte for byte the ones it holds."""
-    latest = latest_release(lab, labdir)
-    if latest is None:
-        return None
-    try:
-        same = released_files(latest) == built_files(lab, kinds)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return latest if same else None
-
-
 def _checkpoint(step: str) -> None:
     """Fault injection for tests: PVELAB_PUBLISH_FAIL_AT=<step> fails there,
     PVELAB_PUBLISH_PAUSE_AT=<step> sleeps there (so a test can kill -9 the process)."""
@@ -132,15 +96,6 @@ def _checkpoint(step: str) -> None:
         if marker:
             Path(marker).write_text(step)
         time.sleep(3600)
-
-
-def _load_reports(lab: Lab) -> dict[str, BootReport]:
-    """Every boot report of this lab, keyed ``<media>-<firmware>``."""
-    reports = {}
-    root = Layout(lab.name).root / "boot-test"
-    for path in sorted(root.glob("*/report.json")):
-        reports[path.parent.name] = BootReport.from_json(path)
-    return reports
 
 
 def _check_artefact(
@@ -159,11 +114,7 @@ def _check_artefact(
             f"manifest ({want}...): modified after the build"
         )
     on_these_bytes = {
-        k: r
-        for k, r in reports.items()
-        if MEDIA[r.media].artefact == kind
-        and r.artefacts.get(node) is not None
-        and r.artefacts[node].sha256 == got
+        k: r for k, r in reports.items() if MEDIA[r.media].artefact == kind and ran_on(r, {node: got})
     }
     passed_by = [k for k, r in on_these_bytes.items() if r.passed]
     if not passed_by and ArtefactKind(kind).is_booted():
@@ -194,7 +145,7 @@ def gate(lab: Lab, kinds: tuple[str, ...] = PUBLISHED_KINDS) -> dict:
     Raises PublishError naming each problem."""
     problems: list[str] = []
     try:
-        reports = _load_reports(lab)
+        reports = boot_reports(lab)
     except RecordError as exc:
         raise PublishError(f"refusing to publish: {exc}") from None
     lab_sha = sha256(lab.path)
@@ -257,7 +208,7 @@ def _rehearsals_on_these_bytes(
 ) -> dict[str, RehearsalReport]:
     """Rehearsals run on exactly the gated files: a failed one blocks the release like a failed boot test."""
     out = {}
-    for path in sorted((Layout(lab.name).root / "rehearsal").glob("*/report.json")):
+    for path in Layout(lab.name).rehearsal_reports():
         try:
             r = RehearsalReport.from_json(path)
         except RecordError as exc:
@@ -266,13 +217,9 @@ def _rehearsals_on_these_bytes(
         if r.lab_sha256 and r.lab_sha256 != lab_sha:
             continue  # a rehearsal of another version of the lab file says nothing about this one
         kind = MEDIA[r.media].artefact
-        same = all(
-            kind in e["files"]
-            and r.artefacts.get(n) is not None
-            and r.artefacts[n].sha256 == e["files"][kind]["sha256"]
-            for n, e in nodes.items()
-        )
-        if not same:
+        if not all(kind in e["files"] for e in nodes.values()) or not ran_on(
+            r, {n: e["files"][kind]["sha256"] for n, e in nodes.items()}
+        ):
             continue  # a rehearsal of other bytes says nothing about these
         if not r.passed:
             problems.append(
@@ -393,37 +340,22 @@ def _readme(lab: Lab, manifest: dict) -> str:
     )
 
 
-RELEASE_NAME = re.compile(r"^\d{8}T\d{6}Z$")
-STAGE_PREFIX = ".pvelab-stage-"
-
-
-def _releases(lab: Lab, labdir: Path) -> list[Path]:
-    """Releases pvelab wrote for this lab, oldest first: a folder named like a release
-    whose manifest.json says so. Anything else in the destination is never touched."""
-    out = []
-    for p in labdir.iterdir():
-        if p.is_symlink() or not p.is_dir() or not RELEASE_NAME.match(p.name):
-            continue
-        try:
-            m = json.loads((p / "manifest.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(m, dict) and m.get("lab") == lab.name and m.get("release") == p.name:
-            out.append(p)
-    return sorted(out)
-
-
-def _point_latest(labdir: Path, name: str) -> None:
-    tmp_link = labdir / f".latest-{os.getpid()}"
+def _point_latest(dest: ReleasesDir, name: str) -> None:
+    tmp_link = _temporary(dest.latest_link)
     tmp_link.unlink(missing_ok=True)
     try:
         tmp_link.symlink_to(name)
-        os.replace(tmp_link, labdir / "latest")
+        os.replace(tmp_link, dest.latest_link)
     except OSError:
         tmp_link.unlink(missing_ok=True)  # a mount without symlinks: LATEST below suffices
-    tmp_file = labdir / f".LATEST-{os.getpid()}"
+    tmp_file = _temporary(dest.latest_file)
     tmp_file.write_text(name + "\n")
-    os.replace(tmp_file, labdir / "LATEST")
+    os.replace(tmp_file, dest.latest_file)
+
+
+def _temporary(path: Path, pid: int | str | None = None) -> Path:
+    """Where ``path`` is written before its rename (``.<name>-<pid>`` beside it)."""
+    return path.with_name(f".{path.name}-{os.getpid() if pid is None else pid}")
 
 
 # Long on purpose: the release transaction (validate, lock, stage, rename, point, retire) reads as one sequence.
@@ -466,11 +398,12 @@ def publish(
         labdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PublishError(f"--dest: cannot create {labdir}: {exc.strerror}") from None
-    with _destination_lock(labdir), space_guard(f"publish to {labdir}", labdir):
-        for stale in labdir.glob(STAGE_PREFIX + "*"):
+    dest_dir = ReleasesDir(labdir)
+    with _destination_lock(dest_dir), space_guard(f"publish to {labdir}", labdir):
+        for stale in dest_dir.stagings():
             shutil.rmtree(stale, ignore_errors=True)  # our own, from a publish that was killed
-        name = _release_name(labdir, now)
-        stage = labdir / f"{STAGE_PREFIX}{name}-{os.getpid()}"
+        name = _release_name(dest_dir, now)
+        stage = dest_dir.staging(name, os.getpid())
         stage.mkdir()
         try:
             files = _stage_release(lab, stage, name, checked, latest_release(lab, labdir), bool(gpg_key))
@@ -478,28 +411,30 @@ def publish(
             _checksums(stage, checked, gpg_key)
             _fsync_tree(stage)
             _checkpoint("rename")
-            os.rename(stage, labdir / name)
+            os.rename(stage, dest_dir.release(name).root)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
         _checkpoint("latest")
         try:
-            _point_latest(labdir, name)
+            _point_latest(dest_dir, name)
         except BaseException:
-            for tmp in (*labdir.glob(".latest-*"), *labdir.glob(".LATEST-*")):
-                tmp.unlink(missing_ok=True)
+            for link in (dest_dir.latest_link, dest_dir.latest_file):
+                for tmp in labdir.glob(_temporary(link, pid="*").name):
+                    tmp.unlink(missing_ok=True)
             raise
         if keep:
-            for old in _releases(lab, labdir)[:-keep]:
+            for old in releases(lab, labdir)[:-keep]:
                 if old.name != name:
                     shutil.rmtree(old)
-    return Release(labdir / name, name, files)
+    return Release(dest_dir.release(name).root, name, files)
 
 
 @contextlib.contextmanager
-def _destination_lock(labdir: Path) -> Iterator[None]:
+def _destination_lock(dest: ReleasesDir) -> Iterator[None]:
     """One publish per destination at a time; a second one refuses at once."""
-    with open(labdir / ".pvelab-publish.lock", "w") as fh:
+    labdir = dest.root
+    with open(dest.publish_lock, "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -509,9 +444,9 @@ def _destination_lock(labdir: Path) -> Iterator[None]:
         yield
 
 
-def _release_name(labdir: Path, now: float | None) -> str:
+def _release_name(dest: ReleasesDir, now: float | None) -> str:
     name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-    while (labdir / name).exists():  # two publishes in one second
+    while dest.release(name).root.exists():  # two publishes in one second
         time.sleep(1)
         name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     return name
@@ -522,65 +457,67 @@ def _stage_release(
 ) -> list[str]:
     """Artefacts, reports, manifest, the lab file and rendered files, the changes since
     ``previous``, topology and README into the staging folder."""
+    out = ReleaseLayout(stage)
     files = []
     for node in lab.nodes:
         for f in checked["nodes"][node.name]["files"].values():
-            _copy(f["path"], stage / f["name"])
+            _copy(f["path"], out.file(f["name"]))
             files.append(f["name"])
             _checkpoint("copy")
     layout = Layout(lab.name)
     for node in lab.nodes:
-        _copy(layout.sbom(node.name), stage / layout.sbom(node.name).name)
-    (stage / "boot-test").mkdir()
+        _copy(layout.sbom(node.name), out.file(layout.sbom(node.name).name))
+    out.boot_test_dir.mkdir()
     for key in checked["reports"]:
-        for fname in ("report.json", "junit.xml"):
-            shutil.copyfile(layout.root / "boot-test" / key / fname, stage / "boot-test" / f"{key}.{fname}")
+        for fname in (REPORT, JUNIT):
+            shutil.copyfile(layout.boot_test_dir_by_key(key) / fname, out.boot_test(key, fname))
     for media in checked.get("rehearsals", {}):
-        (stage / "rehearsal").mkdir(exist_ok=True)
-        for fname in ("report.json", "junit.xml", "summary.txt"):
+        out.rehearsal_dir.mkdir(exist_ok=True)
+        for fname in (REPORT, JUNIT, SUMMARY):
             src = layout.rehearsal_dir(media) / fname
             if src.exists():
-                shutil.copyfile(src, stage / "rehearsal" / f"{media}.{fname}")
+                shutil.copyfile(src, out.rehearsal(media, fname))
     if any(ArtefactKind.NETBOOT in e["files"] for e in checked["nodes"].values()):
         # what a provisioning team serves the bundles with (README: "Network boot")
-        (stage / "netboot").mkdir()
-        (stage / "netboot" / "dnsmasq.conf").write_text(netboot.dnsmasq_example(lab))
+        out.netboot.mkdir()
+        (out.netboot / "dnsmasq.conf").write_text(netboot.dnsmasq_example(lab))
         (stage / netboot.GRUB_PREFIX).mkdir()
         (stage / netboot.GRUB_PREFIX / "grub.cfg").write_text(
             netboot.grub_dispatch(lab, {n.name: netboot.Mode.LIVE for n in lab.nodes})
         )
     manifest = release_manifest(lab, name, checked, signed)
-    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.copyfile(lab.path, stage / "lab.yaml")
+    out.manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.copyfile(lab.path, out.lab_file)
     for node in lab.nodes:
         if layout.overlay(node.name).is_dir():
-            shutil.copytree(layout.overlay(node.name), stage / "rendered" / node.name, symlinks=True)
+            shutil.copytree(layout.overlay(node.name), out.rendered(node.name), symlinks=True)
     record = changes.compare(previous, stage)
-    (stage / "changes.json").write_text(json.dumps(record, indent=2) + "\n")
-    (stage / "CHANGES.md").write_text(changes.markdown(record))
+    out.changes_json.write_text(json.dumps(record, indent=2) + "\n")
+    out.changes_md.write_text(changes.markdown(record))
     results = [r.result for r in checked["reports"].values()]
     rehearsals = list(checked.get("rehearsals", {}).values())
     checks = checks_from(lab, results, all(r.passed for r in rehearsals) if rehearsals else None)
-    (stage / "topology.svg").write_text(topology_svg(lab, checks))
-    (stage / "index.html").write_text(release_page(lab, manifest, record, checks))
-    (stage / "README.md").write_text(_readme(lab, manifest))
+    out.topology.write_text(topology_svg(lab, checks))
+    out.page.write_text(release_page(lab, manifest, record, checks))
+    out.readme.write_text(_readme(lab, manifest))
     _checkpoint("metadata")
     return files
 
 
 def _checksums(stage: Path, checked: dict, gpg_key: str | None) -> None:
     """SHA256SUMS (one pass that also proves each copy is what was gated), signed on request."""
+    out = ReleaseLayout(stage)
     digests = {p.relative_to(stage).as_posix(): sha256(p) for p in sorted(stage.rglob("*")) if p.is_file()}
     for entry in checked["nodes"].values():
         for f in entry["files"].values():
             if digests[f["name"]] != f["sha256"]:
                 raise PublishError(f"{f['name']}: copy in {stage} does not match its checksum")
-    (stage / "SHA256SUMS").write_text("".join(f"{d}  {rel}\n" for rel, d in digests.items()))
+    out.sums.write_text("".join(f"{d}  {rel}\n" for rel, d in digests.items()))
     if not gpg_key:
         return
     try:
-        (stage / "SHA256SUMS.asc").write_bytes(
-            openpgp.sign(gpg_key, (stage / "SHA256SUMS").read_bytes(), armor=True, what="SHA256SUMS")
+        out.sums_signature.write_bytes(
+            openpgp.sign(gpg_key, out.sums.read_bytes(), armor=True, what=out.SUMS)
         )
     except openpgp.GpgError as exc:
         raise PublishError(str(exc)) from None
@@ -588,7 +525,7 @@ def _checksums(stage: Path, checked: dict, gpg_key: str | None) -> None:
 
 def _provenance(stage: Path, gpg_key: str | None) -> None:
     """``provenance/<node>.intoto.json`` from the staged release (signed with the release key)."""
-    manifest = json.loads((stage / "manifest.json").read_text())
+    manifest = json.loads(ReleaseLayout(stage).manifest.read_text())
     try:
         provenance.write(stage, manifest, gpg_key)
     except openpgp.GpgError as exc:

@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvelab.core.errors import PvelabError
-from pvelab.model.artefacts import sha256
+from pvelab.model.artefacts import ReleaseLayout, sha256
 from pvelab.model.media import MEDIA
 from pvelab.release import openpgp, provenance
 
-SUMS = "SHA256SUMS"
-SUMS_SIG = "SHA256SUMS.asc"
+SUMS = ReleaseLayout.SUMS
+SUMS_SIG = ReleaseLayout.SUMS_SIGNATURE
 SUM_LINE = re.compile(r"^([0-9a-f]{64})  (\S.*)$")
 
 
@@ -156,9 +156,9 @@ def _statement(v: Verification, node: dict, ring: openpgp.Keyring | None) -> Non
             v.fail(rel, "provenance subject", f"{f['name']} of node {name} is not a subject")
     pred = stmt["predicate"]
     deps = {d.get("name"): d for d in pred["buildDefinition"].get("resolvedDependencies", [])}
-    lab = deps.get("lab.yaml", {}).get("digest", {}).get("sha256")
-    if lab != v.digest("lab.yaml"):
-        v.fail("lab.yaml", "provenance input", f"is not the lab file {rel} was built from")
+    lab = deps.get(ReleaseLayout.LAB_FILE, {}).get("digest", {}).get("sha256")
+    if lab != v.digest(ReleaseLayout.LAB_FILE):
+        v.fail(ReleaseLayout.LAB_FILE, "provenance input", f"is not the lab file {rel} was built from")
     for b in pred.get("runDetails", {}).get("byproducts", []):
         bname, want = b.get("name", ""), b.get("digest", {}).get("sha256")
         if v.digest(bname) != want:
@@ -235,7 +235,7 @@ def verify(release: Path, key: Path | None = None) -> Verification:
     if key is not None and not Path(key).is_file():
         raise VerifyInputError(f"--key {key}: no such file")
     try:
-        manifest = json.loads((release / "manifest.json").read_text())
+        manifest = json.loads(ReleaseLayout(release).manifest.read_text())
         nodes = manifest["nodes"]
         for node in nodes:
             node["name"], node["files"]

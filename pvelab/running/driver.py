@@ -27,9 +27,7 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from typing import Any
 
 from pvelab.build import netboot
 from pvelab.core.locks import pid_alive, qemu_alive
+from pvelab.core.logger import Progress
 from pvelab.model import accel as accelerator
 from pvelab.model.artefacts import (
     Layout,
@@ -59,19 +58,6 @@ from pvelab.running.qemu import VmSpec, prepare
 
 RUN_SCHEMA = 1
 KEY_NAME = "id_ed25519"  # the operator's key for a running lab, in its run folder
-
-
-class Progress:
-    """``[label 12.3s] message`` lines on stderr, timed from the start of the run."""
-
-    def __init__(self, label: str):
-        self.label, self.t0 = label, time.monotonic()
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0
-
-    def __call__(self, msg: str) -> None:
-        print(f"[{self.label} {self.elapsed():6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
