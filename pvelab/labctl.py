@@ -26,7 +26,7 @@ from typing import Any
 
 from pvelab.core.locks import lab_lock, qemu_alive
 from pvelab.core.logger import Progress
-from pvelab.model.artefacts import Layout, RehearsalReport, write_atomic
+from pvelab.model.artefacts import RehearsalReport, write_atomic
 from pvelab.model.faults import DriverError, Fault, Target
 from pvelab.model.lab import Lab
 from pvelab.model.media import DEFAULT_FIRMWARE, DEFAULT_MEDIUM
@@ -74,7 +74,7 @@ def up(
         for n in lab.nodes:
             built(lab, n, medium.artefact)
         packages = _cluster_packages(lab) if cluster else {}
-        run_dir = Layout(lab.name).run_dir
+        run_dir = lab.layout.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         chosen, why = choose_accel(lab, lab.nodes[0], accel)
         say(f"accelerator: {chosen} ({why})")
@@ -108,7 +108,7 @@ def _cluster_packages(lab: Lab) -> dict:
     from pvelab.checks.rehearse import guest_packages
     from pvelab.core.run import Steps
 
-    return guest_packages(lab, Steps("up", Layout(lab.name).run_dir / "packages.log"))
+    return guest_packages(lab, Steps("up", lab.layout.run_dir / "packages.log"))
 
 
 def _form_cluster(lab: Lab, driver: Driver, packages: dict, say: Progress) -> None:
@@ -124,7 +124,7 @@ def _form_cluster(lab: Lab, driver: Driver, packages: dict, say: Progress) -> No
         step = walk(lab)[0]
         settled = run.settle(step, time.monotonic(), SETTLE_TIMEOUT)
     finally:
-        write_atomic(Layout(lab.name).run_dir / "deploy.json", report.to_json())
+        write_atomic(lab.layout.run_dir / "deploy.json", report.to_json())
     if not settled.passed:
         raise DriverError(
             f"the cluster did not become quorate within {SETTLE_TIMEOUT:.0f}s: "

@@ -103,6 +103,62 @@ def test_the_literal_check_sees_a_literal(tmp_path):
     assert hits == ["bios"]
 
 
+# the names of report and release files: spelled in the layout only
+LAYOUT_NAMES = {
+    "report.json",
+    "junit.xml",
+    "summary.txt",
+    "manifest.json",
+    "lab.yaml",
+    "SHA256SUMS",
+    "SHA256SUMS.asc",
+    "LATEST",
+    "status.json",
+    "boot-test",
+    "rehearsal",
+    "releases",
+    "rendered",
+    "provenance",
+}
+LAYOUT_HOMONYMS = {
+    ("checks/boottest.py", "boot-test"): "the lock's task name and the progress label",
+    ("checks/rehearse.py", "rehearsal"): "a JUnit class name",
+    ("model/media.py", "boot-test"): "the invoke task's name in a command line",
+    ("release/nightly.py", "rehearsal"): "the nightly's stage name in status.json",
+    ("release/provenance.py", "boot-test"): "an in-toto annotation's kind",
+    ("release/provenance.py", "rehearsal"): "an in-toto annotation's kind",
+    ("release/publish.py", "provenance"): "the fault-injection checkpoint's name",
+    ("release/verify.py", "provenance"): "the name of a verify check in its report",
+}
+
+
+def test_every_report_and_release_path_is_asked_of_the_layout():
+    """Layout (build/<lab>/), ReleasesDir (DEST/<lab>/) and ReleaseLayout (one release)
+    name every report and release file; the lab's Layout is built in one place."""
+    found, homonyms = [], set()
+    for path in _modules():
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel == "model/artefacts.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docs = _docstrings(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                if (rel, node.value) in LAYOUT_HOMONYMS:
+                    homonyms.add((rel, node.value))
+                elif node.value in LAYOUT_NAMES:
+                    found.append(f"pvelab/{rel}:{node.lineno}: {node.value!r}")
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "Layout"
+                and rel != "model/lab.py"
+            ):
+                found.append(f"pvelab/{rel}:{node.lineno}: Layout(...) (ask lab.layout)")
+    assert not found, "ask the layout instead:\n" + "\n".join(found)
+    assert homonyms == set(LAYOUT_HOMONYMS), "a listed meaning is no longer there"
+
+
 def _stage(path: Path) -> str:
     rel = path.relative_to(PACKAGE)
     return rel.parts[0] if len(rel.parts) > 1 else ""

@@ -70,7 +70,7 @@ def node_dir(node: str) -> str:
 
 
 def _cmdline(lab: Lab, node: Node, mode: Mode, server: str) -> str:
-    iso = Layout(lab.name).artefact(node.name, mode.iso_kind).name
+    iso = lab.layout.artefact(node.name, mode.iso_kind).name
     extra = f" {INSTALL_ARG}" if mode.is_install() else ""
     return f"{LIVE_CMDLINE} fetch=http://{server}/{iso}{extra}"
 
@@ -237,7 +237,7 @@ def serve_tree(lab: Lab, nodes: tuple[Node, ...], mode: Mode, root: Path) -> Non
     unpacked, its ISOs beside (hard links, or copies across file systems), ``grub/grub.cfg``."""
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    layout = Layout(lab.name)
+    layout = lab.layout
     modes = {n.name: mode for n in nodes}
     for n in nodes:
         bundle = layout.artefact(n.name, ArtefactKind.NETBOOT)

@@ -177,7 +177,7 @@ class NodeContext:
 
     @property
     def layout(self) -> Layout:
-        return Layout(self.lab.name)
+        return self.lab.layout
 
     @property
     def work(self) -> Path:
@@ -405,7 +405,7 @@ def build(
 def _build(lab: Lab, names: list[str] | None, force_base: bool) -> list[NodeBuild]:
     nodes = lab.select(names)
     preflight(lab, nodes)
-    layout = Layout(lab.name)
+    layout = lab.layout
     rendered = {n.name: render_node(lab, n) for n in nodes}  # each node rendered once, here
     base_steps = Steps("base", layout.base_log)
     base = image.build_base(lab, base_steps, force=force_base)

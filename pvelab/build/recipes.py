@@ -77,7 +77,7 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def export_recipes(lab: Lab, out: Path | None = None) -> list[Path]:
-    out = out or Layout(lab.name).recipes
+    out = out or lab.layout.recipes
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for node in lab.nodes:

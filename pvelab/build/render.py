@@ -150,7 +150,7 @@ class Rendered:
 
 def render_node(lab: Lab, node: Node, out: Path | None = None) -> Rendered:
     """Render one node and write its overlay to ``out`` (default build/<lab>/<node>/overlay), atomically."""
-    out = out or Layout(lab.name).overlay(node.name)
+    out = out or lab.layout.overlay(node.name)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     files = render_files(lab, node)

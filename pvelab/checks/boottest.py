@@ -25,7 +25,7 @@ from pvelab.checks.scenario import run_scenario, summary, write_reports
 from pvelab.core.errors import PvelabError
 from pvelab.core.locks import locking
 from pvelab.core.logger import Progress
-from pvelab.model.artefacts import ArtefactKind, ArtefactRef, BootReport, Layout, built, sha256
+from pvelab.model.artefacts import ArtefactKind, ArtefactRef, BootReport, built, sha256
 from pvelab.model.lab import Lab, Node
 from pvelab.model.media import (
     DEFAULT_FIRMWARE,
@@ -115,7 +115,7 @@ def boot_test(
     """
     medium, fw = boot_combination(media, firmware)
     nodes = lab.select(names)
-    outdir = outdir or Layout(lab.name).boot_test_dir(medium.name, fw.value)
+    outdir = outdir or lab.layout.boot_test_dir(medium.name, fw.value)
     say = Progress("boot-test")
     refs = {n.name: built(lab, n, medium.artefact) for n in nodes}
     # the tested artefacts' digests (hundreds of MB) are taken while the VMs boot

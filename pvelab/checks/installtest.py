@@ -18,7 +18,6 @@ from pvelab.build.disk import QCOW2_FORMAT
 from pvelab.build.iso import read_from_iso
 from pvelab.core.errors import PvelabError
 from pvelab.model import accel as accelerator
-from pvelab.model.artefacts import Layout
 from pvelab.model.lab import Lab, Node
 from pvelab.model.media import INSTALLER, Firmware, Medium
 from pvelab.running import serving
@@ -100,7 +99,7 @@ def _installer_vm(
     medium: Medium = INSTALLER,
     net: LabNet | None = None,
 ) -> Machine:
-    path = Layout(lab.name).artefact(node.name, medium.artefact)
+    path = lab.layout.artefact(node.name, medium.artefact)
     if not path.exists():
         raise InstallError(f"{path} is missing: run `invoke build --lab {lab.path} --node {node.name}` first")
     drive = prepare(medium, fw, path, workdir, f"{node.name}-installer")

@@ -34,7 +34,6 @@ from pvelab.model.artefacts import (
     ArtefactRef,
     BuildManifest,
     DeployRecord,
-    Layout,
     NodeObservation,
     RehearsalReport,
     WalkStep,
@@ -315,7 +314,7 @@ class Rehearsal:
 
 def guest_packages(lab: Lab, steps: Steps) -> dict[str, PackageSet]:
     """Every package set the deployment installs, fetched against the nodes' base image."""
-    layout = Layout(lab.name)
+    layout = lab.layout
     keys = {BuildManifest.from_json(layout.manifest(n.name)).base_key for n in lab.nodes}
     if len(keys) != 1:
         raise RehearsalError(
@@ -352,7 +351,7 @@ def rehearse(
     it down. ``keep`` leaves the lab running at the end (``invoke status``/``ssh``/``down``),
     even after a failed step; ``running`` walks the lab ``invoke up --cluster`` left
     running (and leaves it up)."""
-    layout = Layout(lab.name)
+    layout = lab.layout
     state = read_state(lab) if running else None
     if running and (state is None or state.liveness() or not state.cluster):
         raise RehearsalError(
@@ -407,7 +406,7 @@ def _boot_and_walk(
     # --keep: the lab is booted as `invoke up` boots it, findable by status/ssh/down
     state_file = claim(lab) if keep else None
     kept: dict[str, Any] = {"netns": netns_name(lab), "state_file": state_file} if keep else {}
-    workdir = Layout(lab.name).run_dir if keep else outdir
+    workdir = lab.layout.run_dir if keep else outdir
     with booted_lab(lab, lab.nodes, medium, fw, accel, workdir, say, **kept) as booted:
         report.accel = booted.accel
         report.boot_seconds = round(say.elapsed(), 1)
@@ -449,7 +448,7 @@ def _walk_running(
             raise RehearsalError("; ".join(errors.values()))
         report.accel = driver.accel
         report.boot_seconds = state.up_seconds
-        deployed = Layout(lab.name).run_dir / "deploy.json"
+        deployed = lab.layout.run_dir / "deploy.json"
         if deployed.exists():
             report.deploy = RehearsalReport.from_json(deployed).deploy
         run = Rehearsal(lab, driver, packages, report, say)

@@ -110,7 +110,7 @@ class MissingArtefact(PvelabError):
 
 def built(lab: Lab, node: Node, kind: str) -> Path:
     """The built artefact of ``kind`` of ``node``; missing, one line saying how to build it."""
-    path = Layout(lab.name).artefact(node.name, kind)
+    path = lab.layout.artefact(node.name, kind)
     if not path.exists():
         raise MissingArtefact(
             f"{path} is missing: run `invoke build --lab {lab.path} --node {node.name}` first"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pvelab.core.errors import PvelabError
+from pvelab.model.artefacts import Layout
 from pvelab.model.assertions import Assertion
 from pvelab.model.passwords import login_password, sha512_crypt
 from pvelab.model.roles import ROLES, Role
@@ -239,6 +240,11 @@ class Lab:
             if n.name == name:
                 return n
         raise KeyError(name)
+
+    @property
+    def layout(self) -> Layout:
+        """Where this lab's outputs are (``build/<lab>/``): every path is asked of it."""
+        return Layout(self.name)
 
     @property
     def members(self) -> tuple[Node, ...]:

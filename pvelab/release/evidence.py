@@ -16,7 +16,6 @@ from pvelab.model.artefacts import (
     ArtefactKind,
     BootReport,
     BuildManifest,
-    Layout,
     RecordError,
     RehearsalReport,
     ReleaseLayout,
@@ -37,7 +36,7 @@ Report = BootReport | RehearsalReport  # the records a test run leaves
 
 def built_files(lab: Lab, kinds: tuple[str, ...] = PUBLISHED_KINDS) -> dict[str, str] | None:
     """file name -> sha256 of the built artefacts per their manifests (None: not all built)."""
-    layout = Layout(lab.name)
+    layout = lab.layout
     out = {}
     for node in lab.nodes:
         try:
@@ -57,7 +56,7 @@ def built_files(lab: Lab, kinds: tuple[str, ...] = PUBLISHED_KINDS) -> dict[str,
 
 def boot_reports(lab: Lab) -> dict[str, BootReport]:
     """Every boot report of this lab, keyed ``<media>-<firmware>``; a damaged one is a RecordError."""
-    return {p.parent.name: BootReport.from_json(p) for p in Layout(lab.name).boot_test_reports()}
+    return {p.parent.name: BootReport.from_json(p) for p in lab.layout.boot_test_reports()}
 
 
 def ran_on(report: Report, files: dict[str, str]) -> bool:
@@ -75,7 +74,7 @@ def passed_on(lab: Lab, report: Report) -> bool:
     built = built_files(lab, (kind,))
     if built is None or not report.passed or report.lab_sha256 != sha256(lab.path):
         return False
-    layout = Layout(lab.name)
+    layout = lab.layout
     return ran_on(report, {n.name: built[layout.artefact(n.name, kind).name] for n in lab.nodes})
 
 

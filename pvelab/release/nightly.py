@@ -33,7 +33,6 @@ from pvelab.core.logger import Progress
 from pvelab.model.artefacts import (
     REPORT,
     BootReport,
-    Layout,
     RecordError,
     RehearsalReport,
     ReleasesDir,
@@ -81,7 +80,7 @@ def _now() -> str:
 
 def _logs(lab: Lab, stage: str) -> list[str]:
     """Where a stage's full output is."""
-    layout = Layout(lab.name)
+    layout = lab.layout
     if stage == "build":
         return [str(layout.base_log)] + [str(layout.build_log(n.name)) for n in lab.nodes]
     if stage.startswith("boot-test "):
@@ -147,7 +146,7 @@ def nightly(
         if same is not None:
             status.result, status.release, status.latest = "unchanged", same.name, same.name
             return Release(same, same.name, [], new=False)
-        layout = Layout(lab.name)
+        layout = lab.layout
         for media, firmware in BOOT_TESTS:
             report = layout.boot_test_dir(media, firmware) / REPORT
             if _already_passed(lab, report, BootReport, media):

@@ -44,7 +44,6 @@ from pvelab.model.artefacts import (
     ArtefactKind,
     BootReport,
     BuildManifest,
-    Layout,
     RecordError,
     RehearsalReport,
     ReleaseLayout,
@@ -83,7 +82,7 @@ class Release:
 
 def destination(lab: Lab, dest: str | Path | None) -> Path:
     """Where this lab's releases go: ``DEST/<lab>``, or ``build/<lab>/releases``."""
-    return Layout(lab.name).releases if dest is None else Path(dest).absolute() / lab.name
+    return lab.layout.releases if dest is None else Path(dest).absolute() / lab.name
 
 
 def _checkpoint(step: str) -> None:
@@ -102,7 +101,7 @@ def _check_artefact(
     lab: Lab, node: str, kind: str, manifest: BuildManifest, reports: dict[str, BootReport]
 ) -> tuple[dict | None, str | None]:
     """(what the release needs of one artefact, None) or (None, the problem)."""
-    path = Layout(lab.name).artefact(node, kind)
+    path = lab.layout.artefact(node, kind)
     if not path.exists():
         return None, f"{node}: {path} missing"
     info = manifest.artefacts.get(path.name)
@@ -162,7 +161,7 @@ def gate(lab: Lab, kinds: tuple[str, ...] = PUBLISHED_KINDS) -> dict:
             )
     nodes: dict[str, dict] = {}
     for node in lab.nodes:
-        mpath = Layout(lab.name).manifest(node.name)
+        mpath = lab.layout.manifest(node.name)
         if not mpath.exists():
             problems.append(
                 f"{node.name}: {mpath} missing (run `invoke build --lab {lab.path} --node {node.name}`)"
@@ -178,9 +177,9 @@ def gate(lab: Lab, kinds: tuple[str, ...] = PUBLISHED_KINDS) -> dict:
                 f"{node.name}: the lab's plain password is in the image: "
                 f"{', '.join(manifest.password_found[:3])} (see {mpath})"
             )
-        if not Layout(lab.name).sbom(node.name).exists():
+        if not lab.layout.sbom(node.name).exists():
             problems.append(
-                f"{node.name}: {Layout(lab.name).sbom(node.name)} missing (rebuild: `invoke build --lab {lab.path} --node {node.name}`)"
+                f"{node.name}: {lab.layout.sbom(node.name)} missing (rebuild: `invoke build --lab {lab.path} --node {node.name}`)"
             )
         entry: dict = {"manifest": manifest, "files": {}}
         for kind in kinds:
@@ -208,7 +207,7 @@ def _rehearsals_on_these_bytes(
 ) -> dict[str, RehearsalReport]:
     """Rehearsals run on exactly the gated files: a failed one blocks the release like a failed boot test."""
     out = {}
-    for path in Layout(lab.name).rehearsal_reports():
+    for path in lab.layout.rehearsal_reports():
         try:
             r = RehearsalReport.from_json(path)
         except RecordError as exc:
@@ -464,7 +463,7 @@ def _stage_release(
             _copy(f["path"], out.file(f["name"]))
             files.append(f["name"])
             _checkpoint("copy")
-    layout = Layout(lab.name)
+    layout = lab.layout
     for node in lab.nodes:
         _copy(layout.sbom(node.name), out.file(layout.sbom(node.name).name))
     out.boot_test_dir.mkdir()

@@ -40,7 +40,6 @@ from pvelab.core.locks import pid_alive, qemu_alive
 from pvelab.core.logger import Progress
 from pvelab.model import accel as accelerator
 from pvelab.model.artefacts import (
-    Layout,
     RecordError,
     _check_schema,
     _from_dict,
@@ -204,7 +203,7 @@ class RunState:
 def netns_name(lab: Lab) -> str:
     """``pvelab-<lab>-<6 hex>``: the hex from the run folder's path, so that two checkouts
     (or two PVELAB_BUILD_DIRs) running the same lab never touch each other's namespace."""
-    where = hashlib.sha256(str(Layout(lab.name).run_dir.resolve()).encode()).hexdigest()[:6]
+    where = hashlib.sha256(str(lab.layout.run_dir.resolve()).encode()).hexdigest()[:6]
     return f"pvelab-{lab.name[:40]}-{where}"
 
 
@@ -453,7 +452,7 @@ class Driver:
     @classmethod
     def attach(cls, lab: Lab, say: Progress) -> Driver:
         """The running lab of ``lab``, from its run state; DriverError when it is not up."""
-        state_file = Layout(lab.name).run_dir / "state.json"
+        state_file = lab.layout.run_dir / "state.json"
         state = read_state(lab)
         if state is None:
             raise DriverError(f"lab {lab.name} is not up (start it: invoke up --lab {lab.path})")
@@ -576,7 +575,7 @@ class Driver:
 
 
 def read_state(lab: Lab) -> RunState | None:
-    path = Layout(lab.name).run_dir / "state.json"
+    path = lab.layout.run_dir / "state.json"
     if not path.exists():
         return None
     try:

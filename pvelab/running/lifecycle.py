@@ -9,7 +9,6 @@ import signal
 from pathlib import Path
 
 from pvelab.core.locks import pid_alive, qemu_alive
-from pvelab.model.artefacts import Layout
 from pvelab.model.faults import DriverError
 from pvelab.model.lab import Lab
 from pvelab.running import serving
@@ -38,7 +37,7 @@ def claim(lab: Lab) -> Path:
     elif Path(f"/run/netns/{netns_name(lab)}").exists():
         print(f"lab {lab.name}: a network namespace {netns_name(lab)} without state; removing it", flush=True)
         cleanup(lab, None)
-    return Layout(lab.name).run_dir / "state.json"
+    return lab.layout.run_dir / "state.json"
 
 
 def cleanup(lab: Lab, state: RunState | None) -> list[str]:
@@ -52,7 +51,7 @@ def cleanup(lab: Lab, state: RunState | None) -> list[str]:
                 done.append(f"QEMU of {name} killed")
         if state.forwarder_pid and pid_alive(state.forwarder_pid):
             os.kill(state.forwarder_pid, signal.SIGTERM)
-    workdir = Path(state.workdir) if state else Layout(lab.name).run_dir
+    workdir = Path(state.workdir) if state else lab.layout.run_dir
     if Path(f"/run/netns/{ns}").exists():
         net = LabNet([], workdir)
         net.name = ns
@@ -69,7 +68,7 @@ def cleanup(lab: Lab, state: RunState | None) -> list[str]:
     if (workdir / serving.SERVE_DIR).is_dir():
         shutil.rmtree(workdir / serving.SERVE_DIR)
         removed += 1
-    (Layout(lab.name).run_dir / "state.json").unlink(missing_ok=True)
+    (lab.layout.run_dir / "state.json").unlink(missing_ok=True)
     if removed:
         done.append(f"{removed} throwaway file(s) (overlays, UEFI variables, sockets) removed")
     return done
