@@ -84,3 +84,38 @@ def needs_root():
 def need_tool(name):
     if shutil.which(name) is None:
         pytest.fail(f"{name} not installed: run scripts/setup")
+
+
+@pytest.fixture
+def fixture_role(monkeypatch, tmp_path):
+    """A role that exists only here: its registry entry and its overlay folder (a small
+    file server on port 8007, started at boot). Nothing else of pvelab names it."""
+    from pvelab.core.paths import ROOT
+    from pvelab.model import roles
+
+    role = roles.Role(
+        name="backup-target",
+        unit="backup-compat.service",
+        service="backup-compat",
+        cluster_member=False,
+        qdevice_host=False,
+        dirs=("/srv/backup",),
+        compat_config=lambda lab, node: {"node": node.name, "listen": "0.0.0.0", "port": 8007},
+        colour="#e3f4e1",
+    )
+    monkeypatch.setitem(roles.ROLES, role.name, role)
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    for entry in (ROOT / "overlays").iterdir():
+        os.symlink(entry, overlays / entry.name)
+    layer = overlays / role.name
+    (layer / "etc/pvelab").mkdir(parents=True)
+    (layer / "etc/pvelab/backup-compat.json.j2").write_text("{{ compat_config }}\n")
+    (layer / "usr/lib/systemd/system").mkdir(parents=True)
+    (layer / "usr/lib/systemd/system/backup-compat.service").write_text(
+        "[Unit]\nDescription=backup stand-in\nAfter=network-online.target\n"
+        "[Service]\nExecStart=/usr/bin/python3 -m http.server 8007 --directory /srv/backup\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    )
+    monkeypatch.setattr("pvelab.build.render.OVERLAYS", overlays)
+    return role

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 from pathlib import Path
-
-import pytest
 
 from pvelab.build import pipeline
 from pvelab.build.recipes import node_recipe
@@ -190,35 +187,6 @@ def test_every_artefact_kind_has_the_stage_that_makes_it_and_a_medium_boots_each
     booted = {m.artefact for m in MEDIA.values()}
     assert {k for k in ArtefactKind if k.is_booted()} <= booted
     assert all(set(k.travels_with()) <= set(ArtefactKind) for k in ArtefactKind)
-
-
-@pytest.fixture
-def fixture_role(monkeypatch, tmp_path):
-    """A role that exists only here: its registry entry and its overlay folder."""
-    role = roles.Role(
-        name="backup-target",
-        unit="backup-compat.service",
-        service="backup-compat",
-        cluster_member=False,
-        qdevice_host=False,
-        dirs=("/srv/backup",),
-        compat_config=lambda lab, node: {"node": node.name, "listen": "0.0.0.0", "port": 8007},
-        colour="#e3f4e1",
-    )
-    monkeypatch.setitem(roles.ROLES, role.name, role)
-    overlays = tmp_path / "overlays"
-    overlays.mkdir()
-    for entry in (ROOT / "overlays").iterdir():
-        os.symlink(entry, overlays / entry.name)
-    layer = overlays / role.name
-    (layer / "etc/pvelab").mkdir(parents=True)
-    (layer / "etc/pvelab/backup-compat.json.j2").write_text("{{ compat_config }}\n")
-    (layer / "usr/lib/systemd/system").mkdir(parents=True)
-    (layer / "usr/lib/systemd/system/backup-compat.service").write_text(
-        "[Unit]\nDescription=backup stand-in\n[Service]\nExecStart=/bin/true\n"
-    )
-    monkeypatch.setattr("pvelab.build.render.OVERLAYS", overlays)
-    return role
 
 
 def test_a_role_defined_only_in_a_fixture_validates_renders_draws_and_is_released(

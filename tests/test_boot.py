@@ -172,14 +172,45 @@ def test_single_node_boots(built, lab, media, firmware):
             assert "Secure boot enabled" in m.sudo("dmesg")[1]
 
 
-def test_second_lab_side_by_side(built, lab, tmp_path):
+def test_second_lab_side_by_side(built, lab, tmp_path, fixture_role):
     """A second lab with the same node names builds, boot-tests and publishes beside the first
-    without touching a byte of the first lab's outputs (the shared base is reused)."""
+    without touching a byte of the first lab's outputs (the shared base is reused). It also
+    carries a node of a role defined only in a test fixture (its registry entry and its
+    overlay folder): that node builds, boots, serves its port and is released and drawn."""
+    import yaml
+
     from pvelab.core.paths import LABS
     from pvelab.model.labfile import load_lab
     from pvelab.release.publish import publish
 
-    other = load_lab(LABS / "proxmox-2node-qdevice.yaml")
+    raw = yaml.safe_load((LABS / "proxmox-2node-qdevice.yaml").read_text())
+    raw["nodes"].append(
+        dict(
+            raw["nodes"][-1],
+            name="backup-1",
+            role=fixture_role.name,
+            alias="10.82.0.30/24",
+            diagram={"x": 470, "y": 280},
+        )
+    )
+    raw["connections"].append({"from": "pve-1", "to": "backup-1", "ports": [8007]})
+    raw["scenarios"][0]["custom_tests"].append(
+        {
+            "name": "The fixture role serves",
+            "assertions": [
+                {"type": "port_listening", "on_vm": "backup-1", "port": 8007},
+                {
+                    "type": "http_responds",
+                    "on_vm": "pve-1",
+                    "url": "http://10.82.0.30:8007/",
+                    "expected_status": 200,
+                },
+            ],
+        }
+    )
+    path = tmp_path / "proxmox-2node-qdevice.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    other = load_lab(path)
     first = Layout(lab.name).root
 
     def snapshot():
@@ -196,9 +227,14 @@ def test_second_lab_side_by_side(built, lab, tmp_path):
     report = boot_test(other, media="qcow2", firmware="bios", accel="auto")
     assert report.passed, failures(report)
     assert report.lab == other.name and len(report.ssh_ready_seconds) == len(other.nodes)
+    fixture_test = next(t for t in report.result.tests if t.name == "The fixture role serves")
+    assert fixture_test.passed and len(fixture_test.assertions) == 2
     rel = publish(other, kinds=("qcow2",))
     assert sorted(rel.files) == sorted(f"{n.name}.qcow2" for n in other.nodes)
+    assert "backup-1.qcow2" in rel.files
     assert rel.path.parent == Layout(other.name).releases
+    page, svg = (rel.path / "index.html").read_text(), (rel.path / "topology.svg").read_text()
+    assert all(fixture_role.colour in t and "backup-1" in t for t in (page, svg))
     assert snapshot() == before  # nothing of the first lab was touched
 
 
