@@ -145,3 +145,58 @@ def test_cli_refuses_before_any_work(tmp_path):
     assert res.returncode == 3 and "not up" in res.stdout
     res = run("down")
     assert res.returncode == 0 and "nothing to do" in res.stdout
+
+
+def _fake_qemu(tmp_path, monkeypatch, script):
+    """A `qemu-system-x86_64` on PATH that runs ``script`` (sh) instead of a guest."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "qemu-system-x86_64"
+    fake.write_text("#!/bin/sh\n" + script)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setattr("pvelab.running.qemu.os.access", lambda *a: True)  # as if /dev/kvm were usable
+
+
+def test_a_kvm_that_stops_the_guest_is_found_in_seconds_not_at_the_timeout(tmp_path, monkeypatch):
+    """QEMU pauses (does not exit) on "KVM internal error": the probe stops at those words."""
+    import time
+
+    from pvelab.running.qemu import probe_kvm
+
+    _fake_qemu(tmp_path, monkeypatch, 'echo "KVM internal error. Suberror: 1"\nexec sleep 600\n')
+    t0 = time.monotonic()
+    ok, why = probe_kvm(tmp_path / "vmlinuz", timeout=30)
+    assert (ok, why) == (False, "KVM internal error. Suberror: 1")
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_working_kvm_is_the_panic_on_the_console(tmp_path, monkeypatch):
+    from pvelab.running.qemu import probe_kvm
+
+    # the serial console is the argument after -serial ("file:PATH")
+    _fake_qemu(
+        tmp_path,
+        monkeypatch,
+        'while [ "$1" != -serial ]; do shift; done\n'
+        'echo "Kernel panic - not syncing: VFS: Unable to mount root fs" > "${2#file:}"\n',
+    )
+    assert probe_kvm(tmp_path / "vmlinuz", timeout=30) == (True, "kernel booted under KVM")
+
+
+def test_auto_probes_kvm_once_per_process(monkeypatch):
+    from pvelab.running import qemu
+
+    probes = []
+    monkeypatch.setattr(qemu, "_accel_cache", {})
+    monkeypatch.setattr(qemu, "probe_kvm", lambda k: probes.append(k) or (False, "KVM internal error"))
+    kernels = []
+
+    def kernel():
+        kernels.append(1)
+        return Path("/nonexistent/vmlinuz")
+
+    for _ in range(3):
+        assert qemu.resolve_accel("auto", kernel) == ("tcg", "KVM unusable: KVM internal error")
+    assert len(probes) == len(kernels) == 1  # and the kernel is extracted only for that probe
+    assert qemu.resolve_accel("tcg", kernel) == ("tcg", "requested") and len(kernels) == 1

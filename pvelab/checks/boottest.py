@@ -58,7 +58,7 @@ def kernel_from_iso(iso: Path, dest: Path) -> Path:
 def choose_accel(lab: Lab, node: Node, requested: str) -> tuple[str, str]:
     with tempfile.TemporaryDirectory(prefix="pvelab-boot-") as tmp:
         return resolve_accel(
-            requested, kernel_from_iso(built(lab, node, ArtefactKind.ISO), Path(tmp) / "vmlinuz")
+            requested, lambda: kernel_from_iso(built(lab, node, ArtefactKind.ISO), Path(tmp) / "vmlinuz")
         )
 
 
