@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from pvelab.build.render import render_files
+from pvelab.core.paths import DEFAULT_LAB
 from pvelab.model.labfile import load_lab
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for unshare")
@@ -23,12 +24,13 @@ mount -t tmpfs tmpfs /etc/corosync
 dd if=/dev/urandom of=/etc/corosync/authkey bs=256 count=1 2>/dev/null
 chmod 400 /etc/corosync/authkey
 ip link set lo up
-ip addr add "$1/32" dev lo
+for a in $1; do ip addr add "$a/32" dev lo; done
 exec corosync -t -c "$2"
 """
 
 
 def corosync_t(conf_text, local_ip, tmp_path):
+    """``local_ip``: the address (or space-separated addresses) the host owns."""
     if shutil.which("corosync") is None:
         pytest.fail("corosync is not installed: run scripts/setup")
     conf = tmp_path / "corosync.conf"
@@ -79,3 +81,25 @@ def test_real_parser_accepts_five_node_variant(raw_lab, write_lab, tmp_path):
     lab = load_lab(write_lab(raw_lab))
     res = corosync_t(conf_of(lab, "pve-5"), "10.81.0.15", tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+REDUNDANT_LAB = DEFAULT_LAB.parent / "proxmox-3node-redundant.yaml"
+
+
+@pytest.mark.parametrize("node", ["pve-1", "pve-2", "pve-3"])
+def test_real_parser_accepts_the_redundant_links(node, tmp_path):
+    lab = load_lab(REDUNDANT_LAB)
+    conf = conf_of(lab, node)
+    assert conf.count("ring0_addr: 10.81.1.") == 3 and conf.count("ring1_addr: 10.81.0.") == 3
+    assert conf.count("interface {") == 2 and "knet_link_priority: 20" in conf
+    own = " ".join(link.ip for link in lab.node(node).links)
+    res = corosync_t(conf, own, tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_real_parser_rejects_a_node_missing_its_second_link(tmp_path):
+    # corosync wants every node on every link: a ring1_addr gone from one node is refused
+    lab = load_lab(REDUNDANT_LAB)
+    broken = conf_of(lab).replace("    ring1_addr: 10.81.0.13\n", "")
+    res = corosync_t(broken, "10.81.1.11 10.81.0.11", tmp_path)
+    assert res.returncode != 0, res.stdout + res.stderr

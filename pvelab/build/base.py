@@ -24,15 +24,14 @@ from importlib import metadata
 from pathlib import Path
 
 from pvelab.build import archive_state as archive
-from pvelab.build import cache
-from pvelab.build import dib_blockdev
+from pvelab.build import cache, dib_blockdev
 from pvelab.build.disk import loop_partition, mounted, squash
 from pvelab.build.hostapt import dib_mirror_env
-from pvelab.model.lab import Lab
+from pvelab.build.signedboot import SignedBoot, signed_boot
 from pvelab.core.paths import ELEMENTS, cache_dir
 from pvelab.core.run import StepError, Steps
+from pvelab.model.lab import Lab
 from pvelab.model.passwords import scan_tree
-from pvelab.build.signedboot import SignedBoot, signed_boot
 
 BASE_ELEMENTS = ("debian-minimal", "vm", "pvelab-base", "pvelab-compat")
 BASE_IMAGE_GB = 2  # raw base size; each node grows it to its own disk size

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from pvelab.build import cache
 from pvelab.build.disk import copy_data, loop_disk, mounted, partition_extent
-from pvelab.core.run import StepError, Steps
 from pvelab.build.signedboot import SignedBoot
+from pvelab.core.run import StepError, Steps
 
 MIB = 1024**2
 BIOS_BOOT_MIB, ESP_MIB = 1, 63  # partitions 1 and 2; the first starts at 1 MiB

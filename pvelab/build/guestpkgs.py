@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pvelab.build import cache
-from pvelab.core.errors import PvelabError
 from pvelab.build.hostapt import debian_mirrors
+from pvelab.core.errors import PvelabError
 from pvelab.core.paths import cache_dir
 from pvelab.core.run import Steps
 

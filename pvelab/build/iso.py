@@ -34,10 +34,10 @@ import pycdlib.headervd
 import pycdlib.pycdlib
 import pycdlib.udf
 
-from pvelab.core import repro
 from pvelab.build.bootdisk import esp_files
-from pvelab.core.run import StepError, Steps
 from pvelab.build.signedboot import SignedBoot
+from pvelab.core import repro
+from pvelab.core.run import StepError, Steps
 
 ISOLINUX_BIN = Path("/usr/lib/ISOLINUX/isolinux.bin")
 LDLINUX_C32 = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")

@@ -16,9 +16,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from pvelab.model.lab import Lab, Node
 from pvelab.build.render import INSTALLER_UNIT, RenderedFile, enabled_units, node_dirs, render_files
 from pvelab.core.run import StepError, Steps
+from pvelab.model.lab import Lab, Node
 
 UNIT_DIRS = ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
 

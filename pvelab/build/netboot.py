@@ -34,11 +34,11 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from pvelab.model.artefacts import ArtefactKind, Layout
-from pvelab.core.errors import PvelabError
 from pvelab.build.iso import INSTALL_ARG, INSTALL_WAIT, LIVE_CMDLINE
-from pvelab.model.lab import Lab, Node
 from pvelab.build.signedboot import SignedBoot
+from pvelab.core.errors import PvelabError
+from pvelab.model.artefacts import ArtefactKind
+from pvelab.model.lab import Lab, Node
 
 SHIM = "bootx64.efi"
 GRUB = "grubx64.efi"

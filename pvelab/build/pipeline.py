@@ -21,23 +21,25 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pvelab.build import bootdisk
-from pvelab.build import cache
 from pvelab.build import base as image
-from pvelab.build import iso
-from pvelab.build import netboot
-from pvelab.core import repro
-from pvelab.build import sbom
-from pvelab.model.artefacts import ArtefactInfo, ArtefactKind, BuildManifest, Layout, sha256
-from pvelab.build.disk import copy_sparse, grow_disk, loop_partition, mounted, resize_fs, squash
-from pvelab.core.errors import PvelabError
-from pvelab.model.lab import Lab, Node
-from pvelab.core.locks import locking
-from pvelab.build.layer import Entry, apply_entries, debugfs_script, installer_entries, layer_entries, run_debugfs
-from pvelab.core.paths import ROOT, build_root
-from pvelab.build.disk import QCOW2_FORMAT
+from pvelab.build import bootdisk, cache, iso, netboot, sbom
+from pvelab.build.disk import QCOW2_FORMAT, copy_sparse, grow_disk, loop_partition, mounted, resize_fs, squash
+from pvelab.build.layer import (
+    Entry,
+    apply_entries,
+    debugfs_script,
+    installer_entries,
+    layer_entries,
+    run_debugfs,
+)
 from pvelab.build.render import RenderedFile, render_node
+from pvelab.core import repro
+from pvelab.core.errors import PvelabError
+from pvelab.core.locks import locking
+from pvelab.core.paths import ROOT, build_root
 from pvelab.core.run import StepError, Steps
+from pvelab.model.artefacts import ArtefactInfo, ArtefactKind, BuildManifest, Layout, sha256
+from pvelab.model.lab import Lab, Node
 from pvelab.model.passwords import private_keys, scan_tree
 
 HOST_TOOLS = (

@@ -11,9 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from pvelab.model.artefacts import Layout
-from pvelab.model.lab import Lab, Node
 from pvelab.build.render import enabled_units, node_dirs, render_files
+from pvelab.model.lab import Lab, Node
 
 ALIAS_SCRIPT = "/usr/local/sbin/pvelab-alias"
 

@@ -17,13 +17,12 @@ from pathlib import Path
 import jinja2
 
 from pvelab.build import bootdisk
-from pvelab.model.artefacts import Layout
+from pvelab.core.paths import OVERLAYS
 from pvelab.model.deploy import actions
 from pvelab.model.lab import Lab, Node
-from pvelab.core.paths import OVERLAYS
+from pvelab.model.passwords import token_hash, token_salt
 from pvelab.model.quorum import table as quorum_table
 from pvelab.model.roles import PVE_AUTHKEY
-from pvelab.model.passwords import token_hash, token_salt
 
 # (glob on the target path, mode, owner, group); first match wins. "{user}" is the lab user.
 FILE_MODES = (
@@ -105,6 +104,38 @@ def install_config(lab: Lab, node: Node) -> dict:
     }
 
 
+NETWORK_DIR = "/etc/systemd/network"
+DHCP_NETWORK = "80-pvelab-dhcp.network"  # the base image's, on the default NIC (elements/pvelab-base)
+
+
+def network_files(lab: Lab, node: Node) -> list[RenderedFile]:
+    """systemd-networkd files for the NICs a node's corosync links add: a static address
+    per link NIC, matched by the MAC or the name the lab file gives, with no gateway (only
+    the default NIC has the default route). Configuration is kept when the carrier goes
+    (a cable pull), on those NICs and on the default one, as ifupdown2's static
+    interfaces on a Proxmox VE host keep theirs. Nodes on the default NIC only get none."""
+    extra = [link for link in node.links if not link.nic.default]
+    if not extra:
+        return []
+    out = []
+    for link in extra:
+        match = f"MACAddress={link.nic.mac}" if link.nic.mac else f"Name={link.nic.name}"
+        text = (
+            f"# pvelab: corosync link {link.number} of {lab.name} on {link.nic.describe()}.\n"
+            f"[Match]\n{match}\n\n"
+            f"[Network]\nAddress={link.address}\nDHCP=no\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n"
+            "IgnoreCarrierLoss=yes\n\n[Link]\nRequiredForOnline=no\n"
+        )
+        out.append(
+            RenderedFile(f"{NETWORK_DIR}/10-pvelab-link{link.number}.network", text, 0o644, "root", "root")
+        )
+    keep = "# pvelab: a cable pull keeps the default NIC's lease and the lab alias.\n[Network]\nIgnoreCarrierLoss=yes\n"
+    out.append(
+        RenderedFile(f"{NETWORK_DIR}/{DHCP_NETWORK}.d/50-pvelab-links.conf", keep, 0o644, "root", "root")
+    )
+    return out
+
+
 def render_files(lab: Lab, node: Node, layers: tuple[str, ...] | None = None) -> list[RenderedFile]:
     """Every overlay file of one node (or of ``layers``), rendered in memory, with its mode and owner."""
     env = _environment()
@@ -127,6 +158,8 @@ def render_files(lab: Lab, node: Node, layers: tuple[str, ...] | None = None) ->
         else:
             text = src.read_text()
         out.append(RenderedFile(target, text, mode, owner, group))
+    if layers is None:
+        out += network_files(lab, node)
     return out
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pvelab.build import cache
-from pvelab.core.errors import PvelabError
 from pvelab.build.guestpkgs import fetch
+from pvelab.core.errors import PvelabError
 from pvelab.core.run import Steps
 
 PACKAGES = ("shim-signed", "grub-efi-amd64-signed")

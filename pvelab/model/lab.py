@@ -125,6 +125,43 @@ class Storage:
 
 
 @dataclass(frozen=True)
+class Nic:
+    """A network interface of a node, as a provisioning team knows it on a real server: by
+    its MAC address, or by its interface name. ``default``: the node's first NIC, which
+    takes DHCP and the default route and carries the lab alias."""
+
+    mac: str = ""
+    name: str = ""
+    default: bool = False
+
+    def describe(self) -> str:
+        return f"the NIC {self.name or self.mac}" + (" (the default NIC)" if self.default else "")
+
+
+@dataclass(frozen=True)
+class CorosyncLink:
+    """One corosync (knet) link of the lab: its number (``ring<N>_addr``, ``linknumber``),
+    its subnet and optionally its knet priority (higher is preferred in passive mode)."""
+
+    number: int
+    subnet: ipaddress.IPv4Network
+    priority: int | None = None
+
+
+@dataclass(frozen=True)
+class NodeLink:
+    """A cluster member on one corosync link: its address there and the NIC that carries it."""
+
+    number: int
+    address: ipaddress.IPv4Interface
+    nic: Nic
+
+    @property
+    def ip(self) -> str:
+        return str(self.address.ip)
+
+
+@dataclass(frozen=True)
 class Node:
     name: str
     role: str
@@ -137,7 +174,8 @@ class Node:
     packages: tuple[str, ...]
     test_config: dict
     nodeid: int | None = None  # corosync node id, pve-hosts only (1-based, file order)
-    mac: str = ""  # the NIC's MAC: the network boot's DHCP answers are keyed by it
+    mac: str = ""  # the default NIC's MAC: the network boot's DHCP answers are keyed by it
+    links: tuple[NodeLink, ...] = ()  # corosync links, members only (default: link 0 on the alias)
 
     @property
     def ip(self) -> str:
@@ -151,6 +189,18 @@ class Node:
     def is_member(self) -> bool:
         """A corosync cluster member (one vote)."""
         return self.role_def.is_member()
+
+    @property
+    def nics(self) -> tuple[Nic, ...]:
+        """Every NIC of the node, the default first, then those its links add, in link order."""
+        extra = tuple(link.nic for link in self.links if not link.nic.default)
+        return (Nic(mac=self.mac, default=True), *extra)
+
+    def link(self, number: int) -> NodeLink:
+        for link in self.links:
+            if link.number == number:
+                return link
+        raise KeyError(f"{self.name} is on no corosync link {number}")
 
 
 @dataclass(frozen=True)
@@ -234,6 +284,7 @@ class Lab:
     scenario: Scenario
     install: Install = field(default_factory=lambda: Install())
     api: Api = field(default_factory=lambda: Api())
+    links: tuple[CorosyncLink, ...] = ()  # corosync links (the parser fills in the default link 0)
 
     def node(self, name: str) -> Node:
         for n in self.nodes:
@@ -245,6 +296,18 @@ class Lab:
     def layout(self) -> Layout:
         """Where this lab's outputs are (``build/<lab>/``): every path is asked of it."""
         return Layout(self.name)
+
+    @property
+    def is_redundant(self) -> bool:
+        """More than one corosync link: knet fails over between them."""
+        return len(self.links) > 1
+
+    def link_networks(self) -> tuple[CorosyncLink, ...]:
+        """The links carried by NICs of their own (each gets its own bridge on the lab's
+        host side); a link on the default NIC shares the lab network."""
+        return tuple(
+            link for link in self.links if any(not n.link(link.number).nic.default for n in self.members)
+        )
 
     @property
     def members(self) -> tuple[Node, ...]:

@@ -29,12 +29,15 @@ from pvelab.model.lab import (
     Api,
     ApiToken,
     Connection,
+    CorosyncLink,
     CustomTest,
     DiskRule,
     Install,
     Lab,
     LabError,
+    Nic,
     Node,
+    NodeLink,
     QDevice,
     Scenario,
     Storage,
@@ -225,11 +228,14 @@ def parse_lab(raw: Any, path: Path) -> Lab:
             "qdevice",
             "storage",
             "api",
+            "links",
         },
     )
     name, subnet, release, cluster_name = _parse_identity(r, lab)
     qdevice = _parse_qdevice(r, lab) if "qdevice" in lab else None
+    links = _parse_links(r, lab, subnet)
     nodes = _parse_nodes(r, top, subnet)
+    nodes = _parse_node_links(r, top, nodes, links)
     if qdevice is None and any(n.role_def.is_witness() for n in nodes):
         r.fail(
             "lab.qdevice",
@@ -257,6 +263,7 @@ def parse_lab(raw: Any, path: Path) -> Lab:
         scenario=_parse_scenario(r, top, names),
         install=_parse_install(r, top),
         api=_parse_api(r, lab),
+        links=links,
     )
 
 
@@ -463,6 +470,7 @@ _NODE_FIELDS = {
     "packages",
     "test_config",
     "mac",
+    "links",
 }
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
@@ -505,6 +513,168 @@ def _parse_nodes(r: _Reader, top: dict, subnet: ipaddress.IPv4Network) -> tuple[
         nodes.append(dataclasses.replace(node, mac=mac))
     _check_roles(r, nodes)
     return tuple(nodes)
+
+
+MAX_LINKS = 8  # knet's links per node (0-7)
+
+
+def _parse_links(r: _Reader, lab: dict, subnet: ipaddress.IPv4Network) -> tuple[CorosyncLink, ...]:
+    """``lab.links``: corosync's knet links. Default: link 0 on the lab subnet."""
+    if "links" not in lab:
+        return (CorosyncLink(0, subnet),)
+    raw = r.get(lab, "links", "lab", list)
+    if not raw or len(raw) > MAX_LINKS:
+        r.fail("lab.links", raw, f"needs 1 to {MAX_LINKS} links")
+    links: list[CorosyncLink] = []
+    for i, item in enumerate(raw):
+        where = f"lab.links[{i}]"
+        item = r.mapping(item, where, {"number", "subnet", "priority"})
+        number = r.get(item, "number", where, int)
+        if isinstance(number, bool) or not 0 <= number < MAX_LINKS:
+            r.fail(f"{where}.number", number, f"must be a knet link number, 0 to {MAX_LINKS - 1}")
+        if number in {x.number for x in links}:
+            r.fail(f"{where}.number", number, "is declared twice")
+        text = r.get(item, "subnet", where, str)
+        try:
+            net = ipaddress.IPv4Network(text)
+        except ValueError as exc:
+            r.fail(f"{where}.subnet", text, f"is not an IPv4 subnet in CIDR form ({exc})")
+        for other in links:
+            if net.overlaps(other.subnet):
+                r.fail(f"{where}.subnet", text, f"overlaps link {other.number}'s subnet {other.subnet}")
+        if net != subnet and net.overlaps(subnet):
+            r.fail(f"{where}.subnet", text, f"overlaps the lab subnet {subnet} without being it")
+        priority = r.get(item, "priority", where, int, default=None)
+        if priority is not None and (isinstance(priority, bool) or not 0 <= priority <= 255):
+            r.fail(f"{where}.priority", priority, "must be a knet link priority, 0 to 255")
+        links.append(CorosyncLink(number, net, priority))
+    numbers = sorted(x.number for x in links)
+    if numbers[0] != 0:
+        r.fail("lab.links", numbers, f"link {numbers[0]} without a link 0 (corosync needs ring0_addr)")
+    return tuple(sorted(links, key=lambda x: x.number))
+
+
+def _parse_nic(r: _Reader, raw: Any, where: str, node: Node) -> Nic:
+    """A NIC named by ``mac`` or ``name``; none given: the node's default NIC."""
+    if raw is None:
+        return Nic(mac=node.mac, default=True)
+    nic = r.mapping(raw, where, {"mac", "name"})
+    mac = r.get(nic, "mac", where, str, default="")
+    name = r.get(nic, "name", where, str, default="")
+    if not mac and not name:
+        r.fail(where, raw, "names the NIC by mac or by name")
+    if mac and (not _MAC.fullmatch(mac) or int(mac[:2], 16) & 1):
+        r.fail(f"{where}.mac", mac, "must be a unicast MAC address, lower case (52:54:00:12:34:56)")
+    if name and not _IFNAME.fullmatch(name):
+        r.fail(f"{where}.name", name, "is not a Linux interface name (1-15 letters, digits, '-', '_', '.')")
+    if mac == node.mac:
+        return Nic(mac=node.mac, default=True)
+    return Nic(mac=mac, name=name)
+
+
+_IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,14}")
+
+
+def _parse_node_links(
+    r: _Reader, top: dict, nodes: tuple[Node, ...], links: tuple[CorosyncLink, ...]
+) -> tuple[Node, ...]:
+    """Each member's address and NIC per corosync link. A member that names none is on
+    every link whose subnet holds its alias, by its default NIC."""
+    out: list[Node] = []
+    seen_ips: dict[tuple[int, str], str] = {}
+    macs = {n.mac: f"nodes[{i}].mac" for i, n in enumerate(nodes)}
+    for i, (raw, node) in enumerate(zip(r.get(top, "nodes", "", list), nodes, strict=True)):
+        where = f"nodes[{i}].links"
+        if not node.is_member:
+            if "links" in raw:
+                r.fail(where, raw["links"], "only cluster members (role pve-host) are on corosync links")
+            out.append(node)
+            continue
+        declared = r.get(raw, "links", f"nodes[{i}]", list, default=None)
+        mine: list[NodeLink] = []
+        if declared is None:
+            for link in links:
+                if node.alias.ip not in link.subnet:
+                    r.fail(
+                        where, None, f"is missing: link {link.number} ({link.subnet}) does not hold the alias"
+                    )
+                mine.append(
+                    NodeLink(
+                        link.number,
+                        ipaddress.IPv4Interface(f"{node.alias.ip}/{link.subnet.prefixlen}"),
+                        Nic(mac=node.mac, default=True),
+                    )
+                )
+        else:
+            for j, item in enumerate(declared):
+                w = f"{where}[{j}]"
+                item = r.mapping(item, w, {"number", "address", "nic"})
+                number = r.get(item, "number", w, int)
+                found = next((x for x in links if x.number == number), None)
+                if found is None:
+                    r.fail(
+                        f"{w}.number",
+                        number,
+                        f"no such link in lab.links (links: {', '.join(str(x.number) for x in links)})",
+                    )
+                link = found
+                if number in {x.number for x in mine}:
+                    r.fail(f"{w}.number", number, "names the same link twice")
+                text = r.get(item, "address", w, str)
+                try:
+                    ip = ipaddress.IPv4Address(text.split("/")[0])
+                except ValueError as exc:
+                    r.fail(f"{w}.address", text, f"is not an IPv4 address ({exc})")
+                if ip not in link.subnet or ip in (
+                    link.subnet.network_address,
+                    link.subnet.broadcast_address,
+                ):
+                    r.fail(f"{w}.address", text, f"is outside link {number}'s subnet {link.subnet}")
+                nic = _parse_nic(r, item.get("nic"), f"{w}.nic", node)
+                if nic.default and ip != node.alias.ip:
+                    r.fail(
+                        f"{w}.address",
+                        text,
+                        f"is on the default NIC, which carries the alias {node.alias.ip} only",
+                    )
+                if not nic.default and ip == node.alias.ip:
+                    r.fail(
+                        f"{w}.nic",
+                        item.get("nic"),
+                        f"carries the alias {node.alias.ip}: that is the default NIC's",
+                    )
+                for other in mine:
+                    if other.nic.default == nic.default and (
+                        nic.default
+                        or (nic.mac and nic.mac == other.nic.mac)
+                        or (nic.name and nic.name == other.nic.name)
+                    ):
+                        r.fail(
+                            f"{w}.nic",
+                            item.get("nic") or "(default)",
+                            f"is named for two links ({other.number} and {number}): one NIC per link",
+                        )
+                if nic.mac and not nic.default:
+                    if nic.mac in macs:
+                        r.fail(f"{w}.nic.mac", nic.mac, f"duplicate MAC address (also {macs[nic.mac]})")
+                    macs[nic.mac] = f"{w}.nic.mac"
+                if (number, str(ip)) in seen_ips:
+                    r.fail(
+                        f"{w}.address",
+                        text,
+                        f"duplicate address on link {number} (also {seen_ips[(number, str(ip))]})",
+                    )
+                seen_ips[(number, str(ip))] = w
+                mine.append(NodeLink(number, ipaddress.IPv4Interface(f"{ip}/{link.subnet.prefixlen}"), nic))
+            missing = [x.number for x in links if x.number not in {m.number for m in mine}]
+            if missing:
+                r.fail(
+                    where,
+                    [m.number for m in mine],
+                    f"is missing link {missing[0]} (every member is on every link)",
+                )
+        out.append(dataclasses.replace(node, links=tuple(sorted(mine, key=lambda x: x.number))))
+    return tuple(out)
 
 
 def _parse_alias(r: _Reader, n: dict, where: str, subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Interface:
