@@ -20,6 +20,10 @@ class Target(enum.Enum):
     GROUPS = "A,B C"  # every node of the lab, in named groups
     NODES_OR_ALL = "NODE|all"
     VERB = "stop|start"  # qnetd's
+    NODES_LINK = "NODE[,NODE...] [LINK]"  # a corosync link's NIC of each node (default: every NIC)
+    DELAY = "NODE LINK MS [JITTER_MS]"
+    LOSS = "NODE LINK PERCENT"
+    NOTHING = ""
 
 
 class Fault(enum.Enum):
@@ -33,6 +37,12 @@ class Fault(enum.Enum):
     HEAL = "heal"
     QNETD_STOP = "qnetd-stop"
     QNETD_START = "qnetd-start"
+    UNPLUG = "unplug"  # carrier down on a NIC, as a pulled cable (QEMU's set_link)
+    REPLUG = "replug"
+    DROP = "drop"  # frames silently dropped at the bridge port, the link still up
+    DELAY = "delay"  # netem on the guest's NIC: latency and jitter on what it sends
+    LOSS = "loss"  # netem: a share of what it sends lost
+    CLEAR = "clear"  # every link fault undone: replugged, nothing dropped, no netem
 
     @property
     def target(self) -> Target:
@@ -41,7 +51,18 @@ class Fault(enum.Enum):
             Fault.HEAL: Target.NODES_OR_ALL,
             Fault.QNETD_STOP: Target.VERB,
             Fault.QNETD_START: Target.VERB,
+            Fault.UNPLUG: Target.NODES_LINK,
+            Fault.REPLUG: Target.NODES_LINK,
+            Fault.DROP: Target.NODES_LINK,
+            Fault.DELAY: Target.DELAY,
+            Fault.LOSS: Target.LOSS,
+            Fault.CLEAR: Target.NOTHING,
         }.get(self, Target.NODES)
+
+    @property
+    def is_link(self) -> bool:
+        """A fault of the network's links (cable, filter, netem), undone by ``clear``."""
+        return self in (Fault.UNPLUG, Fault.REPLUG, Fault.DROP, Fault.DELAY, Fault.LOSS, Fault.CLEAR)
 
     @property
     def is_power(self) -> bool:

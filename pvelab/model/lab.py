@@ -196,6 +196,11 @@ class Node:
         extra = tuple(link.nic for link in self.links if not link.nic.default)
         return (Nic(mac=self.mac, default=True), *extra)
 
+    def nic_index(self, number: int) -> int:
+        """Which of :attr:`nics` carries corosync link ``number`` (0: the default NIC)."""
+        link = self.link(number)
+        return 0 if link.nic.default else 1 + [x for x in self.links if not x.nic.default].index(link)
+
     def link(self, number: int) -> NodeLink:
         for link in self.links:
             if link.number == number:

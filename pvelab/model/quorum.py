@@ -28,12 +28,35 @@ class State:
     powered: frozenset[str]  # cluster members that are running
     qnetd: bool = True  # corosync-qnetd runs on the witness
     cut: frozenset[str] = frozenset()  # members cut off from everyone else
+    links_down: frozenset[tuple[str, int]] = frozenset()  # (member, link): that link carries nothing
+    lan_down: frozenset[str] = frozenset()  # members whose default NIC reaches no one (nor qnetd)
+    unplugged: frozenset[str] = (
+        frozenset()
+    )  # members whose default NIC has no carrier: out of the runner's reach
 
-    def partitions(self) -> list[frozenset[str]]:
-        """Groups of running members that reach each other (each cut member alone)."""
-        together = self.powered - self.cut
-        parts = [together] if together else []
-        return parts + [frozenset({n}) for n in sorted(self.cut & self.powered)]
+    def reach(self, a: str, b: str, links: tuple[int, ...]) -> bool:
+        """Two running members talk when neither is cut and one link is up at both ends."""
+        if a in self.cut or b in self.cut:
+            return False
+        return any((a, n) not in self.links_down and (b, n) not in self.links_down for n in links)
+
+    def partitions(self, links: tuple[int, ...] = (0,)) -> list[frozenset[str]]:
+        """Groups of running members that reach each other, largest first."""
+        left = set(self.powered)
+        parts: list[frozenset[str]] = []
+        while left:
+            group = {min(left)}
+            grew = True
+            while grew:
+                more = {b for b in left - group if all(self.reach(a, b, links) for a in group)}
+                grew = bool(more)
+                group |= set(sorted(more)[:1])
+            parts.append(frozenset(group))
+            left -= group
+        return sorted(parts, key=lambda p: (-len(p), sorted(p)))
+
+    def reaches_qnetd(self, member: str) -> bool:
+        return member not in self.cut and member not in self.lan_down
 
 
 @dataclass(frozen=True)
@@ -56,7 +79,7 @@ def qdevice_partition(lab: Lab, state: State) -> frozenset[str] | None:
     if lab.qdevice is None or lab.witness is None or not state.qnetd:
         return None
     n = len(lab.members)
-    connected = [p for p in state.partitions() if not (p & state.cut)]  # cut members cannot reach qnetd
+    connected = [p for p in partitions(lab, state) if any(state.reaches_qnetd(m) for m in p)]
     if lab.qdevice.algorithm == "ffsplit":
         majority = [p for p in connected if len(p) > n // 2]
         if majority:
@@ -66,15 +89,20 @@ def qdevice_partition(lab: Lab, state: State) -> frozenset[str] | None:
     return max(connected, key=lambda p: (len(p), _tie_break(lab, p)), default=None)
 
 
+def partitions(lab: Lab, state: State) -> list[frozenset[str]]:
+    return state.partitions(tuple(link.number for link in lab.links))
+
+
 def expect(lab: Lab, state: State) -> dict[str, Expect]:
-    """Per running member: what its corosync-quorumtool must report in ``state``."""
+    """Per running member the runner reaches: what its corosync-quorumtool must report in
+    ``state`` (a member with no carrier on its default NIC is judged by its peers)."""
     voted = qdevice_partition(lab, state)
     qvotes = lab.qdevice.votes if lab.qdevice and lab.witness else 0
     out = {}
-    for part in state.partitions():
+    for part in partitions(lab, state):
         vote = part == voted
         total = len(part) + (qvotes if vote else 0)
-        for name in part:
+        for name in sorted(part - state.unplugged):
             out[name] = Expect(lab.expected_votes, total, lab.quorum, total >= lab.quorum, vote, part)
     return out
 
@@ -86,6 +114,8 @@ class Event:
 
     fault: Fault | None = None
     nodes: tuple[str, ...] = ()
+    link: int | None = None  # a corosync link's NIC (link faults; None: every NIC)
+    values: tuple[float, ...] = ()  # delay ms and jitter ms, or loss percent
 
     @property
     def kind(self) -> str:
@@ -93,7 +123,10 @@ class Event:
         return self.fault.value if self.fault else "none"
 
     def __str__(self) -> str:
-        return f"{self.kind} {' '.join(self.nodes)}".strip()
+        words = [self.kind, " ".join(self.nodes)]
+        words += [] if self.link is None else [f"link{self.link}"]
+        words += [f"{v:g}" for v in self.values]
+        return " ".join(w for w in words if w)
 
 
 @dataclass(frozen=True)

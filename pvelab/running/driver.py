@@ -53,7 +53,7 @@ from pvelab.model.media import Firmware, Medium, boot_combination
 from pvelab.running import serving
 from pvelab.running.labnet import LabNet
 from pvelab.running.machine import GuestFaultError, Machine, MachineError
-from pvelab.running.qemu import VmSpec, prepare
+from pvelab.running.qemu import VmSpec, nic_id, prepare
 
 RUN_SCHEMA = 1
 KEY_NAME = "id_ed25519"  # the operator's key for a running lab, in its run folder
@@ -200,6 +200,24 @@ class RunState:
         return ""
 
 
+def link_bridge(number: int) -> str:
+    """The host-side bridge of corosync link ``number`` when it has NICs of its own."""
+    return f"br-link{number}"
+
+
+def link_nics(nodes: tuple[Node, ...]) -> dict[str, list[tuple[str, str]]]:
+    """Per node, the (bridge, MAC) of each NIC its corosync links add, in :attr:`Node.nics`
+    order. A NIC the lab file names only by interface name gets a MAC of the lab's prefix."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for i, n in enumerate(nodes):
+        extra = [link for link in n.links if not link.nic.default]
+        out[n.name] = [
+            (link_bridge(link.number), link.nic.mac or f"52:54:00:81:{0x10 + link.number:02x}:{i + 1:02x}")
+            for link in extra
+        ]
+    return out
+
+
 def netns_name(lab: Lab) -> str:
     """``pvelab-<lab>-<6 hex>``: the hex from the run folder's path, so that two checkouts
     (or two PVELAB_BUILD_DIRs) running the same lab never touch each other's namespace."""
@@ -230,7 +248,12 @@ class Driver:
         self.lab, self.nodes, self.medium, self.fw = lab, nodes, medium, fw
         self.accel, self.accel_reason, self.outdir, self.say = accel, accel_reason, workdir, say
         self.disks = disks
-        self.net = LabNet([n.name for n in nodes], workdir, node_macs={n.name: n.mac for n in nodes})
+        self.net = LabNet(
+            [n.name for n in nodes],
+            workdir,
+            node_macs={n.name: n.mac for n in nodes},
+            link_nics=link_nics(nodes),
+        )
         self.serving: serving.Serving | None = None  # a network boot's TFTP/HTTP side
         if netns:
             self.net.name = netns
@@ -302,6 +325,7 @@ class Driver:
             self.outdir,
             tap=self.net.taps[n.name],
             mac=self.net.macs[n.name],
+            extra_nics=tuple((tap, mac) for tap, mac, _ in self.net.nics[n.name][1:]),
             console_socket=True,
         )
 
@@ -344,7 +368,7 @@ class Driver:
         if self._started or Path(f"/run/netns/{self.net.name}").exists():
             self.net.down()
         for n in self.nodes:
-            for leftover in (f"{n.name}.console.sock", f"{n.name}.pid"):
+            for leftover in (f"{n.name}.console.sock", f"{n.name}.qmp.sock", f"{n.name}.pid"):
                 (self.outdir / leftover).unlink(missing_ok=True)
         if self.state_file is not None:
             for f in (self.state_file, self.outdir / KEY_NAME, self.outdir / f"{KEY_NAME}.pub"):
@@ -491,7 +515,12 @@ class Driver:
         return errors
 
     def record(
-        self, fault: Fault, nodes: list[str] | None = None, groups: list[list[str]] | None = None
+        self,
+        fault: Fault,
+        nodes: list[str] | None = None,
+        groups: list[list[str]] | None = None,
+        link: int | None = None,
+        values: tuple[float, ...] = (),
     ) -> None:
         if self.state is None:
             return
@@ -500,6 +529,10 @@ class Driver:
             entry["nodes"] = nodes
         if groups:
             entry["groups"] = groups
+        if link is not None:
+            entry["link"] = link
+        if values:
+            entry["values"] = list(values)
         self.state.faults.append(entry)
         self.save()
 
@@ -515,16 +548,74 @@ class Driver:
         return self.lab.witness.name if self.lab.witness else None
 
     # ---------------------------------------------------------------- faults
+    def nic_indexes(self, node: str, link: int | None) -> list[int]:
+        """Which NICs of ``node`` carry corosync link ``link`` (None: every NIC it has)."""
+        n = self.lab.node(node)
+        if link is None:
+            return list(range(len(n.nics)))
+        if link not in {x.number for x in n.links}:
+            known = ", ".join(str(x.number) for x in self.lab.links)
+            raise DriverError(f"{node} is on no corosync link {link} (links of {self.lab.name}: {known})")
+        return [n.nic_index(link)]
+
+    def _where(self, node: str, link: int | None) -> str:
+        return f"{node} link{link}" if link is not None else f"{node} (every NIC)"
+
+    def link_fault(self, fault: Fault, nodes: list[str], link: int | None, values: tuple[float, ...]) -> str:
+        """A cable pulled or put back, frames dropped, netem on a NIC, or all of it undone."""
+        if fault is Fault.CLEAR:
+            for m in self.machines.values():
+                if m.is_running():
+                    for i in range(len(self.lab.node(m.name).nics)):
+                        m.set_link(nic_id(i), True)
+            self.net.undrop()
+            for m in self.machines.values():
+                if m.is_running() and m.client is not None:
+                    m.sudo(
+                        "for d in $(ls /sys/class/net); do tc qdisc del dev $d root 2>/dev/null; done; true"
+                    )
+            return "every link fault cleared: NICs plugged, nothing dropped, no netem"
+        where = [self._where(n, link) for n in nodes]
+        picked = {n: self.nic_indexes(n, link) for n in nodes}
+        if fault in (Fault.UNPLUG, Fault.REPLUG):
+            for n, indexes in picked.items():
+                for i in indexes:
+                    self.machines[n].set_link(nic_id(i), fault is Fault.REPLUG)
+            return f"{', '.join(where)}: {'cable pulled (no carrier)' if fault is Fault.UNPLUG else 'plugged in again'}"
+        if fault is Fault.DROP:
+            self.net.drop([self.net.nics[n][i][0] for n, indexes in picked.items() for i in indexes])
+            return f"{', '.join(where)}: every frame dropped at the bridge (link up; the runner's SSH passes)"
+        # delay / loss: netem on what the guest sends on that NIC (the host kernel has no netem)
+        if fault is Fault.DELAY:
+            ms, jitter = values[0], values[1] if len(values) > 1 else 0.0
+            shape = f"delay {ms:g}ms" + (f" {jitter:g}ms" if jitter else "")
+        else:
+            shape = f"loss {values[0]:g}%"
+        for n, indexes in picked.items():
+            for i in indexes:
+                mac = self.net.nics[n][i][1]
+                status, out = self.machines[n].sudo(
+                    f"dev=$(ip -o link | awk -F': ' '/link.ether {mac} /{{print $2; exit}}'); test -n \"$dev\""
+                    f' && tc qdisc replace dev "$dev" root netem {shape} && echo "$dev"'
+                )
+                if status != 0:
+                    raise DriverError(f"{n}: netem {shape} on {mac} failed: {out.strip()[-300:]}")
+        return f"{', '.join(where)}: netem {shape} on what it sends"
+
     def fault(
         self,
         fault: Fault,
         nodes: list[str] | None = None,
         groups: list[list[str]] | None = None,
         boot_timeout: float | None = None,
+        link: int | None = None,
+        values: tuple[float, ...] = (),
     ) -> str:
         """Apply one fault; return its one-line account."""
         nodes = nodes or []
-        if fault is Fault.POWER_OFF:
+        if fault.is_link:
+            line = self.link_fault(fault, nodes, link, values)
+        elif fault is Fault.POWER_OFF:
             for n in nodes:
                 self.machines[n].power_off()
             line = f"{', '.join(nodes)}: powered off (clean shutdown)"
@@ -570,7 +661,7 @@ class Driver:
                     f"{self.witness}: systemctl {verb} corosync-qnetd.service exited {status}: {out.strip()[-300:]}"
                 )
             line = f"{self.witness}: corosync-qnetd {'stopped' if verb == 'stop' else 'started'}"
-        self.record(fault, nodes, groups)
+        self.record(fault, nodes, groups, link, values)
         return line
 
 

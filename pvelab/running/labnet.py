@@ -63,6 +63,8 @@ class LabNet:
     dnsmasq: subprocess.Popen | None = None
     boot_options: tuple[str, ...] = ()  # further dnsmasq options: network boot (pvelab.build.netboot)
     node_macs: dict[str, str] = field(default_factory=dict)  # the lab's MACs (default: lab.default_mac)
+    # the NICs of corosync links on networks of their own: vm -> [(bridge, mac)]
+    link_nics: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     def __post_init__(self):
         net = ipaddress.IPv4Network(self.subnet)
@@ -72,6 +74,14 @@ class LabNet:
         self.addresses = {vm: str(hosts[10 + i]) for i, vm in enumerate(self.vms)}
         self.macs = {vm: self.node_macs.get(vm) or default_mac(i) for i, vm in enumerate(self.vms)}
         self.taps = {vm: f"tap{i}" for i, vm in enumerate(self.vms)}
+        # every tap of a VM, its default NIC's first: (tap, mac, the bridge it belongs on)
+        self.nics: dict[str, list[tuple[str, str, str]]] = {
+            vm: [(self.taps[vm], self.macs[vm], self.bridge)]
+            + [(f"tap{i}n{k}", mac, br) for k, (br, mac) in enumerate(self.link_nics.get(vm, []), 1)]
+            for i, vm in enumerate(self.vms)
+        }
+        self.home = {tap: br for nics in self.nics.values() for tap, _, br in nics}
+        self.link_bridges = sorted({br for br in self.home.values() if br != self.bridge})
         self._range = (str(hosts[100]), str(hosts[150]))
 
     # -------------------------------------------------------------- lifecycle
@@ -106,10 +116,12 @@ class LabNet:
         # late, which every "SSH up after" figure then carries.
         probing = [f"net.ipv4.neigh.{self.bridge}.{k}={v}" for k, v in NEIGH_PROBING.items()]
         _ip("sysctl", "-q", "-w", *probing, ns=ns)
-        for vm in self.vms:
-            tap = self.taps[vm]
+        for br in self.link_bridges:  # a corosync link's own network: no address, no DHCP
+            _ip("ip", "link", "add", br, "type", "bridge", ns=ns)
+            _ip("ip", "link", "set", br, "up", ns=ns)
+        for tap, br in self.home.items():
             _ip("ip", "tuntap", "add", "dev", tap, "mode", "tap", ns=ns)
-            _ip("ip", "link", "set", tap, "master", self.bridge, ns=ns)
+            _ip("ip", "link", "set", tap, "master", br, ns=ns)
             _ip("ip", "link", "set", tap, "up", ns=ns)
         leases = self.logdir / "dnsmasq.leases"
         leases.unlink(missing_ok=True)
@@ -180,15 +192,21 @@ class LabNet:
 
         The island bridge has the lab bridge's MAC and gateway address (a /32) and a
         host route to each of its VMs, so the runner's SSH sessions to them survive;
-        frames between islands (corosync, qnetd) have no way across."""
+        frames between islands (corosync, qnetd) have no way across. A corosync link's
+        own network gets an island of the same number (``<bridge>s<n>``) for its NICs."""
         ns = self.name
         used = set(self.segments().values())
-        island = next(f"br-seg{i}" for i in range(1, 64) if f"br-seg{i}" not in used)
+        n = next(i for i in range(1, 64) if f"br-seg{i}" not in used)
+        island = f"br-seg{n}"
         _ip("ip", "link", "add", island, "address", BRIDGE_MAC, "type", "bridge", ns=ns)
         _ip("ip", "addr", "add", f"{self.gateway}/32", "dev", island, ns=ns)
         _ip("ip", "link", "set", island, "up", ns=ns)
+        for br in self.link_bridges:
+            _ip("ip", "link", "add", f"{br}s{n}", "type", "bridge", ns=ns)
+            _ip("ip", "link", "set", f"{br}s{n}", "up", ns=ns)
         for vm in vms:
-            _ip("ip", "link", "set", self.taps[vm], "master", island, ns=ns)
+            for tap, _, br in self.nics[vm]:
+                _ip("ip", "link", "set", tap, "master", island if br == self.bridge else f"{br}s{n}", ns=ns)
             _ip("ip", "route", "replace", f"{self.addresses[vm]}/32", "dev", island, ns=ns)
         return island
 
@@ -208,15 +226,74 @@ class LabNet:
         island left with no VM is removed."""
         ns = self.name
         seg = self.segments()
-        for name, bridge in seg.items():
-            if bridge and bridge != self.bridge and vm in (None, name):
-                _ip("ip", "link", "set", self.taps[name], "master", self.bridge, ns=ns)
+        masters = self._masters()
+        for name in self.vms:
+            if vm not in (None, name):
+                continue
+            for tap, _, br in self.nics[name]:
+                if masters.get(tap, br) != br:
+                    _ip("ip", "link", "set", tap, "master", br, ns=ns)
+            bridge = seg.get(name, "")
+            if bridge and bridge != self.bridge:
                 _ip("ip", "route", "del", f"{self.addresses[name]}/32", "dev", bridge, ns=ns, check=False)
-        left = set(self.segments().values())
+        left = set(self._masters().values())
+        homes = set(self.home.values())
         links = json.loads(_ip("ip", "-j", "link", "show", "type", "bridge", ns=ns).stdout or "[]")
         for link in links:
-            if link["ifname"].startswith("br-seg") and link["ifname"] not in left:
+            if link["ifname"] not in homes and link["ifname"] not in left:
                 _ip("ip", "link", "del", link["ifname"], ns=ns)
+
+    def _masters(self) -> dict[str, str]:
+        links = json.loads(_ip("ip", "-j", "link", "show", ns=self.name).stdout or "[]")
+        return {link["ifname"]: link.get("master", "") for link in links if link["ifname"] in self.home}
+
+    # -------------------------------------------------------------- silent drops
+    DROP_TABLE = "pvelab_drop"
+
+    def drop(self, taps: list[str]) -> None:
+        """Frames to and from ``taps`` are silently dropped by the bridge, the link stays up
+        (an iptables DROP, corosync issue 569's case); on the lab network the runner's SSH
+        (TCP 22) and ARP still pass, so the lab stays observable."""
+        t = f"bridge {self.DROP_TABLE}"
+        script = [f"add table {t}"]
+        for chain in ("forward", "input", "output"):
+            script.append(f"add chain {t} {chain} {{ type filter hook {chain} priority 0; policy accept; }}")
+        for tap in taps:
+            for chain in ("forward", "input", "output"):
+                for side in ("iifname", "oifname"):
+                    if (chain, side) in (("input", "oifname"), ("output", "iifname")):
+                        continue  # no such direction on that hook
+                    match = f"add rule {t} {chain} {side} {tap}"
+                    if self.home[tap] == self.bridge:
+                        script += [f"{match} ether type arp accept", f"{match} tcp sport 22 accept"]
+                        script.append(f"{match} tcp dport 22 accept")
+                    script.append(f"{match} drop")
+        res = subprocess.run(
+            [*self.exec_args(), "nft", "-f", "-"],
+            input="\n".join(script) + "\n",
+            capture_output=True,
+            text=True,
+        )
+        if res.returncode != 0:
+            raise LabNetError(f"nft: {res.stderr.strip()[-300:]}")
+
+    def dropped(self) -> list[str]:
+        """The taps whose frames are dropped now (read from nftables)."""
+        res = _ip("nft", "-j", "list", "table", "bridge", self.DROP_TABLE, ns=self.name, check=False)
+        if res.returncode != 0:
+            return []
+        found = set()
+        for item in json.loads(res.stdout).get("nftables", []):
+            rule = item.get("rule")
+            if rule and any("drop" in e for e in rule.get("expr", [])):
+                for e in rule["expr"]:
+                    right = e.get("match", {}).get("right")
+                    if isinstance(right, str) and right in self.home:
+                        found.add(right)
+        return sorted(found)
+
+    def undrop(self) -> None:
+        _ip("nft", "delete", "table", "bridge", self.DROP_TABLE, ns=self.name, check=False)
 
     # -------------------------------------------------------------- use
     def exec_args(self) -> list[str]:

@@ -58,7 +58,15 @@ def cleanup(lab: Lab, state: RunState | None) -> list[str]:
         net.down()  # what is left in the namespace dies with it
         done.append(f"network namespace {ns} (bridge, taps, dnsmasq) removed")
     removed = 0
-    patterns = ("*.overlay.qcow2", "*.disk.qcow2", "*.OVMF_VARS.fd", "*.console.sock", "*.pid", "dnsmasq.pid")
+    patterns = (
+        "*.overlay.qcow2",
+        "*.disk.qcow2",
+        "*.OVMF_VARS.fd",
+        "*.console.sock",
+        "*.qmp.sock",
+        "*.pid",
+        "dnsmasq.pid",
+    )
     for pattern in patterns:
         for f in workdir.glob(pattern):
             f.unlink(missing_ok=True)

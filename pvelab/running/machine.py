@@ -8,9 +8,11 @@ and is kept after the run. The command line itself comes from :mod:`pvelab.runni
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -297,6 +299,38 @@ class Machine:
         self.start()
         return self.wait_for_ssh(ssh_timeout)
 
+    # -------------------------------------------------------------- NICs
+    def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """One QMP command on the guest's QEMU; its ``return`` value."""
+        workdir = os.open(self.spec.workdir, os.O_PATH)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        try:
+            # named relative to the run folder; /proc/self/fd keeps the path short
+            sock.connect(f"/proc/self/fd/{workdir}/{self.spec.qmp_sock}")
+            reader = sock.makefile("rb")
+            reader.readline()  # the greeting
+            for cmd in ({"execute": "qmp_capabilities"}, {"execute": command, "arguments": arguments or {}}):
+                sock.sendall(json.dumps(cmd).encode() + b"\n")
+                while True:
+                    reply = json.loads(reader.readline() or b"{}")
+                    if "event" not in reply:
+                        break
+                if "error" in reply or not reply:
+                    raise MachineError(
+                        f"{self.name}: QMP {cmd['execute']}: {reply.get('error', 'no answer')}"
+                    )
+            return reply.get("return")
+        except OSError as exc:
+            raise MachineError(f"{self.name}: QMP socket {self.spec.qmp_sock}: {exc}") from None
+        finally:
+            sock.close()
+            os.close(workdir)
+
+    def set_link(self, nic: str, up: bool) -> None:
+        """The carrier of one NIC (QEMU's device id): down is a pulled cable, as the guest sees it."""
+        self.qmp("set_link", {"name": nic, "up": up})
+
     # -------------------------------------------------------------- stop
     def _disconnect(self) -> None:
         if self.client:
@@ -324,3 +358,4 @@ class Machine:
         self._kill_process()
         self.spec.overlay.unlink(missing_ok=True)
         self.spec.vars_file.unlink(missing_ok=True)
+        (self.spec.workdir / self.spec.qmp_sock).unlink(missing_ok=True)

@@ -152,6 +152,7 @@ class VmSpec:
     workdir: Path
     tap: str | None = None  # lab network tap (None: QEMU user net, restricted)
     mac: str | None = None
+    extra_nics: tuple[tuple[str, str], ...] = ()  # (tap, mac) of the NICs corosync links add
     target_disk: Path | None = None  # a second, writable disk (the installer's target)
     icount: bool = False  # TCG: guest time from the instruction count (bench --icount)
     console_socket: bool = False  # the serial console also on a socket `invoke console` attaches to
@@ -162,6 +163,11 @@ class VmSpec:
         """The console socket, named relative to ``workdir`` (QEMU runs there): a UNIX
         socket path is limited to 107 bytes, a checkout's path is not."""
         return Path(f"{self.name}.console.sock")
+
+    @property
+    def qmp_sock(self) -> Path:
+        """QEMU's QMP socket (NIC link state: a cable pull), named relative to ``workdir``."""
+        return Path(f"{self.name}.qmp.sock")
 
     @property
     def console_log(self) -> Path:
@@ -204,6 +210,12 @@ def prepare(
     if firmware.is_uefi():
         shutil.copyfile(first_existing(firmware.vars), workdir / f"{name}.OVMF_VARS.fd")
     return drive
+
+
+def nic_id(index: int) -> str:
+    """QEMU's device id of a guest's ``index``-th NIC (0: the default NIC): QMP's
+    ``set_link`` names it."""
+    return f"nic{index}"
 
 
 def _nic_boot(spec: VmSpec) -> str:
@@ -264,8 +276,15 @@ def qemu_command(spec: VmSpec, interactive: bool = False) -> list[str]:
             "-netdev",
             f"tap,id=n0,ifname={spec.tap},script=no,downscript=no",
             "-device",
-            f"virtio-net-pci,netdev=n0,mac={spec.mac}" + _nic_boot(spec),
+            f"virtio-net-pci,netdev=n0,mac={spec.mac},id={nic_id(0)}" + _nic_boot(spec),
         ]
+        for index, (tap, mac) in enumerate(spec.extra_nics, 1):
+            args += [
+                "-netdev",
+                f"tap,id=n{index},ifname={tap},script=no,downscript=no",
+                "-device",
+                f"virtio-net-pci,netdev=n{index},mac={mac},id={nic_id(index)}",
+            ]
     else:
         args += ["-nic", "user,restrict=on,model=virtio-net-pci"]
     if interactive:
@@ -280,6 +299,8 @@ def qemu_command(spec: VmSpec, interactive: bool = False) -> list[str]:
             "chardev:ser0",
             "-monitor",
             "none",
+            "-qmp",
+            f"unix:{spec.qmp_sock},server=on,wait=off",
         ]
     else:
         args += [
