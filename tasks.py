@@ -259,8 +259,10 @@ def console(c, node, lab=str(DEFAULT_LAB)):
     positional=["action", "target"],
     help={
         "no_wait": NO_WAIT,
-        "action": "power-off, kill, power-on, cut, partition, heal, qnetd",
-        "target": "NODE[,NODE] | 'A,B C' (partition: groups) | all (heal) | stop|start (qnetd)",
+        "action": "power-off, kill, power-on, cut, partition, heal, qnetd, unplug, replug, drop, delay, loss, clear",
+        "target": "NODE[,NODE] | 'A,B C' (partition: groups) | all (heal) | stop|start (qnetd)"
+        " | 'NODE [LINK]' (unplug, replug, drop) | 'NODE LINK MS [JITTER_MS]' (delay)"
+        " | 'NODE LINK PERCENT' (loss) | all (clear)",
         "lab": "lab definition file",
     },
 )

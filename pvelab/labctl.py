@@ -39,6 +39,7 @@ from pvelab.running.driver import (
     netns_name,
     parallel,
     parse_groups,
+    parse_link_target,
     parse_nodes,
     read_state,
 )
@@ -414,11 +415,17 @@ def fault(lab: Lab, action: str, target: str = "") -> str:
         nodes = [] if target in ("", "all") else parse_nodes(lab, target, f.value)
     elif f.target is Target.NODES:
         nodes = parse_nodes(lab, target, f.value)
+    link: int | None = None
+    values: tuple[float, ...] = ()
+    if f.is_link:
+        nodes, link, values = parse_link_target(lab, f, target)
     with lab_lock(lab.name, "fault"):
         driver = Driver.attach(lab, Progress("fault"))
         if f is Fault.POWER_OFF:  # a clean shutdown is asked for over SSH
             driver.connect(nodes)
-        line = driver.fault(f, nodes, groups)
+        if f.is_link:
+            driver.connect()  # netem and clear work in the guests
+        line = driver.fault(f, nodes, groups, link=link, values=values)
         assert driver.state is not None
         if f is Fault.POWER_ON and driver.state.cluster and not driver.medium.copy_on_write:
             _redeploy(lab, driver, set(nodes))

@@ -66,7 +66,7 @@ def test_fault_words_are_the_walks_words(lab):
     assert Fault.PARTITION.target is Target.GROUPS and Fault.HEAL.target is Target.NODES_OR_ALL
     assert Fault.KILL.is_power and Fault.CUT.is_network and not Fault.QNETD_STOP.is_network
     with pytest.raises(DriverError, match=r"unknown fault.*power-off"):
-        Fault.parse("unplug")
+        Fault.parse("yank")
 
 
 def test_groups_name_every_node_once(lab):
@@ -200,3 +200,28 @@ def test_auto_probes_kvm_once_per_process(monkeypatch):
         assert qemu.resolve_accel("auto", kernel) == ("tcg", "KVM unusable: KVM internal error")
     assert len(probes) == len(kernels) == 1  # and the kernel is extracted only for that probe
     assert qemu.resolve_accel("tcg", kernel) == ("tcg", "requested") and len(kernels) == 1
+
+
+def test_link_fault_targets_are_parsed_before_anything_runs():
+    from pvelab.core.paths import DEFAULT_LAB
+    from pvelab.model.labfile import load_lab
+    from pvelab.running.driver import parse_link_target
+
+    red = load_lab(DEFAULT_LAB.parent / "proxmox-3node-redundant.yaml")
+    assert parse_link_target(red, Fault.UNPLUG, "pve-3 0") == (["pve-3"], 0, ())
+    assert parse_link_target(red, Fault.UNPLUG, "pve-3") == (["pve-3"], None, ())
+    assert parse_link_target(red, Fault.DROP, "pve-1,pve-2 1") == (["pve-1", "pve-2"], 1, ())
+    assert parse_link_target(red, Fault.DELAY, "pve-2 0 40 10") == (["pve-2"], 0, (40.0, 10.0))
+    assert parse_link_target(red, Fault.LOSS, "pve-2 1 20") == (["pve-2"], 1, (20.0,))
+    assert parse_link_target(red, Fault.CLEAR, "all") == ([], None, ())
+    bad = {
+        (Fault.UNPLUG, "pve-9"): "unknown node pve-9",
+        (Fault.UNPLUG, "pve-1 2"): "not a corosync link",
+        (Fault.DELAY, "pve-1 0"): "MS",
+        (Fault.DELAY, "pve-1"): "MS",
+        (Fault.LOSS, "pve-1 0 120"): "at most 100",
+        (Fault.CLEAR, "pve-1"): "clear all",
+    }
+    for (fault, text), words in bad.items():
+        with pytest.raises(DriverError, match=words):
+            parse_link_target(red, fault, text)

@@ -300,3 +300,88 @@ def test_up_work_break_walk_down(labs, tmp_path):
         assert sha256(layout.artefact(n.name, "qcow2")) == before[n.name]
         manifest = BuildManifest.from_json(layout.manifest(n.name))
         assert not [p for p in manifest.packages if p.startswith(("corosync", "libcorosync", "libknet"))]
+
+
+REDUNDANT = LABS / "proxmox-3node-redundant.yaml"
+
+
+def test_redundant_links_cable_pull_drop_netem_and_clear():
+    """The redundant lab up: each link on its own bridge and NIC; every link fault of
+    `invoke fault` done and undone, each judged from inside the guests."""
+    lab = load_lab(REDUNDANT)
+    if not all(lab.layout.manifest(n.name).exists() for n in lab.nodes):
+        build(lab)
+    L = ("--lab", str(REDUNDANT))
+
+    def on(node, command, root=False, check=True):
+        return invoke("ssh", node, *(("--root",) if root else ()), *L, "--", command, check=check).stdout
+
+    def reach(src, ip, port=5405, wait=3):
+        out = on(src, f"nc -z -w {wait} {ip} {port} && echo open || echo closed")
+        return out.strip().splitlines()[-1]
+
+    def connect_ms(src, ip):
+        out = on(
+            src, f"s=$(date +%s%N); nc -z -w 10 {ip} 5405; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))"
+        )
+        return int(out.strip().splitlines()[-1])
+
+    try:
+        invoke("up", *L)
+        # link0 on the cluster network, link1 (and the default route) on the lab network
+        assert reach("pve-1", "10.81.1.12") == "open" and reach("pve-1", "10.81.0.12") == "open"
+        for n in ("pve-1", "pve-2", "pve-3"):
+            assert on(n, "ip -4 route show default | wc -l").strip().endswith("1")
+        bad = invoke("fault", "unplug", "pve-1 5", *L, check=False)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        assert "not a corosync link" in bad.stderr
+
+        # a pulled cable: the guest sees no carrier on its link0 NIC; link1 still carries
+        invoke("fault", "unplug", "pve-3 0", *L)
+        links = on("pve-3", "ip -br link")
+        nic = next(line for line in links.splitlines() if "52:54:00:81:01:03" in line)
+        assert "NO-CARRIER" in nic, links
+        assert reach("pve-1", "10.81.1.13") == "closed" and reach("pve-1", "10.81.0.13") == "open"
+        invoke("fault", "replug", "pve-3 0", *L)
+        assert "NO-CARRIER" not in next(
+            line for line in on("pve-3", "ip -br link").splitlines() if "52:54:00:81:01:03" in line
+        )
+        assert reach("pve-1", "10.81.1.13", wait=10) == "open"
+
+        # a silent drop: link up, nothing passes; the runner's SSH to the node still works
+        invoke("fault", "drop", "pve-2 0", *L)
+        assert reach("pve-1", "10.81.1.12") == "closed" and reach("pve-1", "10.81.0.12") == "open"
+        assert "NO-CARRIER" not in on("pve-2", "ip -br link")
+        invoke("fault", "drop", "pve-2 1", *L)
+        assert reach("pve-1", "10.81.0.12") == "closed"
+        assert on("pve-2", "hostname").strip() == "pve-2"
+
+        # netem in the guest: a delay shows in a connect's time, a 100 % loss is no answer
+        base = connect_ms("pve-1", "10.81.1.13")
+        invoke("fault", "delay", "pve-3 0 400", *L)
+        assert "delay 400ms" in on("pve-3", "tc qdisc show", root=True)
+        delayed = connect_ms("pve-1", "10.81.1.13")
+        print(f"connect to pve-3 over link0: {base} ms, with 400 ms netem delay: {delayed} ms", flush=True)
+        assert delayed >= 400 > base, (base, delayed)
+        invoke("fault", "loss", "pve-3 0 100", *L)
+        assert reach("pve-1", "10.81.1.13") == "closed" and reach("pve-1", "10.81.0.13") == "open"
+
+        # clear: every cable in, nothing dropped, no netem left
+        cleared = invoke("fault", "clear", "all", *L)
+        assert "cleared" in cleared.stdout
+        assert reach("pve-1", "10.81.1.12") == "open" and reach("pve-1", "10.81.0.12") == "open"
+        assert reach("pve-1", "10.81.1.13") == "open"
+        assert "netem" not in on("pve-3", "tc qdisc show", root=True)
+        recorded = json.loads((lab.layout.run_dir / "state.json").read_text())["faults"]
+        assert [f["fault"] for f in recorded] == [
+            "unplug",
+            "replug",
+            "drop",
+            "drop",
+            "delay",
+            "loss",
+            "clear",
+        ]
+        assert recorded[0]["link"] == 0 and recorded[4]["values"] == [400.0]
+    finally:
+        invoke("down", *L, check=False)

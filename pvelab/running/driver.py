@@ -47,7 +47,7 @@ from pvelab.model.artefacts import (
     built,
     write_atomic,
 )
-from pvelab.model.faults import DriverError, Fault
+from pvelab.model.faults import DriverError, Fault, Target
 from pvelab.model.lab import Lab, Node
 from pvelab.model.media import Firmware, Medium, boot_combination
 from pvelab.running import serving
@@ -131,6 +131,39 @@ def parse_nodes(lab: Lab, text: str, fault: str) -> list[str]:
             f" (nodes: {', '.join(names)})"
         )
     return picked
+
+
+def parse_link_target(lab: Lab, fault: Fault, text: str) -> tuple[list[str], int | None, tuple[float, ...]]:
+    """``NODE[,NODE] [LINK]``, ``NODE LINK MS [JITTER_MS]`` or ``NODE LINK PERCENT``:
+    (nodes, link, values); a bad word is one line (exit 2)."""
+    words = text.split()
+    usage = f"fault {fault.value}: {text!r}: say `{fault.value} {fault.target.value}`".rstrip()
+    if fault.target is Target.NOTHING:
+        if words not in ([], ["all"]):
+            raise DriverError(f"fault {fault.value}: say `{fault.value} all` (it undoes every link fault)")
+        return [], None, ()
+    if not words:
+        raise DriverError(usage)
+    nodes = parse_nodes(lab, words[0], fault.value)
+    numbers = {x.number for x in lab.links}
+    link: int | None = None
+    if len(words) > 1:
+        if not words[1].isdigit() or int(words[1]) not in numbers:
+            raise DriverError(
+                f"fault {fault.value}: {words[1]!r}: not a corosync link of {lab.name}"
+                f" (links: {', '.join(str(n) for n in sorted(numbers))})"
+            )
+        link = int(words[1])
+    wanted = {Target.NODES_LINK: (0, 0), Target.DELAY: (1, 2), Target.LOSS: (1, 1)}[fault.target]
+    try:
+        values = tuple(float(w) for w in words[2:])
+    except ValueError:
+        raise DriverError(usage) from None
+    if (link is None and wanted[0]) or not wanted[0] <= len(values) <= wanted[1]:
+        raise DriverError(usage)
+    if any(v < 0 for v in values) or (fault.target is Target.LOSS and values[0] > 100):
+        raise DriverError(f"{usage} (milliseconds and percentages are 0 or more, at most 100 %)")
+    return nodes, link, values
 
 
 # --------------------------------------------------------------------------- run state
