@@ -83,6 +83,21 @@ def _build_dir(tmp_path, monkeypatch, request):
     monkeypatch.setenv("PVELAB_BUILD_DIR", str(tmp_path / "build"))
 
 
+def assert_refused(raw, case, write_lab):
+    """Apply ``case`` (mutate, field, value) to a lab dict: loading it must fail with one
+    line naming the file, the field and the value."""
+    from pvelab.model.lab import LabError
+
+    mutate, field, value = case
+    mutate(raw)
+    path = write_lab(raw)
+    with pytest.raises(LabError) as err:
+        load_lab(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message, message
+    assert field in message and value in message, message
+
+
 def needs_root():
     return pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

@@ -1,6 +1,7 @@
 """Lab file validation: every rejected case names the file, the field path and the value."""
 
 import pytest
+from conftest import assert_refused
 
 from pvelab.model.lab import LabError
 from pvelab.model.labfile import load_lab
@@ -280,15 +281,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_rejected_with_file_field_and_value(case, raw_lab, write_lab):
-    mutate, field, value = CASES[case]
-    mutate(raw_lab)
-    path = write_lab(raw_lab)
-    with pytest.raises(LabError) as err:
-        load_lab(path)
-    message = str(err.value)
-    assert message.startswith(f"{path}: "), message
-    assert field in message, message
-    assert value in message, message
+    assert_refused(raw_lab, CASES[case], write_lab)
 
 
 def test_yaml_syntax_error_names_line(tmp_path):

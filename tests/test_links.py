@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import yaml
+from conftest import assert_refused
 
 from pvelab.build.render import network_files, render_files
 from pvelab.core.paths import DEFAULT_LAB
-from pvelab.model.lab import LabError
 from pvelab.model.labfile import load_lab
 
 REDUNDANT = DEFAULT_LAB.parent / "proxmox-3node-redundant.yaml"
@@ -139,15 +139,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_links_are_refused_with_file_field_and_value(case, raw_redundant, write_lab):
-    mutate, field, value = CASES[case]
-    mutate(raw_redundant)
-    path = write_lab(raw_redundant)
-    with pytest.raises(LabError) as err:
-        load_lab(path)
-    message = str(err.value)
-    assert message.startswith(f"{path}: ") and "\n" not in message, message
-    assert field in message, message
-    assert value in message, message
+    assert_refused(raw_redundant, CASES[case], write_lab)
 
 
 def test_a_bad_link_stops_a_task_with_one_line_and_exit_2(raw_redundant, write_lab):
