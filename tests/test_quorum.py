@@ -117,3 +117,46 @@ def test_parse_and_match_quorumtool(lab):
     assert blocked["quorum"] == 3 and not blocked["quorate"] and not blocked["qdevice_vote"]
     assert matches(expect(lab, State(frozenset({"pve-1"})))["pve-1"], blocked, with_qdevice=True)
     assert not matches(expect(lab, State(everyone))["pve-1"], blocked, with_qdevice=True)
+
+
+def test_link_faults_in_the_model_of_the_redundant_lab():
+    from pvelab.core.paths import DEFAULT_LAB
+    from pvelab.model.labfile import load_lab
+
+    lab = load_lab(DEFAULT_LAB.parent / "proxmox-3node-redundant.yaml")
+    everyone = frozenset({"pve-1", "pve-2", "pve-3"})
+
+    def seen(state):
+        return {
+            n: (e.total_votes, e.quorate, e.qdevice_vote, len(e.members))
+            for n, e in expect(lab, state).items()
+        }
+
+    # one link of one node down: knet carries on over the other, nobody leaves
+    one = State(everyone, links_down=frozenset({("pve-3", 0)}))
+    assert seen(one) == {n: (4, True, True, 3) for n in everyone}
+    # link0 silently dropped everywhere: every pair still shares link1
+    dropped = State(everyone, links_down=frozenset((n, 0) for n in everyone))
+    assert seen(dropped) == {n: (4, True, True, 3) for n in everyone}
+    # every NIC of pve-3 unplugged: it leaves; the runner cannot reach it, its peers judge
+    gone = State(
+        everyone,
+        links_down=frozenset({("pve-3", 0), ("pve-3", 1)}),
+        lan_down=frozenset({"pve-3"}),
+        unplugged=frozenset({"pve-3"}),
+    )
+    assert seen(gone) == {"pve-1": (3, True, True, 2), "pve-2": (3, True, True, 2)}
+    # pve-1 without link0, pve-2 without link1: they share no link, so they split
+    crossed = State(everyone, links_down=frozenset({("pve-1", 0), ("pve-2", 1)}))
+    parts = sorted(sorted(p) for p in crossed.partitions((0, 1)))
+    assert parts == [["pve-1", "pve-3"], ["pve-2"]]
+
+
+def test_one_link_lab_unchanged_by_the_link_model(lab):
+    everyone = frozenset({"pve-1", "pve-2", "pve-3"})
+    # the single-link lab: link0 down on a node is that node cut off
+    assert expect(lab, State(everyone, links_down=frozenset({("pve-3", 0)})))["pve-3"].total_votes == 1
+    assert State(everyone, cut=frozenset({"pve-3"})).partitions() == [
+        frozenset({"pve-1", "pve-2"}),
+        frozenset({"pve-3"}),
+    ]
