@@ -409,16 +409,16 @@ def fault(lab: Lab, action: str, target: str = "") -> str:
     f = Fault.parse(word)
     nodes: list[str] = []
     groups: list[list[str]] | None = None
-    if f.target is Target.GROUPS:
+    link: int | None = None
+    values: tuple[float, ...] = ()
+    if f.is_link:
+        nodes, link, values = parse_link_target(lab, f, target)
+    elif f.target is Target.GROUPS:
         groups = parse_groups(lab, target)
     elif f.target is Target.NODES_OR_ALL:
         nodes = [] if target in ("", "all") else parse_nodes(lab, target, f.value)
     elif f.target is Target.NODES:
         nodes = parse_nodes(lab, target, f.value)
-    link: int | None = None
-    values: tuple[float, ...] = ()
-    if f.is_link:
-        nodes, link, values = parse_link_target(lab, f, target)
     with lab_lock(lab.name, "fault"):
         driver = Driver.attach(lab, Progress("fault"))
         if f is Fault.POWER_OFF:  # a clean shutdown is asked for over SSH

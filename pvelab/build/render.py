@@ -114,7 +114,7 @@ def network_files(lab: Lab, node: Node) -> list[RenderedFile]:
     the default NIC has the default route). Configuration is kept when the carrier goes
     (a cable pull), on those NICs and on the default one, as ifupdown2's static
     interfaces on a Proxmox VE host keep theirs. Nodes on the default NIC only get none."""
-    extra = [link for link in node.links if not link.nic.default]
+    extra = node.own_nic_links
     if not extra:
         return []
     out = []

@@ -191,15 +191,19 @@ class Node:
         return self.role_def.is_member()
 
     @property
+    def own_nic_links(self) -> tuple[NodeLink, ...]:
+        """The corosync links carried by NICs of their own (not the default NIC), in link order."""
+        return tuple(link for link in self.links if not link.nic.default)
+
+    @property
     def nics(self) -> tuple[Nic, ...]:
         """Every NIC of the node, the default first, then those its links add, in link order."""
-        extra = tuple(link.nic for link in self.links if not link.nic.default)
-        return (Nic(mac=self.mac, default=True), *extra)
+        return (Nic(mac=self.mac, default=True), *(link.nic for link in self.own_nic_links))
 
     def nic_index(self, number: int) -> int:
         """Which of :attr:`nics` carries corosync link ``number`` (0: the default NIC)."""
         link = self.link(number)
-        return 0 if link.nic.default else 1 + [x for x in self.links if not x.nic.default].index(link)
+        return 0 if link.nic.default else 1 + self.own_nic_links.index(link)
 
     def link(self, number: int) -> NodeLink:
         for link in self.links:

@@ -607,65 +607,7 @@ def _parse_node_links(
                 )
         else:
             for j, item in enumerate(declared):
-                w = f"{where}[{j}]"
-                item = r.mapping(item, w, {"number", "address", "nic"})
-                number = r.get(item, "number", w, int)
-                found = next((x for x in links if x.number == number), None)
-                if found is None:
-                    r.fail(
-                        f"{w}.number",
-                        number,
-                        f"no such link in lab.links (links: {', '.join(str(x.number) for x in links)})",
-                    )
-                link = found
-                if number in {x.number for x in mine}:
-                    r.fail(f"{w}.number", number, "names the same link twice")
-                text = r.get(item, "address", w, str)
-                try:
-                    ip = ipaddress.IPv4Address(text.split("/")[0])
-                except ValueError as exc:
-                    r.fail(f"{w}.address", text, f"is not an IPv4 address ({exc})")
-                if ip not in link.subnet or ip in (
-                    link.subnet.network_address,
-                    link.subnet.broadcast_address,
-                ):
-                    r.fail(f"{w}.address", text, f"is outside link {number}'s subnet {link.subnet}")
-                nic = _parse_nic(r, item.get("nic"), f"{w}.nic", node)
-                if nic.default and ip != node.alias.ip:
-                    r.fail(
-                        f"{w}.address",
-                        text,
-                        f"is on the default NIC, which carries the alias {node.alias.ip} only",
-                    )
-                if not nic.default and ip == node.alias.ip:
-                    r.fail(
-                        f"{w}.nic",
-                        item.get("nic"),
-                        f"carries the alias {node.alias.ip}: that is the default NIC's",
-                    )
-                for other in mine:
-                    if other.nic.default == nic.default and (
-                        nic.default
-                        or (nic.mac and nic.mac == other.nic.mac)
-                        or (nic.name and nic.name == other.nic.name)
-                    ):
-                        r.fail(
-                            f"{w}.nic",
-                            item.get("nic") or "(default)",
-                            f"is named for two links ({other.number} and {number}): one NIC per link",
-                        )
-                if nic.mac and not nic.default:
-                    if nic.mac in macs:
-                        r.fail(f"{w}.nic.mac", nic.mac, f"duplicate MAC address (also {macs[nic.mac]})")
-                    macs[nic.mac] = f"{w}.nic.mac"
-                if (number, str(ip)) in seen_ips:
-                    r.fail(
-                        f"{w}.address",
-                        text,
-                        f"duplicate address on link {number} (also {seen_ips[(number, str(ip))]})",
-                    )
-                seen_ips[(number, str(ip))] = w
-                mine.append(NodeLink(number, ipaddress.IPv4Interface(f"{ip}/{link.subnet.prefixlen}"), nic))
+                mine.append(_parse_node_link(r, item, f"{where}[{j}]", node, links, mine, macs, seen_ips))
             missing = [x.number for x in links if x.number not in {m.number for m in mine}]
             if missing:
                 r.fail(
@@ -675,6 +617,76 @@ def _parse_node_links(
                 )
         out.append(dataclasses.replace(node, links=tuple(sorted(mine, key=lambda x: x.number))))
     return tuple(out)
+
+
+def _parse_node_link(
+    r: _Reader,
+    item: Any,
+    w: str,
+    node: Node,
+    links: tuple[CorosyncLink, ...],
+    mine: list[NodeLink],
+    macs: dict[str, str],
+    seen_ips: dict[tuple[int, str], str],
+) -> NodeLink:
+    """One entry of a member's ``links``: the link, the address on it and its NIC; ``mine``
+    (the member's links so far), ``macs`` and ``seen_ips`` catch what is named twice."""
+    item = r.mapping(item, w, {"number", "address", "nic"})
+    number = r.get(item, "number", w, int)
+    found = next((x for x in links if x.number == number), None)
+    if found is None:
+        r.fail(
+            f"{w}.number",
+            number,
+            f"no such link in lab.links (links: {', '.join(str(x.number) for x in links)})",
+        )
+    link = found
+    if number in {x.number for x in mine}:
+        r.fail(f"{w}.number", number, "names the same link twice")
+    text = r.get(item, "address", w, str)
+    try:
+        ip = ipaddress.IPv4Address(text.split("/")[0])
+    except ValueError as exc:
+        r.fail(f"{w}.address", text, f"is not an IPv4 address ({exc})")
+    if ip not in link.subnet or ip in (
+        link.subnet.network_address,
+        link.subnet.broadcast_address,
+    ):
+        r.fail(f"{w}.address", text, f"is outside link {number}'s subnet {link.subnet}")
+    nic = _parse_nic(r, item.get("nic"), f"{w}.nic", node)
+    if nic.default and ip != node.alias.ip:
+        r.fail(
+            f"{w}.address",
+            text,
+            f"is on the default NIC, which carries the alias {node.alias.ip} only",
+        )
+    if not nic.default and ip == node.alias.ip:
+        r.fail(
+            f"{w}.nic",
+            item.get("nic"),
+            f"carries the alias {node.alias.ip}: that is the default NIC's",
+        )
+    for other in mine:
+        if other.nic.default == nic.default and (
+            nic.default or (nic.mac and nic.mac == other.nic.mac) or (nic.name and nic.name == other.nic.name)
+        ):
+            r.fail(
+                f"{w}.nic",
+                item.get("nic") or "(default)",
+                f"is named for two links ({other.number} and {number}): one NIC per link",
+            )
+    if nic.mac and not nic.default:
+        if nic.mac in macs:
+            r.fail(f"{w}.nic.mac", nic.mac, f"duplicate MAC address (also {macs[nic.mac]})")
+        macs[nic.mac] = f"{w}.nic.mac"
+    if (number, str(ip)) in seen_ips:
+        r.fail(
+            f"{w}.address",
+            text,
+            f"duplicate address on link {number} (also {seen_ips[(number, str(ip))]})",
+        )
+    seen_ips[(number, str(ip))] = w
+    return NodeLink(number, ipaddress.IPv4Interface(f"{ip}/{link.subnet.prefixlen}"), nic)
 
 
 def _parse_alias(r: _Reader, n: dict, where: str, subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Interface:

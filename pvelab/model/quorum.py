@@ -30,9 +30,8 @@ class State:
     cut: frozenset[str] = frozenset()  # members cut off from everyone else
     links_down: frozenset[tuple[str, int]] = frozenset()  # (member, link): that link carries nothing
     lan_down: frozenset[str] = frozenset()  # members whose default NIC reaches no one (nor qnetd)
-    unplugged: frozenset[str] = (
-        frozenset()
-    )  # members whose default NIC has no carrier: out of the runner's reach
+    # members whose default NIC has no carrier: out of the runner's reach
+    unplugged: frozenset[str] = frozenset()
 
     def reach(self, a: str, b: str, links: tuple[int, ...]) -> bool:
         """Two running members talk when neither is cut and one link is up at both ends."""
@@ -46,11 +45,9 @@ class State:
         parts: list[frozenset[str]] = []
         while left:
             group = {min(left)}
-            grew = True
-            while grew:
-                more = {b for b in left - group if all(self.reach(a, b, links) for a in group)}
-                grew = bool(more)
-                group |= set(sorted(more)[:1])
+            for b in sorted(left - group):  # each joins if it reaches everyone already in
+                if all(self.reach(a, b, links) for a in group):
+                    group.add(b)
             parts.append(frozenset(group))
             left -= group
         return sorted(parts, key=lambda p: (-len(p), sorted(p)))

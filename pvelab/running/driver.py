@@ -243,10 +243,9 @@ def link_nics(nodes: tuple[Node, ...]) -> dict[str, list[tuple[str, str]]]:
     order. A NIC the lab file names only by interface name gets a MAC of the lab's prefix."""
     out: dict[str, list[tuple[str, str]]] = {}
     for i, n in enumerate(nodes):
-        extra = [link for link in n.links if not link.nic.default]
         out[n.name] = [
             (link_bridge(link.number), link.nic.mac or f"52:54:00:81:{0x10 + link.number:02x}:{i + 1:02x}")
-            for link in extra
+            for link in n.own_nic_links
         ]
     return out
 
@@ -599,7 +598,7 @@ class Driver:
         if fault is Fault.CLEAR:
             for m in self.machines.values():
                 if m.is_running():
-                    for i in range(len(self.lab.node(m.name).nics)):
+                    for i in range(len(self.net.nics[m.name])):
                         m.set_link(nic_id(i), True)
             self.net.undrop()
             for m in self.machines.values():

@@ -277,21 +277,6 @@ class LabNet:
         if res.returncode != 0:
             raise LabNetError(f"nft: {res.stderr.strip()[-300:]}")
 
-    def dropped(self) -> list[str]:
-        """The taps whose frames are dropped now (read from nftables)."""
-        res = _ip("nft", "-j", "list", "table", "bridge", self.DROP_TABLE, ns=self.name, check=False)
-        if res.returncode != 0:
-            return []
-        found = set()
-        for item in json.loads(res.stdout).get("nftables", []):
-            rule = item.get("rule")
-            if rule and any("drop" in e for e in rule.get("expr", [])):
-                for e in rule["expr"]:
-                    right = e.get("match", {}).get("right")
-                    if isinstance(right, str) and right in self.home:
-                        found.add(right)
-        return sorted(found)
-
     def undrop(self) -> None:
         _ip("nft", "delete", "table", "bridge", self.DROP_TABLE, ns=self.name, check=False)
 
