@@ -36,11 +36,13 @@ from pvelab.running.driver import (
     KEY_NAME,
     Driver,
     RunState,
+    link_faults_in_force,
     netns_name,
     parallel,
     parse_groups,
     parse_link_target,
     parse_nodes,
+    parse_votes,
     read_state,
 )
 from pvelab.running.lifecycle import claim, cleanup
@@ -194,6 +196,7 @@ def status(lab: Lab) -> dict[str, Any]:
     separated = driver.net.separated()
     in_force = [f"{n} powered off" for n, v in nodes.items() if v["power"] == "off"]
     in_force += [f"{','.join(g)} cut off from the rest" for g in separated]
+    in_force += link_faults_in_force(state.faults)
     witness = lab.witness.name if lab.witness else None
     if state.cluster and witness and nodes.get(witness, {}).get("qnetd") == "inactive":
         in_force.append(f"corosync-qnetd stopped on {witness}")
@@ -413,6 +416,8 @@ def fault(lab: Lab, action: str, target: str = "") -> str:
     values: tuple[float, ...] = ()
     if f.is_link:
         nodes, link, values = parse_link_target(lab, f, target)
+    elif f.target is Target.VOTES:
+        nodes, values = parse_votes(lab, target)
     elif f.target is Target.GROUPS:
         groups = parse_groups(lab, target)
     elif f.target is Target.NODES_OR_ALL:
@@ -423,8 +428,8 @@ def fault(lab: Lab, action: str, target: str = "") -> str:
         driver = Driver.attach(lab, Progress("fault"))
         if f is Fault.POWER_OFF:  # a clean shutdown is asked for over SSH
             driver.connect(nodes)
-        if f.is_link:
-            driver.connect()  # netem and clear work in the guests
+        if f.is_link or f is Fault.EXPECTED:
+            driver.connect()  # netem, bulk traffic, clear and expected work in the guests
         line = driver.fault(f, nodes, groups, link=link, values=values)
         assert driver.state is not None
         if f is Fault.POWER_ON and driver.state.cluster and not driver.medium.copy_on_write:

@@ -214,6 +214,8 @@ def test_link_fault_targets_are_parsed_before_anything_runs():
     assert parse_link_target(red, Fault.DELAY, "pve-2 0 40 10") == (["pve-2"], 0, (40.0, 10.0))
     assert parse_link_target(red, Fault.LOSS, "pve-2 1 20") == (["pve-2"], 1, (20.0,))
     assert parse_link_target(red, Fault.CLEAR, "all") == ([], None, ())
+    assert parse_link_target(red, Fault.SATURATE, "1") == ([], 1, ())
+    assert parse_link_target(red, Fault.SATURATE, "0 20 500") == ([], 0, (20.0, 500.0))
     bad = {
         (Fault.UNPLUG, "pve-9"): "unknown node pve-9",
         (Fault.UNPLUG, "pve-1 2"): "not a corosync link",
@@ -221,7 +223,66 @@ def test_link_fault_targets_are_parsed_before_anything_runs():
         (Fault.DELAY, "pve-1"): "MS",
         (Fault.LOSS, "pve-1 0 120"): "at most 100",
         (Fault.CLEAR, "pve-1"): "clear all",
+        (Fault.SATURATE, "pve-1"): "not a corosync link",
+        (Fault.SATURATE, "2"): "not a corosync link",
+        (Fault.SATURATE, "1 0"): "more than 0",
+        (Fault.SATURATE, "1 5 100 7"): "MBIT",
     }
     for (fault, text), words in bad.items():
         with pytest.raises(DriverError, match=words):
             parse_link_target(red, fault, text)
+
+
+def test_expected_votes_target_is_one_member_and_a_count(lab):
+    from pvelab.running.driver import parse_votes
+
+    assert parse_votes(lab, "pve-3 1") == (["pve-3"], (1.0,))
+    for text, words in {
+        "pve-3": "NODE VOTES",
+        "pve-3 0": "NODE VOTES",
+        "pve-3 x": "NODE VOTES",
+        "pve-9 1": "unknown node pve-9",
+        "pbs-witness 1": "not a cluster member",
+    }.items():
+        with pytest.raises(DriverError, match=words):
+            parse_votes(lab, text)
+
+
+def test_link_faults_in_force_until_undone():
+    from pvelab.running.driver import link_faults_in_force
+
+    history = [
+        {"fault": "unplug", "nodes": ["pve-3"], "link": 0},
+        {"fault": "drop", "nodes": ["pve-2"], "link": 1},
+        {"fault": "delay", "nodes": ["pve-1"], "link": 0, "values": [200.0, 20.0]},
+        {"fault": "saturate", "link": 1, "values": [5.0]},
+    ]
+    assert link_faults_in_force(history) == [
+        "pve-3 link0 unplugged",
+        "pve-2 link1 dropped",
+        "pve-1 link0 delay 200/20 ms",
+        "link1 saturated (5)",
+    ]
+    replugged = [*history, {"fault": "replug", "nodes": ["pve-3"]}]
+    assert "pve-3 link0 unplugged" not in link_faults_in_force(replugged)
+    forced = [*history, {"fault": "expected", "nodes": ["pve-3"], "values": [1.0]}, {"fault": "clear"}]
+    assert link_faults_in_force(forced) == ["pve-3: expected votes set to 1 by hand"]
+    assert link_faults_in_force([*forced, {"fault": "heal"}]) == []
+
+
+def test_cmapctl_stats_and_values():
+    from pvelab.running.corotools import parse_cmap_value, parse_stats
+
+    text = (
+        "stats.knet.node2.link0.down_count (u32) = 3\n"
+        "stats.knet.node2.link0.latency_ave (u32) = 812\n"
+        "stats.srp.mcast_retx (u64) = 17\n"
+        "stats.srp.operational_entered (u64) = 4\n"
+        "stats.ipcs.global.active (u64) = 1\n"
+        "stats.srp.rx_msg_dropped (u64) = 0\n"
+    )
+    stats = parse_stats(text)
+    assert stats["stats.srp.mcast_retx"] == 17 and stats["stats.knet.node2.link0.down_count"] == 3
+    assert len(stats) == 6
+    assert parse_cmap_value("runtime.config.totem.token (u32) = 3650\n") == 3650
+    assert parse_cmap_value("Can't get key runtime.config.totem.x. Error CS_ERR_NOT_EXIST") is None

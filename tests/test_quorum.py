@@ -104,6 +104,8 @@ def test_parse_and_match_quorumtool(lab):
     everyone = frozenset({"pve-1", "pve-2", "pve-3"})
     ok = parse_quorumtool(QUORATE)
     assert ok == {
+        "ring_id": "1.d",
+        "members": [1, 2, 3],
         "quorate": True,
         "expected_votes": 4,
         "total_votes": 4,
@@ -160,3 +162,97 @@ def test_one_link_lab_unchanged_by_the_link_model(lab):
         frozenset({"pve-1", "pve-2"}),
         frozenset({"pve-3"}),
     ]
+
+
+def test_walk_of_the_redundant_lab_is_its_links():
+    """Each deterministic link step, as the model expects it: who stays, who is judged,
+    which knet links must show connected, and where the membership must hold."""
+    from pvelab.model.faults import Fault
+    from pvelab.model.quorum import Window
+
+    lab = load_lab(LABS / "proxmox-3node-redundant.yaml")
+    steps = walk(lab)
+    assert all(s.check_links for s in steps)
+    by = {s.number: s for s in steps}
+    assert [str(e) for s in steps for e in s.events] == [
+        "none",
+        "unplug pve-3 link0",
+        "unplug pve-3",
+        "replug pve-3",
+        "drop pve-1 pve-2 pve-3 link0",
+        "clear",
+        "saturate link1",
+        "clear",
+    ]
+    full = {n: (4, True) for n in ("pve-1", "pve-2", "pve-3")}
+
+    def seen(step):
+        return {n: (e.total_votes, e.quorate) for n, e in step.expect.items()}
+
+    # all up: every peer connected on both links
+    assert all(up for links in by[1].links.values() for peers in links.values() for up in peers.values())
+    # link0 of pve-3 pulled: nobody leaves; link0 to pve-3 down on its peers, link1 up
+    assert seen(by[2]) == full and by[2].holds_membership
+    assert by[2].links["pve-1"] == {0: {"pve-2": True, "pve-3": False}, 1: {"pve-2": True, "pve-3": True}}
+    assert by[2].links["pve-3"][0] == {"pve-1": False, "pve-2": False}
+    # every cable of pve-3 pulled: it leaves and cannot be observed; its peers keep 3 of 4
+    assert seen(by[3]) == {"pve-1": (3, True), "pve-2": (3, True)} and not by[3].holds_membership
+    assert by[3].links["pve-1"] == {0: {"pve-2": True, "pve-3": False}, 1: {"pve-2": True, "pve-3": False}}
+    assert seen(by[4]) == full
+    # link0 dropped everywhere: knet on link1 alone, the membership held
+    assert seen(by[5]) == full and by[5].holds_membership
+    assert all(not up for links in by[5].links.values() for up in links[0].values())
+    assert all(up for links in by[5].links.values() for up in links[1].values())
+    # link1 saturated: its state is not judged (a timing), link0 must stay up, membership held
+    assert by[7].events[0].fault is Fault.SATURATE and isinstance(by[7].measure, Window)
+    assert by[7].holds_membership and all(set(links) == {0} for links in by[7].links.values())
+    assert not any(s.two_writers for s in steps)
+
+
+def test_walk_of_the_one_link_lab_ends_with_the_last_resort_latency_and_saturation(lab):
+    from pvelab.model.faults import Fault
+    from pvelab.model.quorum import Ladder, Window, quorate_partitions
+
+    steps = walk(lab)
+    titles = [s.title for s in steps]
+    cut = next(s for s in steps if s.events and s.events[0].fault is Fault.CUT)
+    last_resort = steps[cut.number]  # right after the cut
+    assert [str(e) for e in last_resort.events] == ["expected pve-3 1"]
+    # the lone node forced quorate by hand: expected 1, quorum 1; its peers still 3 of 4
+    e = last_resort.expect
+    assert (e["pve-3"].expected_votes, e["pve-3"].quorum, e["pve-3"].total_votes, e["pve-3"].quorate) == (
+        1,
+        1,
+        1,
+        True,
+    )
+    assert (e["pve-1"].total_votes, e["pve-1"].quorate) == (3, True)
+    assert last_resort.two_writers and quorate_partitions(e) == 2
+    assert not cut.two_writers and not any(s.two_writers for s in steps if s is not last_resort)
+    # healed: the highest expected votes win again, every member 4 of 4
+    healed = steps[last_resort.number]
+    assert healed.events[0].fault is Fault.HEAL
+    assert {n: (x.total_votes, x.expected_votes) for n, x in healed.expect.items()} == {
+        n: (4, 4) for n in ("pve-1", "pve-2", "pve-3")
+    }
+    ladder, window = steps[-2], steps[-1]
+    assert isinstance(ladder.measure, Ladder) and ladder.measure.node == "pve-3" and ladder.measure.link == 0
+    assert (
+        list(ladder.measure.rungs_ms) == sorted(ladder.measure.rungs_ms) and ladder.measure.rungs_ms[0] <= 5
+    )
+    assert [str(e) for e in ladder.undo] == ["clear"]
+    assert isinstance(window.measure, Window) and [str(e) for e in window.events] == ["saturate link0"]
+    assert all(x.quorate and x.total_votes == 4 for x in ladder.expect.values())
+    assert not any(s.check_links for s in steps) and len(titles) == len(set(titles))
+
+
+def test_two_node_walk_cuts_and_heals_without_the_last_resort():
+    lab = load_lab(LABS / "proxmox-2node-qdevice.yaml")
+    kinds = [e.kind for s in walk(lab) for e in s.events]
+    assert "cut" in kinds and "heal" in kinds and "expected" not in kinds and "saturate" not in kinds
+
+
+def test_quorumtool_ring_id_and_members_after_a_cut():
+    text = (DATA / "quorumtool-3-of-4.txt").read_text()
+    q = parse_quorumtool(text)
+    assert (q["ring_id"], q["members"]) == ("1.11", [1, 2])

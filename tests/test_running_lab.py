@@ -284,6 +284,29 @@ def test_up_work_break_walk_down(labs, tmp_path):
     for got, want in zip(report.steps, plan, strict=True):
         assert {n.node for n in got.nodes} == set(want.expect)
         assert all(n.observed["total_votes"] == n.expected["total_votes"] for n in got.nodes)
+    # the last resort: `expected 1` on the cut-off node made both sides quorate at once
+    forced = next(st for st in report.steps if any(e.startswith("expected") for e in st.events))
+    assert forced.two_writers_expected and forced.two_writers_seconds is not None
+    alone = next(n for n in forced.nodes if n.node == "pve-3")
+    assert alone.observed["quorate"] and alone.observed["expected_votes"] == 1
+    # the latency ladder found where membership changed; it is a measured figure, beside the token
+    ladder = next(st for st in report.steps if "rungs" in st.measurement).measurement
+    print(
+        f"latency ladder: membership changed at {ladder['membership_changed_at_ms']} ms, quorum lost at"
+        f" {ladder['quorum_lost_at_ms']} ms; token {ladder['token_ms']} ms",
+        flush=True,
+    )
+    assert ladder["token_ms"] and ladder["membership_changed_at_ms"] > ladder["rungs"][0]["delay_ms"]
+    assert not ladder["rungs"][0]["membership_changed"]
+    # the saturated single link: counted over the window (what it did to membership is measured)
+    window = next(st for st in report.steps if "port_mbit" in st.measurement).measurement
+    print(
+        f"link0 saturated {window['seconds']}s: membership changed: {window['membership_changed']},"
+        f" {window['retransmits']} retransmits, {window['knet_link_downs']} knet link downs,"
+        f" ports {window['port_mbit']} Mbit/s",
+        flush=True,
+    )
+    assert len(window["port_mbit"]) == 3 and all(window["stats"].values())
     assert report.deploy and all(d.passed for d in report.deploy)  # what up --cluster deployed
     assert report.checks and all(c["passed"] for c in report.checks.values())
     assert report.scenario is not None and report.scenario.passed
@@ -305,9 +328,10 @@ def test_up_work_break_walk_down(labs, tmp_path):
 REDUNDANT = LABS / "proxmox-3node-redundant.yaml"
 
 
-def test_redundant_links_cable_pull_drop_netem_and_clear():
-    """The redundant lab up: each link on its own bridge and NIC; every link fault of
-    `invoke fault` done and undone, each judged from inside the guests."""
+def test_redundant_links_by_hand_then_the_link_walk_on_real_corosync():
+    """The redundant lab up with its cluster: each link on its own bridge and NIC; every
+    link fault of `invoke fault` done and undone, judged from inside the guests; then the
+    rehearsal's link walk on the same running lab (knet's failover on real corosync)."""
     lab = load_lab(REDUNDANT)
     if not all(lab.layout.manifest(n.name).exists() for n in lab.nodes):
         build(lab)
@@ -316,18 +340,18 @@ def test_redundant_links_cable_pull_drop_netem_and_clear():
     def on(node, command, root=False, check=True):
         return invoke("ssh", node, *(("--root",) if root else ()), *L, "--", command, check=check).stdout
 
-    def reach(src, ip, port=5405, wait=3):
+    def reach(src, ip, port=8006, wait=3):
         out = on(src, f"nc -z -w {wait} {ip} {port} && echo open || echo closed")
         return out.strip().splitlines()[-1]
 
     def connect_ms(src, ip):
         out = on(
-            src, f"s=$(date +%s%N); nc -z -w 10 {ip} 5405; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))"
+            src, f"s=$(date +%s%N); nc -z -w 10 {ip} 8006; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))"
         )
         return int(out.strip().splitlines()[-1])
 
     try:
-        invoke("up", *L)
+        invoke("up", "--cluster", *L)
         # link0 on the cluster network, link1 (and the default route) on the lab network
         assert reach("pve-1", "10.81.1.12") == "open" and reach("pve-1", "10.81.0.12") == "open"
         for n in ("pve-1", "pve-2", "pve-3"):
@@ -342,6 +366,7 @@ def test_redundant_links_cable_pull_drop_netem_and_clear():
         nic = next(line for line in links.splitlines() if "52:54:00:81:01:03" in line)
         assert "NO-CARRIER" in nic, links
         assert reach("pve-1", "10.81.1.13") == "closed" and reach("pve-1", "10.81.0.13") == "open"
+        assert "pve-3 link0 unplugged" in status(REDUNDANT)["faults_in_force"]
         invoke("fault", "replug", "pve-3 0", *L)
         assert "NO-CARRIER" not in next(
             line for line in on("pve-3", "ip -br link").splitlines() if "52:54:00:81:01:03" in line
@@ -356,22 +381,32 @@ def test_redundant_links_cable_pull_drop_netem_and_clear():
         assert reach("pve-1", "10.81.0.12") == "closed"
         assert on("pve-2", "hostname").strip() == "pve-2"
 
-        # netem in the guest: a delay shows in a connect's time, a 100 % loss is no answer
+        # netem in the guest: a delay shows in a connect's time, a 100 % loss is no answer;
+        # the runner's own SSH to the node is left out of the shape
         base = connect_ms("pve-1", "10.81.1.13")
         invoke("fault", "delay", "pve-3 0 400", *L)
         assert "delay 400ms" in on("pve-3", "tc qdisc show", root=True)
         delayed = connect_ms("pve-1", "10.81.1.13")
         print(f"connect to pve-3 over link0: {base} ms, with 400 ms netem delay: {delayed} ms", flush=True)
         assert delayed >= 400 > base, (base, delayed)
-        invoke("fault", "loss", "pve-3 0 100", *L)
-        assert reach("pve-1", "10.81.1.13") == "closed" and reach("pve-1", "10.81.0.13") == "open"
+        invoke("fault", "loss", "pve-3 1 100", *L)
+        assert reach("pve-1", "10.81.0.13") == "closed" and on("pve-3", "hostname").strip() == "pve-3"
 
-        # clear: every cable in, nothing dropped, no netem left
+        # bulk traffic through a rate-limited link1: the shaped ports carry it
+        invoke("fault", "saturate", "1 5 2000", *L)
+        assert "link1 saturated (5/2000)" in status(REDUNDANT)["faults_in_force"]
+        flows = "ss -Htn state established '( sport = :5999 or dport = :5999 )' | wc -l"
+        assert int(on("pve-1", flows).strip().splitlines()[-1]) >= 2  # its transfer out, pve-3's in
+
+        # clear: every cable in, nothing dropped, no netem, no bulk traffic left
         cleared = invoke("fault", "clear", "all", *L)
         assert "cleared" in cleared.stdout
         assert reach("pve-1", "10.81.1.12") == "open" and reach("pve-1", "10.81.0.12") == "open"
-        assert reach("pve-1", "10.81.1.13") == "open"
+        assert reach("pve-1", "10.81.1.13") == "open" and reach("pve-1", "10.81.0.13") == "open"
         assert "netem" not in on("pve-3", "tc qdisc show", root=True)
+        assert on("pve-1", flows).strip().splitlines()[-1] == "0"
+        s = status(REDUNDANT)
+        assert s["faults_in_force"] == []
         recorded = json.loads((lab.layout.run_dir / "state.json").read_text())["faults"]
         assert [f["fault"] for f in recorded] == [
             "unplug",
@@ -380,8 +415,31 @@ def test_redundant_links_cable_pull_drop_netem_and_clear():
             "drop",
             "delay",
             "loss",
+            "saturate",
             "clear",
         ]
         assert recorded[0]["link"] == 0 and recorded[4]["values"] == [400.0]
+
+        # the link walk on the same running lab, on real corosync
+        s = settle(REDUNDANT, lambda s: quorate(s, ["pve-1", "pve-2", "pve-3"], 4, 4))
+        walked = invoke("rehearse", "--running", "--keep-going", *L, check=False)
+        report = RehearsalReport.from_json(lab.layout.rehearsal_dir("qcow2") / "report.json")
+        assert walked.returncode == 0 and report.passed, walked.stdout + walked.stderr
+        plan = walk(lab)
+        assert [st.title for st in report.steps] == [st.title for st in plan]
+        for got, want in zip(report.steps, plan, strict=True):
+            assert {n.node for n in got.nodes} == set(want.expect)
+            # knet's own link states, as corosync-cfgtool printed them, are what the model said
+            for n in got.nodes:
+                assert "LINK ID" in n.cfgtool
+                for link, peers in want.links[n.node].items():
+                    for peer, up in peers.items():
+                        assert (n.links[str(link)][peer] == "connected") == up, (got.title, n.node, n.links)
+            assert got.membership_held is (True if want.holds_membership else None), got.title
+        saturated = next(st for st in report.steps if st.measurement)
+        print(f"link1 saturated: {saturated.measurement['port_mbit']} Mbit/s at the ports", flush=True)
+        assert not saturated.measurement["membership_changed"] and saturated.membership_held
+        summary = (lab.layout.rehearsal_dir("qcow2") / "summary.txt").read_text()
+        assert "l0:2/2 l1:2/2" in summary and "l0:0/2 l1:2/2" in summary
     finally:
         invoke("down", *L, check=False)

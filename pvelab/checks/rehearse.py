@@ -42,12 +42,19 @@ from pvelab.model.artefacts import (
     write_atomic,
 )
 from pvelab.model.deploy import FIRST, MEMBERS, WITNESS, Action, actions
-from pvelab.model.faults import DriverError, Fault
+from pvelab.model.faults import SATURATE_MBIT, DriverError, Fault
 from pvelab.model.lab import CustomTest, Lab, Scenario
 from pvelab.model.media import DEFAULT_FIRMWARE, DEFAULT_MEDIUM, Firmware, Medium, boot_combination
-from pvelab.model.quorum import Event, Expect, Step, walk
-from pvelab.running.corotools import parse_quorumtool
-from pvelab.running.driver import Driver, RunState, netns_name, parallel, read_state
+from pvelab.model.quorum import Event, Expect, Ladder, Step, Window, walk
+from pvelab.running.corotools import parse_cfgtool, parse_cmap_value, parse_quorumtool, parse_stats
+from pvelab.running.driver import (
+    Driver,
+    RunState,
+    link_faults_in_force,
+    netns_name,
+    parallel,
+    read_state,
+)
 from pvelab.running.lifecycle import claim, describe
 from pvelab.running.machine import Machine, MachineError
 
@@ -236,7 +243,9 @@ class Rehearsal:
         fault = event.fault
         if fault is None:
             return
-        line = self.booted.fault(fault, list(event.nodes), boot_timeout=BOOT_TIMEOUT)
+        line = self.booted.fault(
+            fault, list(event.nodes), boot_timeout=BOOT_TIMEOUT, link=event.link, values=event.values
+        )
         self.say(f"fault: {line}")
         if fault in (Fault.POWER_OFF, Fault.KILL):
             self.down |= set(event.nodes)
@@ -245,48 +254,120 @@ class Rehearsal:
             if not self.booted.medium.copy_on_write:
                 self.redeploy(set(event.nodes))
 
-    def observe(self, name: str) -> tuple[dict[str, Any], str, int | None]:
+    def observe(self, name: str, links: bool = False) -> dict[str, Any]:
+        """One member as corosync and pve-compat see it: quorum figures, ring id, members,
+        raw output, the API's quorate, and (``links``) knet's link states."""
         _, text = self.machines[name].sudo("corosync-quorumtool -s", timeout=30)
         _, api = self.machines[name].execute(API_STATUS, timeout=30)
-        api_q = int(api.strip()) if api.strip() in ("0", "1") else None
-        return parse_quorumtool(text), text, api_q
+        seen: dict[str, Any] = {
+            "quorum": parse_quorumtool(text),
+            "raw": text,
+            "api": int(api.strip()) if api.strip() in ("0", "1") else None,
+        }
+        if links:
+            _, cfg = self.machines[name].sudo("corosync-cfgtool -s", timeout=30)
+            ids = {str(n.nodeid): n.name for n in self.lab.members}
+            seen["cfgtool"] = cfg
+            seen["links"] = {
+                link: {ids.get(nid, nid): st for nid, st in peers.items() if st != "localhost"}
+                for link, peers in parse_cfgtool(cfg).items()
+            }
+        return seen
 
-    def settle(self, step: Step, t0: float, timeout: float) -> WalkStep:
+    def reachable(self) -> list[str]:
+        """The running members the runner can observe (an unplugged one cannot be)."""
+        return [m for m in self.members if m not in self.down and self.machines[m].is_running()]
+
+    def rings(self, names: list[str]) -> dict[str, str | None]:
+        seen = self.on_hosts(names, lambda m: parse_quorumtool(self.root(m.name, "corosync-quorumtool -s")))
+        return {n: q["ring_id"] for n, q in seen.items()}
+
+    def settle(
+        self, step: Step, t0: float, timeout: float, before: dict[str, str | None] | None = None
+    ) -> WalkStep:
+        before = before or {}
         with_qdevice = self.witness is not None
+        two_writers: float | None = None
+        changed: dict[str, str | None] = {}
         while True:
-            seen = self.on_hosts(sorted(step.expect), lambda m: self.observe(m.name))
+            seen = self.on_hosts(sorted(step.expect), lambda m: self.observe(m.name, step.check_links))
+            elapsed = round(time.monotonic() - t0, 1)
             nodes = []
             for name, exp in sorted(step.expect.items()):
-                observed, raw, api_q = seen[name]
-                ok = matches(exp, observed, with_qdevice) and api_q == int(exp.quorate)
-                nodes.append(NodeObservation(name, expected_dict(exp), observed, ok, raw, api_q))
-            elapsed = round(time.monotonic() - t0, 1)
-            done = all(n.passed for n in nodes)
-            if done or elapsed > timeout:
+                obs = seen[name]
+                q = obs["quorum"]
+                ok = matches(exp, q, with_qdevice) and obs["api"] == int(exp.quorate)
+                links = obs.get("links", {})
+                if step.check_links:
+                    want = {
+                        str(k): {p: "connected" if up else "down" for p, up in v.items()}
+                        for k, v in step.links[name].items()
+                    }
+                    got = {
+                        k: {p: "connected" if links.get(k, {}).get(p) == "connected" else "down" for p in v}
+                        for k, v in want.items()
+                    }
+                    ok = ok and got == want
+                if before.get(name) and q["ring_id"] != before[name]:
+                    changed[name] = q["ring_id"]
+                nodes.append(
+                    NodeObservation(
+                        name, expected_dict(exp), q, ok, obs["raw"], obs["api"], obs.get("cfgtool", ""), links
+                    )
+                )
+            groups = {frozenset(seen[n]["quorum"]["members"]) for n in seen if seen[n]["quorum"]["quorate"]}
+            if len(groups) > 1 and not any(a & b for a in groups for b in groups if a != b):
+                two_writers = elapsed
+            held = not changed if step.holds_membership else None
+            done = all(n.passed for n in nodes) and held is not False
+            if done or elapsed > timeout or held is False:
+                failure = ""
+                if held is False:
+                    failure = f"membership changed (ring id {before} -> {changed})"
                 return WalkStep(
                     step.number,
                     step.title,
-                    [str(e) for e in step.events],
+                    [str(e) for e in [*step.events, *step.undo]],
                     done,
                     elapsed if done else None,
                     nodes,
+                    membership_held=held,
+                    two_writers_seconds=two_writers,
+                    two_writers_expected=step.two_writers,
+                    failure=failure,
                 )
             time.sleep(POLL_INTERVAL)
 
     def walk(self, keep_going: bool) -> None:
         for step in walk(self.lab):
             self.say(f"step {step.number}: {step.title}")
+            before = self.rings(self.reachable()) if step.holds_membership else {}
             t0 = time.monotonic()
             for event in step.events:
+                self.apply(event)
+            measurement: dict[str, Any] = {}
+            if isinstance(step.measure, Ladder):
+                measurement = self.ladder(step.measure)
+            elif isinstance(step.measure, Window):
+                measurement = self.window(step, step.measure)
+            for event in step.undo:
                 self.apply(event)
             timeout = SETTLE_TIMEOUT + (
                 BOOT_TIMEOUT if any(e.fault is Fault.POWER_ON for e in step.events) else 0
             )
-            result = self.settle(step, t0, timeout)
+            result = self.settle(step, t0, timeout, before)
+            result.measurement = measurement
+            if measurement.get("insane"):
+                result.passed, result.failure = False, measurement["insane"]
+            if measurement.get("membership_changed") and step.holds_membership:
+                result.passed, result.membership_held = False, False
+                result.failure = result.failure or "membership changed during the window"
             self.report.steps.append(result)
             self.say(
                 f"step {step.number}: {'settled' if result.passed else 'NOT as expected'}"
                 f" after {result.settle_seconds if result.passed else timeout:.1f}s"
+                + (f" ({result.failure})" if result.failure else "")
+                + (f"; two writers for {result.two_writers_seconds}s" if result.two_writers_seconds else "")
             )
             if step.number == 1 and result.passed:
                 self.report.first_quorate_seconds = round(self.say.elapsed(), 1)
@@ -294,6 +375,127 @@ class Rehearsal:
                 self.run_lab_scenario()
             if not result.passed and not keep_going:
                 break
+
+    # ---------------------------------------------------------------- measurements
+    def cmap(self, name: str, key: str) -> int | None:
+        _, out = self.machines[name].sudo(f"corosync-cmapctl -g {key}", timeout=30)
+        return parse_cmap_value(out)
+
+    def watch(self, names: list[str], seconds: float, rings: dict[str, str | None]) -> dict[str, Any]:
+        """Poll quorum on ``names`` for ``seconds``: the ring ids seen, whether each lost
+        quorum, the last raw output."""
+        seen_rings: dict[str, set[str]] = {n: {r} for n, r in rings.items() if r}
+        lost: set[str] = set()
+        last: dict[str, str] = {}
+        end = time.monotonic() + seconds
+        while True:
+            out = self.on_hosts(names, lambda m: self.root(m.name, "corosync-quorumtool -s"))
+            for n, text in out.items():
+                q = parse_quorumtool(text)
+                if q["ring_id"]:
+                    seen_rings.setdefault(n, set()).add(q["ring_id"])
+                if not q["quorate"]:
+                    lost.add(n)
+                last[n] = text
+            if time.monotonic() >= end:
+                break
+            time.sleep(min(POLL_INTERVAL, max(end - time.monotonic(), 0)))
+        return {
+            "ring_ids": {n: sorted(r) for n, r in seen_rings.items()},
+            "membership_changed": any(len(r) > 1 for r in seen_rings.values()),
+            "lost_quorum": sorted(lost),
+            "quorumtool": last,
+        }
+
+    def ladder(self, lad: Ladder) -> dict[str, Any]:
+        """Raise the delay on ``lad.node``'s link rung by rung; stop at the first rung where
+        its peers' membership changed and it lost quorum. The token is read from cmap."""
+        names = self.reachable()
+        peer = next(n for n in names if n != lad.node)
+        figures: dict[str, Any] = {
+            "node": lad.node,
+            "link": lad.link,
+            "hold_seconds": lad.hold_seconds,
+            "token_ms": self.cmap(peer, "runtime.config.totem.token"),
+            "consensus_ms": self.cmap(peer, "runtime.config.totem.consensus"),
+            "rungs": [],
+            "membership_changed_at_ms": None,
+            "quorum_lost_at_ms": None,
+        }
+        for ms in lad.rungs_ms:
+            rings = self.rings(names)
+            line = self.booted.fault(Fault.DELAY, [lad.node], link=lad.link, values=(ms, ms / 10))
+            seen = self.watch(names, lad.hold_seconds, rings)
+            rung = {"delay_ms": ms, "jitter_ms": ms / 10, "fault": line, **seen}
+            figures["rungs"].append(rung)
+            changed, lost = seen["membership_changed"], lad.node in seen["lost_quorum"]
+            self.say(
+                f"latency {ms:g} ms (jitter {ms / 10:g}) on {lad.node} link{lad.link}:"
+                f" membership {'CHANGED' if changed else 'held'}, {lad.node}"
+                f" {'lost quorum' if lost else 'quorate'}"
+            )
+            if changed and figures["membership_changed_at_ms"] is None:
+                figures["membership_changed_at_ms"] = ms
+            if lost and figures["quorum_lost_at_ms"] is None:
+                figures["quorum_lost_at_ms"] = ms
+            if changed and lost:
+                break
+        first = lad.rungs_ms[0]
+        if figures["membership_changed_at_ms"] is None:
+            figures["insane"] = f"no membership change up to {lad.rungs_ms[-1]:g} ms: was the delay applied?"
+        elif figures["membership_changed_at_ms"] == first:
+            figures["insane"] = (
+                f"membership changed at the first rung ({first:g} ms): the lab was not settled"
+            )
+        return figures
+
+    def window(self, step: Step, w: Window) -> dict[str, Any]:
+        """Hold the step's faults for ``w.seconds``: corosync's and knet's counters before and
+        after, the membership watched, the bytes the shaped ports passed."""
+        names = self.reachable()
+        stats = "corosync-cmapctl -m stats"
+        before = self.on_hosts(names, lambda m: parse_stats(self.root(m.name, stats)))
+        rings = self.rings(names)
+        shaped0 = self.booted.net.shaped_bytes()
+        seen = self.watch(names, w.seconds, rings)
+        shaped1 = self.booted.net.shaped_bytes()
+        raw = self.on_hosts(names, lambda m: self.root(m.name, stats))
+        deltas = {}
+        for n in names:
+            after = parse_stats(raw[n])
+            deltas[n] = {k: v - before[n].get(k, 0) for k, v in after.items() if v != before[n].get(k, 0)}
+        mbit = {
+            tap: round((shaped1.get(tap, 0) - shaped0.get(tap, 0)) * 8 / w.seconds / 1e6, 2)
+            for tap in shaped1
+        }
+
+        def total(suffix: str) -> int:
+            return sum(v for d in deltas.values() for k, v in d.items() if k.endswith(suffix))
+
+        figures = {
+            "seconds": w.seconds,
+            **seen,
+            "port_mbit": mbit,
+            "retransmits": total(".mcast_retx"),
+            "memberships_formed": max(
+                (d.get("stats.srp.operational_entered", 0) for d in deltas.values()), default=0
+            ),
+            "knet_link_downs": total(".down_count"),
+            "counters": deltas,
+            "stats": raw,
+        }
+        saturate = next((e for e in step.events if e.fault is Fault.SATURATE), None)
+        rate = saturate.values[0] if saturate and saturate.values else SATURATE_MBIT
+        if saturate and (not mbit or max(mbit.values()) < rate / 4):
+            figures["insane"] = (
+                f"the bulk traffic did not load the link: {mbit} Mbit/s at the ports (limit {rate:g})"
+            )
+        self.say(
+            f"window {w.seconds:g}s: membership {'CHANGED' if seen['membership_changed'] else 'held'},"
+            f" {figures['retransmits']} retransmits, {figures['knet_link_downs']} knet link downs,"
+            f" ports {mbit} Mbit/s"
+        )
+        return figures
 
     def run_lab_scenario(self) -> None:
         """The lab's own scenario on the cluster members, now answered by the real cluster.
@@ -438,10 +640,12 @@ def _walk_running(
         driver = Driver.attach(lab, say)
         off = [n for n, m in driver.machines.items() if not m.is_running()]
         cut = driver.net.separated()
-        if off or cut:
+        links = link_faults_in_force(state.faults)
+        if off or cut or links:
             raise RehearsalError(
-                f"lab {lab.name} has faults in force ({', '.join(off)} off; {cut} cut): the walk starts"
-                " from every node up and connected (invoke fault power-on / heal all)"
+                f"lab {lab.name} has faults in force ({', '.join(off)} off; {cut} cut; links: {links}):"
+                " the walk starts from every node up and connected"
+                " (invoke fault power-on / heal all / clear all)"
             )
         errors = driver.connect()
         if errors:
@@ -463,8 +667,9 @@ def _walk_running(
 def table(report: RehearsalReport) -> str:
     lines = [
         f"rehearsal {report.lab} ({report.media}, {report.accel}):",
-        "votes: total/expected; +qd: the QDevice's vote counts for this node; api: pve-compat's quorate",
-        f"{'step':<4} {'node':<12} {'expected':<25} {'observed':<25} {'api':<4} {'settle':>7}  event",
+        "votes: total/expected; +qd: the QDevice's vote counts for this node; api: pve-compat's quorate;"
+        " links: peers connected per knet link (steps that judge links)",
+        f"{'step':<4} {'node':<12} {'expected':<25} {'observed':<25} {'api':<4} {'links':<11} {'settle':>7}  event",
     ]
 
     def cell(v: dict) -> str:
@@ -473,15 +678,23 @@ def table(report: RehearsalReport) -> str:
             f" {'quorate' if v.get('quorate') else 'NOT quorate'}"
         )
 
+    def links(n: NodeObservation) -> str:
+        return " ".join(
+            f"l{k}:{sum(st == 'connected' for st in peers.values())}/{len(peers)}"
+            for k, peers in n.links.items()
+        )
+
     for s in report.steps:
         for i, n in enumerate(s.nodes):
             exp, obs = cell(n.expected), cell(n.observed)
             settle = f"{s.settle_seconds:.1f}s" if s.settle_seconds is not None else "never"
             lines.append(
                 f"{s.number if i == 0 else '':<4} {n.node:<12} {exp:<25} {obs:<25} "
-                f"{'-' if n.api_quorate is None else n.api_quorate!s:<4} {settle if i == 0 else '':>7}"
+                f"{'-' if n.api_quorate is None else n.api_quorate!s:<4} {links(n) or '-':<11}"
+                f" {settle if i == 0 else '':>7}"
                 f"  {s.title if i == 0 else ''}{'' if n.passed else '   <-- MISMATCH'}".rstrip()
             )
+        lines += [f"     {line}" for line in step_notes(s)]
     if report.scenario:
         lines.append(summary(report.scenario))
     for key, c in report.checks.items():
@@ -496,6 +709,41 @@ def table(report: RehearsalReport) -> str:
     return "\n".join(lines)
 
 
+def step_notes(s: WalkStep) -> list[str]:
+    """What a step measured or flagged, a line each: membership held, two writers, a
+    latency ladder's rungs, a window's counters, why it failed."""
+    notes = []
+    if s.membership_held is not None:
+        notes.append(f"membership {'held (ring id unchanged)' if s.membership_held else 'CHANGED'}")
+    if s.two_writers_expected:
+        notes.append("DANGER: two partitions quorate at once: two writers (what `pvecm expected 1` risks)")
+    elif s.two_writers_seconds is not None:
+        notes.append(f"two partitions quorate at once for up to {s.two_writers_seconds:.1f}s after the event")
+    m = s.measurement
+    if "rungs" in m:
+        for r in m["rungs"]:
+            notes.append(
+                f"delay {r['delay_ms']:g} ms +/- {r['jitter_ms']:g}: membership"
+                f" {'CHANGED' if r['membership_changed'] else 'held'},"
+                f" lost quorum: {', '.join(r['lost_quorum']) or 'none'}"
+            )
+        notes.append(
+            f"membership first changed at {m['membership_changed_at_ms']} ms, {m['node']} lost quorum at"
+            f" {m['quorum_lost_at_ms']} ms (one-way, on its link{m['link']}); token {m['token_ms']} ms,"
+            f" consensus {m['consensus_ms']} ms"
+        )
+    elif "seconds" in m:
+        notes.append(
+            f"{m['seconds']:g}s window: membership {'CHANGED' if m['membership_changed'] else 'held'},"
+            f" lost quorum: {', '.join(m['lost_quorum']) or 'none'}; {m['retransmits']} retransmits,"
+            f" {m['memberships_formed']} memberships formed, {m['knet_link_downs']} knet link downs;"
+            f" shaped ports {', '.join(f'{t} {v:g}' for t, v in m['port_mbit'].items())} Mbit/s"
+        )
+    if s.failure:
+        notes.append(f"FAILED: {s.failure}")
+    return notes
+
+
 def to_junit(report: RehearsalReport) -> str:
     deploy = [
         Case("deploy", d.title, d.seconds, failure=None if d.passed else d.title, failure_text=d.output)
@@ -506,10 +754,11 @@ def to_junit(report: RehearsalReport) -> str:
             f"step {s.number}: {s.title}",
             n.node,
             s.settle_seconds or 0,
-            output=n.quorumtool,
+            output="\n".join([n.quorumtool, n.cfgtool, *step_notes(s)]).strip(),
             failure=None
-            if n.passed
-            else f"expected {n.expected}, observed {n.observed}, api quorate {n.api_quorate}",
+            if n.passed and not s.failure
+            else f"expected {n.expected}, observed {n.observed}, api quorate {n.api_quorate}, links {n.links}"
+            + (f"; {s.failure}" if s.failure else ""),
         )
         for s in report.steps
         for n in s.nodes

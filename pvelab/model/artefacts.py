@@ -545,6 +545,8 @@ class NodeObservation:
     passed: bool
     quorumtool: str = ""  # raw `corosync-quorumtool -s` output, last poll
     api_quorate: int | None = None  # pve-compat's /cluster/status quorate, last poll
+    cfgtool: str = ""  # raw `corosync-cfgtool -s` output, last poll (steps that judge links)
+    links: dict[str, dict[str, str]] = field(default_factory=dict)  # link -> peer -> knet's state
 
 
 @dataclass
@@ -555,6 +557,12 @@ class WalkStep:
     passed: bool
     settle_seconds: float | None  # event to the state the model expects (None: never reached)
     nodes: list[NodeObservation] = field(default_factory=list)
+    membership_held: bool | None = None  # the ring id stayed as before the events (None: not asked)
+    # event to the last poll where two partitions were quorate at once (None: never seen)
+    two_writers_seconds: float | None = None
+    two_writers_expected: bool = False  # the state reached has two writers (`expected 1`)
+    measurement: dict[str, Any] = field(default_factory=dict)  # a latency ladder's or a window's figures
+    failure: str = ""  # why it did not pass, beyond the per-node mismatch
 
 
 @dataclass

@@ -23,6 +23,8 @@ class Target(enum.Enum):
     NODES_LINK = "NODE[,NODE...] [LINK]"  # a corosync link's NIC of each node (default: every NIC)
     DELAY = "NODE LINK MS [JITTER_MS]"
     LOSS = "NODE LINK PERCENT"
+    LINK = "LINK [MBIT [QUEUE_MS]]"  # every NIC of one corosync link
+    VOTES = "NODE VOTES"
     NOTHING = ""
 
 
@@ -42,7 +44,11 @@ class Fault(enum.Enum):
     DROP = "drop"  # frames silently dropped at the bridge port, the link still up
     DELAY = "delay"  # netem on the guest's NIC: latency and jitter on what it sends
     LOSS = "loss"  # netem: a share of what it sends lost
-    CLEAR = "clear"  # every link fault undone: replugged, nothing dropped, no netem
+    # bulk traffic between the members over a rate-limited link, as a backup on a shared NIC
+    SATURATE = "saturate"
+    CLEAR = "clear"  # every link fault undone: replugged, nothing dropped, no netem, no bulk traffic
+    # the operator's last resort, `pvecm expected N` (corosync-quorumtool -e N) on one node
+    EXPECTED = "expected"
 
     @property
     def target(self) -> Target:
@@ -56,13 +62,23 @@ class Fault(enum.Enum):
             Fault.DROP: Target.NODES_LINK,
             Fault.DELAY: Target.DELAY,
             Fault.LOSS: Target.LOSS,
+            Fault.SATURATE: Target.LINK,
             Fault.CLEAR: Target.NOTHING,
+            Fault.EXPECTED: Target.VOTES,
         }.get(self, Target.NODES)
 
     @property
     def is_link(self) -> bool:
         """A fault of the network's links (cable, filter, netem), undone by ``clear``."""
-        return self in (Fault.UNPLUG, Fault.REPLUG, Fault.DROP, Fault.DELAY, Fault.LOSS, Fault.CLEAR)
+        return self in (
+            Fault.UNPLUG,
+            Fault.REPLUG,
+            Fault.DROP,
+            Fault.DELAY,
+            Fault.LOSS,
+            Fault.SATURATE,
+            Fault.CLEAR,
+        )
 
     @property
     def is_power(self) -> bool:
@@ -85,3 +101,10 @@ class Fault(enum.Enum):
 def cli_faults() -> str:
     words = [f.value for f in Fault if not f.value.startswith("qnetd")]
     return ", ".join([*words, "qnetd stop|start"])
+
+
+# `saturate LINK` by default: a 5 Mbit/s link with two seconds of queue (a NIC's or a
+# switch port's buffer filled by a backup's bulk transfer: what corosync's packets wait behind)
+SATURATE_MBIT = 5.0
+SATURATE_QUEUE_MS = 2000.0
+SATURATE_PORT = 5999  # the bulk transfers' TCP port on the members

@@ -17,6 +17,7 @@ the QDevice votes for it.  The QDevice vote follows corosync-qnetd's algorithms:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from pvelab.model.faults import Fault
@@ -32,6 +33,9 @@ class State:
     lan_down: frozenset[str] = frozenset()  # members whose default NIC reaches no one (nor qnetd)
     # members whose default NIC has no carrier: out of the runner's reach
     unplugged: frozenset[str] = frozenset()
+    saturated: frozenset[int] = frozenset()  # links under bulk traffic: their state is not judged
+    # (member, votes): `corosync-quorumtool -e votes` run on it (what `pvecm expected` does)
+    expected_set: frozenset[tuple[str, int]] = frozenset()
 
     def reach(self, a: str, b: str, links: tuple[int, ...]) -> bool:
         """Two running members talk when neither is cut and one link is up at both ends."""
@@ -54,6 +58,12 @@ class State:
 
     def reaches_qnetd(self, member: str) -> bool:
         return member not in self.cut and member not in self.lan_down
+
+    def link_up(self, a: str, b: str, link: int) -> bool:
+        """knet's state of ``link`` between two running members: connected or not."""
+        if a in self.cut or b in self.cut or a not in self.powered or b not in self.powered:
+            return False
+        return (a, link) not in self.links_down and (b, link) not in self.links_down
 
 
 @dataclass(frozen=True)
@@ -95,12 +105,35 @@ def expect(lab: Lab, state: State) -> dict[str, Expect]:
     ``state`` (a member with no carrier on its default NIC is judged by its peers)."""
     voted = qdevice_partition(lab, state)
     qvotes = lab.qdevice.votes if lab.qdevice and lab.witness else 0
+    forced = dict(state.expected_set)
     out = {}
     for part in partitions(lab, state):
         vote = part == voted
         total = len(part) + (qvotes if vote else 0)
+        # `-e N` holds in the partition it was run in; votequorum's quorum is half of it, plus one
+        expected = min((forced[m] for m in part if m in forced), default=lab.expected_votes)
+        quorum = lab.quorum if expected == lab.expected_votes else expected // 2 + 1
         for name in sorted(part - state.unplugged):
-            out[name] = Expect(lab.expected_votes, total, lab.quorum, total >= lab.quorum, vote, part)
+            out[name] = Expect(expected, total, quorum, total >= quorum, vote, part)
+    return out
+
+
+def quorate_partitions(expected: dict[str, Expect]) -> int:
+    """How many partitions are quorate at once: more than one is two writers (split brain)."""
+    return len({e.members for e in expected.values() if e.quorate})
+
+
+def links_expected(lab: Lab, state: State) -> dict[str, dict[int, dict[str, bool]]]:
+    """Per member the runner reaches, per corosync link not under saturation: whether
+    ``corosync-cfgtool -s`` must show each peer connected on it."""
+    members = [n.name for n in lab.members]
+    out: dict[str, dict[int, dict[str, bool]]] = {}
+    for me in sorted(state.powered - state.unplugged):
+        out[me] = {
+            link.number: {p: state.link_up(me, p, link.number) for p in members if p != me}
+            for link in lab.links
+            if link.number not in state.saturated
+        }
     return out
 
 
@@ -126,62 +159,202 @@ class Event:
         return " ".join(w for w in words if w)
 
 
+LADDER_MS = (5.0, 50.0, 200.0, 500.0, 1000.0, 2000.0, 4000.0)  # one-way delay, jitter a tenth
+LADDER_HOLD = 20.0  # seconds per rung: knet's ping timeout, the token and consensus, with margin
+WINDOW = 30.0  # seconds a saturated link is held while the counters count
+
+
+@dataclass(frozen=True)
+class Ladder:
+    """Delay (with a tenth of it as jitter) on what ``node`` sends on ``link``, raised rung
+    by rung, each held ``hold_seconds``, until its peers' membership changes and it loses
+    quorum; then cleared. What it measures is a timing: never expected, only recorded."""
+
+    node: str
+    link: int
+    rungs_ms: tuple[float, ...] = LADDER_MS
+    hold_seconds: float = LADDER_HOLD
+
+
+@dataclass(frozen=True)
+class Window:
+    """The step's faults held for ``seconds`` while corosync's and knet's counters count
+    (``corosync-cmapctl -m stats``) and every member's membership is watched."""
+
+    seconds: float = WINDOW
+
+
 @dataclass(frozen=True)
 class Step:
+    """One step of the walk: its events, then (``measure``) a ladder or a window, then
+    ``undo``, then the state every member must reach. ``holds_membership``: the ring id
+    (membership) seen before the events must not change; ``check_links``: each member's
+    knet link states (``corosync-cfgtool -s``) must be those of :func:`links_expected`."""
+
     number: int
     title: str
     events: tuple[Event, ...]
     state: State
     expect: dict[str, Expect] = field(hash=False, compare=False, default_factory=dict)
+    holds_membership: bool = False
+    check_links: bool = False
+    measure: Ladder | Window | None = None
+    undo: tuple[Event, ...] = ()
+    links: dict[str, dict[int, dict[str, bool]]] = field(hash=False, compare=False, default_factory=dict)
+
+    @property
+    def two_writers(self) -> bool:
+        """The state this step must reach has two quorate partitions: the danger itself."""
+        return quorate_partitions(self.expect) > 1
+
+
+@dataclass(frozen=True)
+class _Plan:
+    title: str
+    events: tuple[Event, ...]
+    state: State
+    holds_membership: bool = False
+    measure: Ladder | Window | None = None
+    undo: tuple[Event, ...] = ()
 
 
 def walk(lab: Lab) -> list[Step]:
-    """The failure walk for this lab: node loss (clean and hard), qnetd loss, a partition."""
+    """The failure walk for this lab. A lab with redundant corosync links walks its links
+    (cable pulls, silent drops, a saturated link: knet's failover); a lab with one link walks
+    node loss (clean and hard), qnetd loss, a partition and the last resort (``expected 1``),
+    then a latency ladder and a saturated link on that one link."""
     members = [n.name for n in sorted(lab.members, key=lambda n: n.nodeid or 0)]
     everyone = frozenset(members)
+    plan = [_Plan("all up", (Event(),), State(everyone))]
+    plan += _link_walk(lab, members) if lab.is_redundant else _node_walk(lab, members)
+    return [
+        Step(
+            i,
+            p.title,
+            p.events,
+            p.state,
+            expect(lab, p.state),
+            p.holds_membership,
+            lab.is_redundant,
+            p.measure,
+            p.undo,
+            links_expected(lab, p.state),
+        )
+        for i, p in enumerate(plan, 1)
+    ]
+
+
+def _node_walk(lab: Lab, members: list[str]) -> list[_Plan]:
+    everyone = frozenset(members)
     last, first = members[-1], members[0]
-    plan: list[tuple[str, tuple[Event, ...], State]] = [
-        ("all up", (Event(),), State(everyone)),
-        (
+    plan = [
+        _Plan(
             f"{last} powered off (clean shutdown)",
             (Event(Fault.POWER_OFF, (last,)),),
             State(everyone - {last}),
-        ),
+        )
     ]
     if len(members) >= 3:
         second = members[-2]
         plan.append(
-            (
+            _Plan(
                 f"{second} killed too (QEMU killed, no shutdown)",
                 (Event(Fault.KILL, (second,)),),
                 State(everyone - {last, second}),
             )
         )
-        plan.append((f"{last} and {second} back", (Event(Fault.POWER_ON, (last, second)),), State(everyone)))
+        plan.append(
+            _Plan(f"{last} and {second} back", (Event(Fault.POWER_ON, (last, second)),), State(everyone))
+        )
     else:  # two members: the other one fails hard while the first is back
         plan.append(
-            (
+            _Plan(
                 f"{last} back, {first} killed (QEMU killed, no shutdown)",
                 (Event(Fault.POWER_ON, (last,)), Event(Fault.KILL, (first,))),
                 State(everyone - {first}),
             )
         )
-        plan.append((f"{first} back", (Event(Fault.POWER_ON, (first,)),), State(everyone)))
+        plan.append(_Plan(f"{first} back", (Event(Fault.POWER_ON, (first,)),), State(everyone)))
     if lab.witness is not None:
         plan.append(
-            ("qnetd stopped on the witness", (Event(Fault.QNETD_STOP),), State(everyone, qnetd=False))
+            _Plan("qnetd stopped on the witness", (Event(Fault.QNETD_STOP),), State(everyone, qnetd=False))
         )
-        plan.append(("qnetd back", (Event(Fault.QNETD_START),), State(everyone)))
-    plan.append(
-        (
-            f"{last} cut off from the others and the witness",
-            (Event(Fault.CUT, (last,)),),
-            State(everyone, cut=frozenset({last})),
+        plan.append(_Plan("qnetd back", (Event(Fault.QNETD_START),), State(everyone)))
+    cut = State(everyone, cut=frozenset({last}))
+    plan.append(_Plan(f"{last} cut off from the others and the witness", (Event(Fault.CUT, (last,)),), cut))
+    if len(members) >= 3:
+        # the last resort on a split network: the lone node made quorate by hand
+        plan.append(
+            _Plan(
+                f"`pvecm expected 1` on the cut-off {last}: two writers",
+                (Event(Fault.EXPECTED, (last,), values=(1,)),),
+                dataclasses.replace(cut, expected_set=frozenset({(last, 1)})),
+            )
         )
-    )
-    plan.append(("network healed", (Event(Fault.HEAL, (last,)),), State(everyone)))
+    plan.append(_Plan("network healed", (Event(Fault.HEAL, (last,)),), State(everyone)))
+    if len(members) >= 3:
+        link = lab.links[0].number
+        clear = (Event(Fault.CLEAR),)
+        plan.append(
+            _Plan(
+                f"latency on {last}'s link{link}, rung by rung, then cleared",
+                (),
+                State(everyone),
+                measure=Ladder(last, link),
+                undo=clear,
+            )
+        )
+        plan.append(
+            _Plan(
+                f"link{link} saturated by bulk traffic, then cleared",
+                (Event(Fault.SATURATE, link=link),),
+                State(everyone),
+                measure=Window(),
+                undo=clear,
+            )
+        )
+    return plan
+
+
+def _link_walk(lab: Lab, members: list[str]) -> list[_Plan]:
+    everyone = frozenset(members)
+    last = members[-1]
+    first, backup = lab.links[0].number, lab.links[-1].number
+    numbers = tuple(link.number for link in lab.links)
+    clear = (Event(Fault.CLEAR),)
     return [
-        Step(i, title, events, state, expect(lab, state)) for i, (title, events, state) in enumerate(plan, 1)
+        _Plan(
+            f"{last}'s link{first} cable pulled: knet fails over, nobody leaves",
+            (Event(Fault.UNPLUG, (last,), first),),
+            State(everyone, links_down=frozenset({(last, first)})),
+            holds_membership=True,
+        ),
+        _Plan(
+            f"every cable of {last} pulled: it leaves",
+            (Event(Fault.UNPLUG, (last,)),),
+            State(
+                everyone,
+                links_down=frozenset((last, n) for n in numbers),
+                lan_down=frozenset({last}),
+                unplugged=frozenset({last}),
+            ),
+        ),
+        _Plan(f"{last}'s cables back: it rejoins", (Event(Fault.REPLUG, (last,)),), State(everyone)),
+        _Plan(
+            f"link{first} silently dropped on every member: knet moves to link{backup}",
+            (Event(Fault.DROP, tuple(members), first),),
+            State(everyone, links_down=frozenset((m, first) for m in members)),
+            holds_membership=True,
+        ),
+        _Plan(f"link{first} back", clear, State(everyone), holds_membership=True),
+        _Plan(
+            f"link{backup} saturated by bulk traffic: membership holds on link{first}",
+            (Event(Fault.SATURATE, link=backup),),
+            State(everyone, saturated=frozenset({backup})),
+            holds_membership=True,
+            measure=Window(),
+        ),
+        _Plan(f"link{backup} traffic stopped", clear, State(everyone), holds_membership=True),
     ]
 
 

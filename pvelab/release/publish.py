@@ -35,6 +35,7 @@ from pathlib import Path
 
 from pvelab.build import netboot
 from pvelab.build.iso import INSTALL_WAIT
+from pvelab.checks.rehearse import step_notes
 from pvelab.core.errors import PvelabError, space_guard
 from pvelab.core.locks import locking
 from pvelab.model.artefacts import (
@@ -294,7 +295,15 @@ def _boot_test_entry(r: BootReport) -> dict:
 
 def _rehearsal_entry(r: RehearsalReport) -> dict:
     steps = [
-        {"number": s.number, "title": s.title, "passed": s.passed, "settle_seconds": s.settle_seconds}
+        {
+            "number": s.number,
+            "title": s.title,
+            "passed": s.passed,
+            "settle_seconds": s.settle_seconds,
+            # knet's state of each link as each member saw it (labs whose steps judge links)
+            "links": {n.node: n.links for n in s.nodes if n.links},
+            "notes": step_notes(s),
+        }
         for s in r.steps
     ]
     return {
@@ -314,6 +323,21 @@ def release_manifest(lab: Lab, name: str, checked: dict, signed: bool = False) -
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_commit": first.git_commit,
         "nodes": [_node_entry(n, checked["nodes"][n.name]) for n in lab.nodes],
+        "links": [
+            {
+                "number": link.number,
+                "subnet": str(link.subnet),
+                "priority": link.priority,
+                "members": {
+                    n.name: {
+                        "address": n.link(link.number).ip,
+                        "nic": n.nics[n.nic_index(link.number)].describe(),
+                    }
+                    for n in lab.members
+                },
+            }
+            for link in lab.links
+        ],
         "elements": first.elements,
         "versions": dict(
             first.tools, kernel=first.kernel, qemu=_first_line(["qemu-system-x86_64", "--version"])

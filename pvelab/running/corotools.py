@@ -23,7 +23,14 @@ def parse_quorumtool(text: str) -> dict[str, Any]:
     local = re.search(r"^\s*\d+\s+\d+\s+(\S*)\s+.*\(local\)\s*$", text, re.M)
     qdevice = re.search(r"^\s*0\s+(\d+)\s+Qdevice\b", text, re.M)
     local_flags = local.group(1).split(",") if local else []
+    ring = re.search(r"^Ring ID:\s+(\S+)", text, re.M)
+    listing = text.split("Membership information", 1)[-1] if "Membership information" in text else ""
+    members = sorted(
+        int(m.group(1)) for m in re.finditer(r"^\s+(\d+)\s+\d+\s", listing, re.M) if m.group(1) != "0"
+    )
     return {
+        "ring_id": ring.group(1) if ring else None,
+        "members": members,
         "quorate": bool(re.search(r"^Quorate:\s+Yes\s*$", text, re.M)),
         "expected_votes": num("Expected votes"),
         "total_votes": num("Total votes"),
@@ -55,3 +62,17 @@ def parse_qnetd_clients(text: str) -> dict[str, Any]:
     clusters = re.findall(r'^Cluster "([^"]+)":', text, re.M)
     nodes = [int(n) for n in re.findall(r"^\s+Node ID (\d+):", text, re.M)]
     return {"clusters": clusters, "node_ids": sorted(nodes)}
+
+
+def parse_stats(text: str) -> dict[str, int]:
+    """``corosync-cmapctl -m stats``: every numeric key (``stats.srp.mcast_retx (u64) = 3``)."""
+    out = {}
+    for m in re.finditer(r"^(stats\.\S+) \((?:u|i)\d+\) = (-?\d+)\s*$", text, re.M):
+        out[m.group(1)] = int(m.group(2))
+    return out
+
+
+def parse_cmap_value(text: str) -> int | None:
+    """``corosync-cmapctl -g KEY``: its number (``runtime.config.totem.token (u32) = 3650``)."""
+    m = re.search(r"= (\d+)\s*$", text.strip())
+    return int(m.group(1)) if m else None

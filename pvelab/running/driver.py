@@ -47,16 +47,24 @@ from pvelab.model.artefacts import (
     built,
     write_atomic,
 )
-from pvelab.model.faults import DriverError, Fault, Target
+from pvelab.model.faults import (
+    SATURATE_MBIT,
+    SATURATE_PORT,
+    SATURATE_QUEUE_MS,
+    DriverError,
+    Fault,
+    Target,
+)
 from pvelab.model.lab import Lab, Node
 from pvelab.model.media import Firmware, Medium, boot_combination
 from pvelab.running import serving
-from pvelab.running.labnet import LabNet
+from pvelab.running.labnet import LabNet, LabNetError
 from pvelab.running.machine import GuestFaultError, Machine, MachineError
 from pvelab.running.qemu import VmSpec, nic_id, prepare
 
 RUN_SCHEMA = 1
 KEY_NAME = "id_ed25519"  # the operator's key for a running lab, in its run folder
+BULK_PIDS = "/run/pvelab-bulk.pids"  # in a guest: the process groups of the saturating transfers
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -144,26 +152,52 @@ def parse_link_target(lab: Lab, fault: Fault, text: str) -> tuple[list[str], int
         return [], None, ()
     if not words:
         raise DriverError(usage)
-    nodes = parse_nodes(lab, words[0], fault.value)
     numbers = {x.number for x in lab.links}
+    if fault.target is Target.LINK:  # saturate LINK [MBIT [QUEUE_MS]]
+        return [], _link_number(lab, fault, words[0], numbers), _values(fault, words[1:], 0, 2, usage)
+    nodes = parse_nodes(lab, words[0], fault.value)
     link: int | None = None
     if len(words) > 1:
-        if not words[1].isdigit() or int(words[1]) not in numbers:
-            raise DriverError(
-                f"fault {fault.value}: {words[1]!r}: not a corosync link of {lab.name}"
-                f" (links: {', '.join(str(n) for n in sorted(numbers))})"
-            )
-        link = int(words[1])
+        link = _link_number(lab, fault, words[1], numbers)
     wanted = {Target.NODES_LINK: (0, 0), Target.DELAY: (1, 2), Target.LOSS: (1, 1)}[fault.target]
+    if link is None and wanted[0]:
+        raise DriverError(usage)
+    return nodes, link, _values(fault, words[2:], *wanted, usage)
+
+
+def _link_number(lab: Lab, fault: Fault, word: str, numbers: set[int]) -> int:
+    if not word.isdigit() or int(word) not in numbers:
+        raise DriverError(
+            f"fault {fault.value}: {word!r}: not a corosync link of {lab.name}"
+            f" (links: {', '.join(str(n) for n in sorted(numbers))})"
+        )
+    return int(word)
+
+
+def _values(fault: Fault, words: list[str], least: int, most: int, usage: str) -> tuple[float, ...]:
     try:
-        values = tuple(float(w) for w in words[2:])
+        values = tuple(float(w) for w in words)
     except ValueError:
         raise DriverError(usage) from None
-    if (link is None and wanted[0]) or not wanted[0] <= len(values) <= wanted[1]:
+    if not least <= len(values) <= most:
         raise DriverError(usage)
     if any(v < 0 for v in values) or (fault.target is Target.LOSS and values[0] > 100):
         raise DriverError(f"{usage} (milliseconds and percentages are 0 or more, at most 100 %)")
-    return nodes, link, values
+    if fault.target is Target.LINK and values and values[0] <= 0:
+        raise DriverError(f"{usage} (a rate of more than 0 Mbit/s)")
+    return values
+
+
+def parse_votes(lab: Lab, text: str) -> tuple[list[str], tuple[float, ...]]:
+    """``expected "NODE VOTES"``: one cluster member and a vote count of 1 or more."""
+    words = text.split()
+    usage = f"fault {Fault.EXPECTED.value}: {text!r}: say `expected {Target.VOTES.value}`"
+    if len(words) != 2 or not words[1].isdigit() or int(words[1]) < 1:
+        raise DriverError(usage)
+    nodes = parse_nodes(lab, words[0], Fault.EXPECTED.value)
+    if not lab.node(nodes[0]).is_member:
+        raise DriverError(f"{usage} ({nodes[0]} is not a cluster member)")
+    return nodes, (float(words[1]),)
 
 
 # --------------------------------------------------------------------------- run state
@@ -231,6 +265,44 @@ class RunState:
         if not alive and not powered_off:
             return "none of its QEMU processes runs"
         return ""
+
+
+def link_faults_in_force(faults: list[dict[str, Any]]) -> list[str]:
+    """The link faults of a run's history that no ``replug`` or ``clear`` has undone, and a
+    ``pvecm expected`` still set (healed only when its partition merges again)."""
+    force: dict[tuple[str, ...], str] = {}
+    for f in faults:
+        kind, link = f["fault"], f.get("link")
+        on = f" link{link}" if link is not None else ""
+        if kind == Fault.CLEAR.value:
+            force = {k: v for k, v in force.items() if k[0] == Fault.EXPECTED.value}
+        elif kind in (Fault.HEAL.value, Fault.PARTITION.value):
+            force = {k: v for k, v in force.items() if k[0] != Fault.EXPECTED.value}
+        elif kind == Fault.SATURATE.value:
+            shape = f"{'/'.join(f'{v:g}' for v in f.get('values', [])) or 'default'}"
+            force[(kind, str(link))] = f"link{link} saturated ({shape})"
+        for node in f.get("nodes", []):
+            key = (kind, node, str(link))
+            if kind == Fault.REPLUG.value:
+                force = {
+                    k: v
+                    for k, v in force.items()
+                    if not (
+                        k[0] == Fault.UNPLUG.value and k[1] == node and (link is None or k[2] == str(link))
+                    )
+                }
+            elif kind == Fault.EXPECTED.value:
+                force[(kind, node)] = f"{node}: expected votes set to {f['values'][0]:g} by hand"
+            elif kind in (Fault.UNPLUG.value, Fault.DROP.value):
+                force[key] = (
+                    f"{node}{on or ' (every NIC)'} {'unplugged' if kind == Fault.UNPLUG.value else 'dropped'}"
+                )
+            elif kind in (Fault.DELAY.value, Fault.LOSS.value):
+                unit = "ms" if kind == Fault.DELAY.value else "%"
+                force[(Fault.DELAY.value, node, str(link))] = (
+                    f"{node}{on} {kind} {'/'.join(f'{v:g}' for v in f.get('values', []))} {unit}"
+                )
+    return list(force.values())
 
 
 def link_bridge(number: int) -> str:
@@ -601,12 +673,18 @@ class Driver:
                     for i in range(len(self.net.nics[m.name])):
                         m.set_link(nic_id(i), True)
             self.net.undrop()
+            self.net.unshape()
             for m in self.machines.values():
                 if m.is_running() and m.client is not None:
                     m.sudo(
-                        "for d in $(ls /sys/class/net); do tc qdisc del dev $d root 2>/dev/null; done; true"
+                        f"for p in $(cat {BULK_PIDS} 2>/dev/null); do kill -- -$p 2>/dev/null; done;"
+                        f" rm -f {BULK_PIDS}; for d in $(ls /sys/class/net);"
+                        " do tc qdisc del dev $d root 2>/dev/null; done; true"
                     )
-            return "every link fault cleared: NICs plugged, nothing dropped, no netem"
+            return "every link fault cleared: NICs plugged, nothing dropped, no netem, no bulk traffic"
+        if fault is Fault.SATURATE:
+            assert link is not None
+            return self.saturate(link, *values)
         where = [self._where(n, link) for n in nodes]
         picked = {n: self.nic_indexes(n, link) for n in nodes}
         if fault in (Fault.UNPLUG, Fault.REPLUG):
@@ -626,13 +704,49 @@ class Driver:
         for n, indexes in picked.items():
             for i in indexes:
                 mac = self.net.nics[n][i][1]
+                # a prio root: band 1 (the runner's SSH, TCP source port 22) unshaped, the rest netem
                 status, out = self.machines[n].sudo(
                     f"dev=$(ip -o link | awk -F': ' '/link.ether {mac} /{{print $2; exit}}'); test -n \"$dev\""
-                    f' && tc qdisc replace dev "$dev" root netem {shape} && echo "$dev"'
+                    ' && tc qdisc replace dev "$dev" root handle 1: prio bands 2'
+                    " priomap 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1"
+                    f' && tc qdisc add dev "$dev" parent 1:2 handle 20: netem {shape}'
+                    ' && tc filter add dev "$dev" parent 1: protocol ip prio 1 u32'
+                    " match ip protocol 6 0xff match ip sport 22 0xffff flowid 1:1"
+                    ' && echo "$dev"'
                 )
                 if status != 0:
                     raise DriverError(f"{n}: netem {shape} on {mac} failed: {out.strip()[-300:]}")
-        return f"{', '.join(where)}: netem {shape} on what it sends"
+        return f"{', '.join(where)}: netem {shape} on what it sends (its SSH excepted)"
+
+    def saturate(self, link: int, mbit: float = SATURATE_MBIT, queue_ms: float = SATURATE_QUEUE_MS) -> str:
+        """Link ``link`` rate-limited to ``mbit`` with ``queue_ms`` of queue at each member's
+        port (the bridge side of its NIC; the runner's SSH excepted), and every member sending
+        bulk TCP to the next one over it, as a backup or a migration would on a shared NIC."""
+        members = [
+            n for n in self.lab.members if n.name in self.machines and self.machines[n.name].is_running()
+        ]
+        if len(members) < 2:
+            raise DriverError(f"fault saturate: link{link} needs two running members")
+        taps = [self.net.nics[n.name][self.nic_indexes(n.name, link)[0]][0] for n in members]
+        try:
+            self.net.shape(taps, mbit, queue_ms)
+        except LabNetError as exc:
+            raise DriverError(f"fault saturate: link{link}: {exc}") from None
+        for i, n in enumerate(members):
+            peer = members[(i + 1) % len(members)].link(link).ip
+            status, out = self.machines[n.name].sudo(
+                f"setsid sh -c 'echo $$ >> {BULK_PIDS}; exec timeout 3600 nc -lk {SATURATE_PORT}'"
+                " >/dev/null 2>&1 < /dev/null &"
+                f" setsid sh -c 'echo $$ >> {BULK_PIDS}; while :; do dd if=/dev/zero bs=64k 2>/dev/null"
+                f" | timeout 3600 nc -N {peer} {SATURATE_PORT}; sleep 1; done' >/dev/null 2>&1 < /dev/null &"
+                " sleep 0.2; echo started"
+            )
+            if status != 0:
+                raise DriverError(f"{n.name}: bulk traffic to {peer} did not start: {out.strip()[-300:]}")
+        return (
+            f"link{link}: {mbit:g} Mbit/s with {queue_ms:g} ms of queue at each member's port,"
+            f" bulk TCP {' -> '.join(n.name for n in [*members, members[0]])}"
+        )
 
     def fault(
         self,
@@ -680,6 +794,15 @@ class Driver:
             for one in targets:
                 self.net.rejoin(one)
             line = f"{', '.join(nodes) if nodes else 'every node'}: back on the lab network"
+        elif fault is Fault.EXPECTED:
+            votes = int(values[0])
+            for n in nodes:
+                status, out = self.machines[n].sudo(f"corosync-quorumtool -e {votes}", timeout=60)
+                if status != 0:
+                    raise DriverError(
+                        f"{n}: corosync-quorumtool -e {votes} exited {status}: {out.strip()[-300:]}"
+                    )
+            line = f"{', '.join(nodes)}: expected votes set to {votes} (pvecm expected {votes})"
         else:
             if self.witness is None:
                 raise DriverError(f"fault {fault.value}: lab {self.lab.name} has no witness")

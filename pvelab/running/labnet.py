@@ -17,6 +17,7 @@ import ctypes
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -279,6 +280,44 @@ class LabNet:
 
     def undrop(self) -> None:
         _ip("nft", "delete", "table", "bridge", self.DROP_TABLE, ns=self.name, check=False)
+
+    # -------------------------------------------------------------- rate limits
+    def shape(self, taps: list[str], mbit: float, queue_ms: float) -> None:
+        """What ``taps`` pass to their guests limited to ``mbit`` Mbit/s behind a queue of
+        ``queue_ms`` at that rate (htb + bfifo: the host kernel has no netem); TCP to port
+        22, the runner's SSH, passes unshaped."""
+        limit = max(int(mbit * 1e6 / 8 * queue_ms / 1000), 3000)
+        for tap in taps:
+            script = [
+                f"qdisc replace dev {tap} root handle 1: htb default 20",
+                f"class add dev {tap} parent 1: classid 1:10 htb rate 1gbit",
+                f"class add dev {tap} parent 1: classid 1:20 htb rate {mbit:g}mbit ceil {mbit:g}mbit",
+                f"qdisc add dev {tap} parent 1:20 handle 20: bfifo limit {limit}",
+                f"filter add dev {tap} parent 1: protocol ip prio 1 u32"
+                " match ip protocol 6 0xff match ip dport 22 0xffff flowid 1:10",
+            ]
+            res = subprocess.run(
+                [*self.exec_args(), "tc", "-batch", "-"],
+                input="\n".join(script) + "\n",
+                capture_output=True,
+                text=True,
+            )
+            if res.returncode != 0:
+                raise LabNetError(f"tc on {tap}: {res.stderr.strip()[-300:]}")
+
+    def shaped_bytes(self) -> dict[str, int]:
+        """tap -> bytes its rate-limited class has passed (taps under :meth:`shape` only)."""
+        out = {}
+        for tap in self.home:  # (this tc prints no JSON for htb classes)
+            res = _ip("tc", "-s", "class", "show", "dev", tap, ns=self.name, check=False)
+            sent = re.search(r"^class htb 1:20 .*\n\s*Sent (\d+) bytes", res.stdout, re.M)
+            if sent:
+                out[tap] = int(sent.group(1))
+        return out
+
+    def unshape(self) -> None:
+        for tap in self.home:
+            _ip("tc", "qdisc", "del", "dev", tap, "root", ns=self.name, check=False)
 
     # -------------------------------------------------------------- use
     def exec_args(self) -> list[str]:
