@@ -428,7 +428,7 @@ def fault(lab: Lab, action: str, target: str = "") -> str:
         driver = Driver.attach(lab, Progress("fault"))
         if f is Fault.POWER_OFF:  # a clean shutdown is asked for over SSH
             driver.connect(nodes)
-        if f.is_link or f is Fault.EXPECTED:
+        if f.is_link or f.is_by_hand:
             driver.connect()  # netem, bulk traffic, clear and expected work in the guests
         line = driver.fault(f, nodes, groups, link=link, values=values)
         assert driver.state is not None

@@ -216,24 +216,26 @@ def test_walk_of_the_one_link_lab_ends_with_the_last_resort_latency_and_saturati
     steps = walk(lab)
     titles = [s.title for s in steps]
     cut = next(s for s in steps if s.events and s.events[0].fault is Fault.CUT)
-    last_resort = steps[cut.number]  # right after the cut
-    assert [str(e) for e in last_resort.events] == ["expected pve-3 1"]
-    # the lone node forced quorate by hand: expected 1, quorum 1; its peers still 3 of 4
-    e = last_resort.expect
-    assert (e["pve-3"].expected_votes, e["pve-3"].quorum, e["pve-3"].total_votes, e["pve-3"].quorate) == (
-        1,
-        1,
-        1,
-        True,
-    )
-    assert (e["pve-1"].total_votes, e["pve-1"].quorate) == (3, True)
-    assert last_resort.two_writers and quorate_partitions(e) == 2
-    assert not cut.two_writers and not any(s.two_writers for s in steps if s is not last_resort)
-    # healed: the highest expected votes win again, every member 4 of 4
-    healed = steps[last_resort.number]
-    assert healed.events[0].fault is Fault.HEAL
-    assert {n: (x.total_votes, x.expected_votes) for n, x in healed.expect.items()} == {
-        n: (4, 4) for n in ("pve-1", "pve-2", "pve-3")
+    blocked, forced, healed = steps[cut.number], steps[cut.number + 1], steps[cut.number + 2]
+
+    def figures(e):  # expected votes, quorum, total votes, quorate, QDevice in its config
+        return (e.expected_votes, e.quorum, e.total_votes, e.quorate, e.device)
+
+    # `expected 1` on the lone node: votequorum keeps expected at its vote plus the QDevice's
+    # configured vote (2), so quorum is 2 and one vote stays blocked; its peers keep 3 of 4
+    assert [str(e) for e in blocked.events] == ["expected pve-3 1"]
+    assert figures(blocked.expect["pve-3"]) == (2, 2, 1, False, True)
+    assert (blocked.expect["pve-1"].total_votes, blocked.expect["pve-1"].quorate) == (3, True)
+    assert not blocked.two_writers
+    # the QDevice out of its running config, expected 1 again: quorate alone, two writers
+    assert [str(e) for e in forced.events] == ["forget-qdevice pve-3", "expected pve-3 1"]
+    assert figures(forced.expect["pve-3"]) == (1, 1, 1, True, False)
+    assert forced.two_writers and quorate_partitions(forced.expect) == 2
+    assert not any(s.two_writers for s in steps if s is not forced)
+    # corosync.conf read again and the network healed: every member 4 of 4
+    assert [str(e) for e in healed.events] == ["restore-qdevice pve-3", "heal pve-3"]
+    assert {n: (x.total_votes, x.expected_votes, x.device) for n, x in healed.expect.items()} == {
+        n: (4, 4, True) for n in ("pve-1", "pve-2", "pve-3")
     }
     ladder, window = steps[-2], steps[-1]
     assert isinstance(ladder.measure, Ladder) and ladder.measure.node == "pve-3" and ladder.measure.link == 0
@@ -256,3 +258,17 @@ def test_quorumtool_ring_id_and_members_after_a_cut():
     text = (DATA / "quorumtool-3-of-4.txt").read_text()
     q = parse_quorumtool(text)
     assert (q["ring_id"], q["members"]) == ("1.11", [1, 2])
+
+
+def test_the_lone_node_forced_quorate_matches_what_corosync_printed(lab):
+    """Captured on the cut-off pve-3 after `forget-qdevice` and `expected 1`: quorate
+    alone with 1 of 1, the QDevice still registered (flag shown) with no votes."""
+    from pvelab.model.faults import Fault
+
+    steps = walk(lab)
+    forced = next(s for s in steps if any(e.fault is Fault.FORGET_QDEVICE for e in s.events))
+    seen = parse_quorumtool((DATA / "quorumtool-forced-alone.txt").read_text())
+    assert (seen["expected_votes"], seen["total_votes"], seen["quorum"], seen["quorate"]) == (1, 1, 1, True)
+    assert matches(forced.expect["pve-3"], seen, with_qdevice=True)
+    blocked = steps[forced.number - 2]
+    assert not matches(blocked.expect["pve-3"], seen, with_qdevice=True)

@@ -284,8 +284,12 @@ def test_up_work_break_walk_down(labs, tmp_path):
     for got, want in zip(report.steps, plan, strict=True):
         assert {n.node for n in got.nodes} == set(want.expect)
         assert all(n.observed["total_votes"] == n.expected["total_votes"] for n in got.nodes)
-    # the last resort: `expected 1` on the cut-off node made both sides quorate at once
-    forced = next(st for st in report.steps if any(e.startswith("expected") for e in st.events))
+    # the last resort: `expected 1` on the cut-off node leaves it blocked while the QDevice is
+    # in its config (expected 2: its vote + the device's); without it, both sides are quorate
+    blocked, forced = [st for st in report.steps if any(e.startswith("expected") for e in st.events)]
+    alone = next(n for n in blocked.nodes if n.node == "pve-3")
+    assert not alone.observed["quorate"] and alone.observed["expected_votes"] == 2
+    assert blocked.two_writers_seconds is None
     assert forced.two_writers_expected and forced.two_writers_seconds is not None
     alone = next(n for n in forced.nodes if n.node == "pve-3")
     assert alone.observed["quorate"] and alone.observed["expected_votes"] == 1

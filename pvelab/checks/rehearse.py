@@ -81,8 +81,10 @@ def matches(expected: Expect, observed: dict[str, Any], with_qdevice: bool) -> b
         and observed["total_votes"] == expected.total_votes
         and observed["quorum"] == expected.quorum
     )
-    if with_qdevice:
-        ok = ok and "Qdevice" in observed["flags"] and observed["qdevice_vote"] == expected.qdevice_vote
+    if with_qdevice:  # the Qdevice flag while the device is configured (it stays registered,
+        # with no votes, after `forget-qdevice`), and whether its vote counts for this node
+        ok = ok and ("Qdevice" in observed["flags"] or not expected.device)
+        ok = ok and observed["qdevice_vote"] == expected.qdevice_vote
     return ok and (("Quorate" in observed["flags"]) == expected.quorate)
 
 
@@ -460,10 +462,19 @@ class Rehearsal:
         seen = self.watch(names, w.seconds, rings)
         shaped1 = self.booted.net.shaped_bytes()
         raw = self.on_hosts(names, lambda m: self.root(m.name, stats))
-        deltas = {}
+        deltas: dict[str, dict[str, int]] = {}
+        latency: dict[str, float] = {}  # knet link -> the highest average latency a member saw, ms
         for n in names:
             after = parse_stats(raw[n])
-            deltas[n] = {k: v - before[n].get(k, 0) for k, v in after.items() if v != before[n].get(k, 0)}
+            gauge = re.compile(r"\.link(\d+)\.latency_ave$")
+            for k, v in after.items():
+                if (g := gauge.search(k)) is not None:
+                    latency[g.group(1)] = max(latency.get(g.group(1), 0.0), round(v / 1000, 1))
+            deltas[n] = {
+                k: v - before[n].get(k, 0)
+                for k, v in after.items()
+                if v != before[n].get(k, 0) and ".latency" not in k  # counters, not gauges
+            }
         mbit = {
             tap: round((shaped1.get(tap, 0) - shaped0.get(tap, 0)) * 8 / w.seconds / 1e6, 2)
             for tap in shaped1
@@ -481,6 +492,7 @@ class Rehearsal:
                 (d.get("stats.srp.operational_entered", 0) for d in deltas.values()), default=0
             ),
             "knet_link_downs": total(".down_count"),
+            "knet_latency_ms": latency,
             "counters": deltas,
             "stats": raw,
         }
@@ -715,10 +727,14 @@ def step_notes(s: WalkStep) -> list[str]:
     notes = []
     if s.membership_held is not None:
         notes.append(f"membership {'held (ring id unchanged)' if s.membership_held else 'CHANGED'}")
-    if s.two_writers_expected:
-        notes.append("DANGER: two partitions quorate at once: two writers (what `pvecm expected 1` risks)")
+    if s.two_writers_seconds is not None and s.two_writers_expected:
+        notes.append(
+            "DANGER: two partitions quorate at once: two writers (the split brain the warnings describe)"
+        )
     elif s.two_writers_seconds is not None:
         notes.append(f"two partitions quorate at once for up to {s.two_writers_seconds:.1f}s after the event")
+    elif s.two_writers_expected:
+        notes.append("two writers expected, never seen")
     m = s.measurement
     if "rungs" in m:
         for r in m["rungs"]:
@@ -736,7 +752,8 @@ def step_notes(s: WalkStep) -> list[str]:
         notes.append(
             f"{m['seconds']:g}s window: membership {'CHANGED' if m['membership_changed'] else 'held'},"
             f" lost quorum: {', '.join(m['lost_quorum']) or 'none'}; {m['retransmits']} retransmits,"
-            f" {m['memberships_formed']} memberships formed, {m['knet_link_downs']} knet link downs;"
+            f" {m['memberships_formed']} memberships formed, {m['knet_link_downs']} knet link downs"
+            f" (knet's average latency at the end: {', '.join(f'link{k} {v:g} ms' for k, v in m.get('knet_latency_ms', {}).items())});"
             f" shaped ports {', '.join(f'{t} {v:g}' for t, v in m['port_mbit'].items())} Mbit/s"
         )
     if s.failure:

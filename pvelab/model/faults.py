@@ -49,6 +49,10 @@ class Fault(enum.Enum):
     CLEAR = "clear"  # every link fault undone: replugged, nothing dropped, no netem, no bulk traffic
     # the operator's last resort, `pvecm expected N` (corosync-quorumtool -e N) on one node
     EXPECTED = "expected"
+    # the QDevice taken out of a node's running corosync configuration (the way an operator
+    # gets past the QDevice's guard on a lone node), and corosync.conf read again
+    FORGET_QDEVICE = "forget-qdevice"
+    RESTORE_QDEVICE = "restore-qdevice"
 
     @property
     def target(self) -> Target:
@@ -79,6 +83,11 @@ class Fault(enum.Enum):
             Fault.SATURATE,
             Fault.CLEAR,
         )
+
+    @property
+    def is_by_hand(self) -> bool:
+        """An operator's own corosync command on a node (``pvecm expected``, its config)."""
+        return self in (Fault.EXPECTED, Fault.FORGET_QDEVICE, Fault.RESTORE_QDEVICE)
 
     @property
     def is_power(self) -> bool:

@@ -36,6 +36,7 @@ class State:
     saturated: frozenset[int] = frozenset()  # links under bulk traffic: their state is not judged
     # (member, votes): `corosync-quorumtool -e votes` run on it (what `pvecm expected` does)
     expected_set: frozenset[tuple[str, int]] = frozenset()
+    no_qdevice: frozenset[str] = frozenset()  # members whose running config has no QDevice
 
     def reach(self, a: str, b: str, links: tuple[int, ...]) -> bool:
         """Two running members talk when neither is cut and one link is up at both ends."""
@@ -74,6 +75,7 @@ class Expect:
     quorate: bool
     qdevice_vote: bool
     members: frozenset[str]
+    device: bool = True  # a QDevice with votes is in its running configuration (the Qdevice flag)
 
 
 def _tie_break(lab: Lab, part: frozenset[str]) -> bool:
@@ -104,17 +106,22 @@ def expect(lab: Lab, state: State) -> dict[str, Expect]:
     """Per running member the runner reaches: what its corosync-quorumtool must report in
     ``state`` (a member with no carrier on its default NIC is judged by its peers)."""
     voted = qdevice_partition(lab, state)
-    qvotes = lab.qdevice.votes if lab.qdevice and lab.witness else 0
+    configured = lab.qdevice.votes if lab.qdevice and lab.witness else 0
     forced = dict(state.expected_set)
     out = {}
     for part in partitions(lab, state):
-        vote = part == voted
+        qvotes = 0 if part & state.no_qdevice else configured
+        vote = part == voted and qvotes > 0
         total = len(part) + (qvotes if vote else 0)
-        # `-e N` holds in the partition it was run in; votequorum's quorum is half of it, plus one
-        expected = min((forced[m] for m in part if m in forced), default=lab.expected_votes)
-        quorum = lab.quorum if expected == lab.expected_votes else expected // 2 + 1
+        expected, quorum = lab.expected_votes, lab.quorum
+        if any(m in forced for m in part):
+            # `-e N` holds in the partition it was run in, but votequorum keeps expected votes
+            # at least at its members' votes plus the QDevice's *configured* votes (voting or
+            # not): with a QDevice, a lone node's expected never drops below 2
+            expected = max(min(forced[m] for m in part if m in forced), len(part) + qvotes)
+            quorum = expected // 2 + 1
         for name in sorted(part - state.unplugged):
-            out[name] = Expect(expected, total, quorum, total >= quorum, vote, part)
+            out[name] = Expect(expected, total, quorum, total >= quorum, vote, part, qvotes > 0)
     return out
 
 
@@ -282,16 +289,34 @@ def _node_walk(lab: Lab, members: list[str]) -> list[_Plan]:
         plan.append(_Plan("qnetd back", (Event(Fault.QNETD_START),), State(everyone)))
     cut = State(everyone, cut=frozenset({last}))
     plan.append(_Plan(f"{last} cut off from the others and the witness", (Event(Fault.CUT, (last,)),), cut))
-    if len(members) >= 3:
-        # the last resort on a split network: the lone node made quorate by hand
+    heal: tuple[Event, ...] = (Event(Fault.HEAL, (last,)),)
+    if len(members) >= 3 and lab.witness is not None:
+        # the last resort on a split network, `pvecm expected 1` on the lone node: the
+        # QDevice's configured vote keeps it blocked; with the QDevice taken out of its
+        # running configuration it becomes a second writer
+        forced = frozenset({(last, 1)})
         plan.append(
             _Plan(
-                f"`pvecm expected 1` on the cut-off {last}: two writers",
+                f"`pvecm expected 1` on the cut-off {last}: still blocked (the QDevice's vote counts)",
                 (Event(Fault.EXPECTED, (last,), values=(1,)),),
-                dataclasses.replace(cut, expected_set=frozenset({(last, 1)})),
+                dataclasses.replace(cut, expected_set=forced),
             )
         )
-    plan.append(_Plan("network healed", (Event(Fault.HEAL, (last,)),), State(everyone)))
+        plan.append(
+            _Plan(
+                f"the QDevice taken out of {last}'s running config, `expected 1` again: two writers",
+                (Event(Fault.FORGET_QDEVICE, (last,)), Event(Fault.EXPECTED, (last,), values=(1,))),
+                dataclasses.replace(cut, expected_set=forced, no_qdevice=frozenset({last})),
+            )
+        )
+        heal = (Event(Fault.RESTORE_QDEVICE, (last,)), *heal)
+    plan.append(
+        _Plan(
+            "network healed" if len(heal) == 1 else f"{last}'s config read again, network healed",
+            heal,
+            State(everyone),
+        )
+    )
     if len(members) >= 3:
         link = lab.links[0].number
         clear = (Event(Fault.CLEAR),)

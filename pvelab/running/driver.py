@@ -274,9 +274,10 @@ def link_faults_in_force(faults: list[dict[str, Any]]) -> list[str]:
     for f in faults:
         kind, link = f["fault"], f.get("link")
         on = f" link{link}" if link is not None else ""
+        by_hand = (Fault.EXPECTED.value, Fault.FORGET_QDEVICE.value)
         if kind == Fault.CLEAR.value:
-            force = {k: v for k, v in force.items() if k[0] == Fault.EXPECTED.value}
-        elif kind in (Fault.HEAL.value, Fault.PARTITION.value):
+            force = {k: v for k, v in force.items() if k[0] in by_hand}
+        elif kind in (Fault.HEAL.value, Fault.PARTITION.value):  # a merge takes the highest expected
             force = {k: v for k, v in force.items() if k[0] != Fault.EXPECTED.value}
         elif kind == Fault.SATURATE.value:
             shape = f"{'/'.join(f'{v:g}' for v in f.get('values', [])) or 'default'}"
@@ -293,6 +294,11 @@ def link_faults_in_force(faults: list[dict[str, Any]]) -> list[str]:
                 }
             elif kind == Fault.EXPECTED.value:
                 force[(kind, node)] = f"{node}: expected votes set to {f['values'][0]:g} by hand"
+            elif kind == Fault.FORGET_QDEVICE.value:
+                force[(kind, node)] = f"{node}: QDevice out of its running corosync config"
+            elif kind == Fault.RESTORE_QDEVICE.value:  # corosync.conf read again: both undone
+                force.pop((Fault.FORGET_QDEVICE.value, node), None)
+                force.pop((Fault.EXPECTED.value, node), None)
             elif kind in (Fault.UNPLUG.value, Fault.DROP.value):
                 force[key] = (
                     f"{node}{on or ' (every NIC)'} {'unplugged' if kind == Fault.UNPLUG.value else 'dropped'}"
@@ -707,7 +713,8 @@ class Driver:
                 # a prio root: band 1 (the runner's SSH, TCP source port 22) unshaped, the rest netem
                 status, out = self.machines[n].sudo(
                     f"dev=$(ip -o link | awk -F': ' '/link.ether {mac} /{{print $2; exit}}'); test -n \"$dev\""
-                    ' && tc qdisc replace dev "$dev" root handle 1: prio bands 2'
+                    ' && { tc qdisc del dev "$dev" root 2>/dev/null; true; }'
+                    ' && tc qdisc add dev "$dev" root handle 1: prio bands 2'
                     " priomap 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1"
                     f' && tc qdisc add dev "$dev" parent 1:2 handle 20: netem {shape}'
                     ' && tc filter add dev "$dev" parent 1: protocol ip prio 1 u32'
@@ -803,6 +810,21 @@ class Driver:
                         f"{n}: corosync-quorumtool -e {votes} exited {status}: {out.strip()[-300:]}"
                     )
             line = f"{', '.join(nodes)}: expected votes set to {votes} (pvecm expected {votes})"
+        elif fault in (Fault.FORGET_QDEVICE, Fault.RESTORE_QDEVICE):
+            command = (
+                "corosync-cmapctl -D quorum.device"
+                if fault is Fault.FORGET_QDEVICE
+                else "corosync-cfgtool -R && systemctl restart corosync-qdevice.service"
+            )
+            for n in nodes:
+                status, out = self.machines[n].sudo(command, timeout=120)
+                if status != 0:
+                    raise DriverError(f"{n}: `{command}` exited {status}: {out.strip()[-300:]}")
+            line = f"{', '.join(nodes)}: " + (
+                "the QDevice removed from the running corosync configuration (corosync.conf unchanged)"
+                if fault is Fault.FORGET_QDEVICE
+                else "corosync.conf read again (corosync-cfgtool -R), the QDevice client restarted"
+            )
         else:
             if self.witness is None:
                 raise DriverError(f"fault {fault.value}: lab {self.lab.name} has no witness")
