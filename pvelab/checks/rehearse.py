@@ -136,7 +136,13 @@ class Rehearsal:
         return out
 
     def on_hosts(self, names: list[str], fn: Callable[[Machine], Any]) -> dict[str, Any]:
-        results, errors = parallel({n: self.machines[n] for n in names}, fn)
+        def one(m: Machine) -> Any:
+            try:
+                return fn(m)
+            except RehearsalError as exc:  # a command's failure, as the machine's error
+                raise MachineError(str(exc)) from None
+
+        results, errors = parallel({n: self.machines[n] for n in names}, one)
         if errors:
             raise RehearsalError("; ".join(errors.values()))
         return results
@@ -259,7 +265,7 @@ class Rehearsal:
     def observe(self, name: str, links: bool = False) -> dict[str, Any]:
         """One member as corosync and pve-compat see it: quorum figures, ring id, members,
         raw output, the API's quorate, and (``links``) knet's link states."""
-        _, text = self.machines[name].sudo("corosync-quorumtool -s", timeout=30)
+        text = self.quorumtool(self.machines[name])
         _, api = self.machines[name].execute(API_STATUS, timeout=30)
         seen: dict[str, Any] = {
             "quorum": parse_quorumtool(text),
@@ -280,8 +286,12 @@ class Rehearsal:
         """The running members the runner can observe (an unplugged one cannot be)."""
         return [m for m in self.members if m not in self.down and self.machines[m].is_running()]
 
+    def quorumtool(self, m: Machine) -> str:
+        """``corosync-quorumtool -s`` as printed (it exits 2 when not quorate: not an error)."""
+        return m.sudo("corosync-quorumtool -s", timeout=30)[1]
+
     def rings(self, names: list[str]) -> dict[str, str | None]:
-        seen = self.on_hosts(names, lambda m: parse_quorumtool(self.root(m.name, "corosync-quorumtool -s")))
+        seen = self.on_hosts(names, lambda m: parse_quorumtool(self.quorumtool(m)))
         return {n: q["ring_id"] for n, q in seen.items()}
 
     def settle(
@@ -391,7 +401,7 @@ class Rehearsal:
         last: dict[str, str] = {}
         end = time.monotonic() + seconds
         while True:
-            out = self.on_hosts(names, lambda m: self.root(m.name, "corosync-quorumtool -s"))
+            out = self.on_hosts(names, self.quorumtool)
             for n, text in out.items():
                 q = parse_quorumtool(text)
                 if q["ring_id"]:
