@@ -184,3 +184,59 @@ def test_release_page_renders_in_chromium(lab, tmp_path):
     for n in lab.nodes:
         assert f'href="{n.name}.qcow2"' in dom and f"{n.name}.cdx.json" in dom
     assert "First release of this lab." in dom and 'class="link fail"' in dom
+
+
+def test_release_page_shows_a_redundant_labs_links_and_their_states(tmp_path):
+    """A lab with two links: the page lists each link (subnet, priority, each member's
+    address and NIC) and, per walk step, the knet link states each member saw."""
+    import json
+
+    from pvelab.core.paths import LABS
+    from pvelab.model.labfile import load_lab
+    from pvelab.release.publish import links_entry
+
+    lab = load_lab(LABS / "proxmox-3node-redundant.yaml")
+    manifest = {
+        "lab": lab.name,
+        "release": "20261206T000000Z",
+        "created": "2026-12-06T00:00:00Z",
+        "git_commit": "abc123",
+        "archive": {},
+        "nodes": [],
+        "boot_tests": {},
+        "links": links_entry(lab),
+        "rehearsals": {
+            "qcow2": {
+                "passed": True,
+                "first_quorate_seconds": 5.0,
+                "walk_seconds": 93.0,
+                "steps": [
+                    {
+                        "number": 2,
+                        "title": "pve-3's link0 cable pulled: knet fails over, nobody leaves",
+                        "passed": True,
+                        "settle_seconds": 2.9,
+                        "links": {"pve-1": {"0": {"pve-2": "connected", "pve-3": "disconnected"}}},
+                        "notes": ["membership held (ring id unchanged)"],
+                    }
+                ],
+            }
+        },
+    }
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    (rel / "manifest.json").write_text(json.dumps(manifest))
+    page = rel / "index.html"
+    page.write_text(release_page(lab, manifest, compare(None, rel), checks_from(lab, [])))
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "Corosync links (knet, redundant)" in dom and "10.81.1.0/24" in dom
+    assert "10.81.1.13 on the NIC 52:54:00:81:01:03" in dom
+    assert "10.81.0.13 on the NIC 52:54:00:81:00:03 (the default NIC)" in dom
+    assert "link0 1/2" in dom and "membership held (ring id unchanged)" in dom
+    assert "pve-3 disconnected" in dom  # each peer's state in the badge's title

@@ -293,6 +293,26 @@ def _boot_test_entry(r: BootReport) -> dict:
     }
 
 
+def links_entry(lab: Lab) -> list[dict]:
+    """The lab's corosync links for the release: subnet, knet priority, each member's
+    address and the NIC that carries it."""
+    return [
+        {
+            "number": link.number,
+            "subnet": str(link.subnet),
+            "priority": link.priority,
+            "members": {
+                n.name: {
+                    "address": n.link(link.number).ip,
+                    "nic": n.nics[n.nic_index(link.number)].describe(),
+                }
+                for n in lab.members
+            },
+        }
+        for link in lab.links
+    ]
+
+
 def _rehearsal_entry(r: RehearsalReport) -> dict:
     steps = [
         {
@@ -323,21 +343,7 @@ def release_manifest(lab: Lab, name: str, checked: dict, signed: bool = False) -
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_commit": first.git_commit,
         "nodes": [_node_entry(n, checked["nodes"][n.name]) for n in lab.nodes],
-        "links": [
-            {
-                "number": link.number,
-                "subnet": str(link.subnet),
-                "priority": link.priority,
-                "members": {
-                    n.name: {
-                        "address": n.link(link.number).ip,
-                        "nic": n.nics[n.nic_index(link.number)].describe(),
-                    }
-                    for n in lab.members
-                },
-            }
-            for link in lab.links
-        ],
+        "links": links_entry(lab),
         "elements": first.elements,
         "versions": dict(
             first.tools, kernel=first.kernel, qemu=_first_line(["qemu-system-x86_64", "--version"])
