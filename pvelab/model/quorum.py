@@ -166,8 +166,8 @@ class Event:
         return " ".join(w for w in words if w)
 
 
-LADDER_MS = (5.0, 50.0, 200.0, 500.0, 1000.0, 2000.0, 4000.0)  # one-way delay, jitter a tenth
-LADDER_HOLD = 20.0  # seconds per rung: knet's ping timeout, the token and consensus, with margin
+LADDER_MS = (5.0, 200.0, 500.0, 1000.0, 2000.0, 4000.0)  # one-way delay, jitter a tenth
+LADDER_HOLD = 15.0  # seconds per rung: knet's ping timeout, the token (3.65 s) and consensus (4.4 s)
 WINDOW = 30.0  # seconds a saturated link is held while the counters count
 
 
