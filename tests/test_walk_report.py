@@ -104,3 +104,23 @@ def test_a_step_failure_fails_its_junit_cases():
     assert len(cases) == 2 and all(c.find("failure") is not None for c in cases)
     assert "membership changed" in cases[0].find("failure").get("message")
     assert "FAILED: membership changed" in table(report(failed))
+
+
+def test_two_halves_quorate_at_once_are_counted_by_the_models_partitions():
+    from pvelab.checks.rehearse import quorate_halves
+    from pvelab.core.paths import LABS
+    from pvelab.model.faults import Fault
+    from pvelab.model.labfile import load_lab
+    from pvelab.model.quorum import walk
+
+    lab = load_lab(LABS / "proxmox-2node-qdevice.yaml")
+    cut = next(s for s in walk(lab) if s.events[0].fault is Fault.CUT)
+
+    def polled(**quorate):
+        return {n: {"quorum": {"quorate": q}} for n, q in quorate.items()}
+
+    # right after the cut both still say quorate (stale membership, the QDevice vote held)
+    assert quorate_halves(cut, polled(**{"pve-1": True, "pve-2": True})) == 2
+    assert quorate_halves(cut, polled(**{"pve-1": True, "pve-2": False})) == 1
+    healed = walk(lab)[-1]  # one partition: never two halves
+    assert quorate_halves(healed, polled(**{"pve-1": True, "pve-2": True})) == 1

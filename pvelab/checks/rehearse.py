@@ -101,6 +101,16 @@ def expected_dict(e: Expect) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the run
 
 
+def quorate_halves(step: Step, seen: dict[str, dict[str, Any]]) -> int:
+    """In how many of the partitions the step makes (the model's) some member reports
+    quorate right now: two or more is two writers, for as long as it lasts (a cut-off
+    half that still holds a QDevice vote, or one forced quorate by hand)."""
+    halves: dict[frozenset[str], list[str]] = {}
+    for name, exp in step.expect.items():
+        halves.setdefault(exp.members, []).append(name)
+    return sum(any(seen[n]["quorum"]["quorate"] for n in names) for names in halves.values())
+
+
 class Rehearsal:
     """One rehearsal on a booted lab: deploy, check, walk; fills ``report``."""
 
@@ -328,8 +338,7 @@ class Rehearsal:
                         name, expected_dict(exp), q, ok, obs["raw"], obs["api"], obs.get("cfgtool", ""), links
                     )
                 )
-            groups = {frozenset(seen[n]["quorum"]["members"]) for n in seen if seen[n]["quorum"]["quorate"]}
-            if len(groups) > 1 and not any(a & b for a in groups for b in groups if a != b):
+            if quorate_halves(step, seen) > 1:
                 two_writers = elapsed
             held = not changed if step.holds_membership else None
             done = all(n.passed for n in nodes) and held is not False
