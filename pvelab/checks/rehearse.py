@@ -752,7 +752,10 @@ def step_notes(s: WalkStep) -> list[str]:
             "DANGER: two partitions quorate at once: two writers (the split brain the warnings describe)"
         )
     elif s.two_writers_seconds is not None:
-        notes.append(f"two partitions quorate at once for up to {s.two_writers_seconds:.1f}s after the event")
+        notes.append(
+            f"two partitions quorate at once for up to {s.two_writers_seconds:.1f}s after the event"
+            " (a cut-off side still holding its QDevice vote)"
+        )
     elif s.two_writers_expected:
         notes.append("two writers expected, never seen")
     m = s.measurement

@@ -558,7 +558,8 @@ class WalkStep:
     settle_seconds: float | None  # event to the state the model expects (None: never reached)
     nodes: list[NodeObservation] = field(default_factory=list)
     membership_held: bool | None = None  # the ring id stayed as before the events (None: not asked)
-    # event to the last poll where two partitions were quorate at once (None: never seen)
+    # event to the last poll where members of two of the step's partitions (the model's)
+    # both said quorate (None: never seen): the 2-node window, or two writers by hand
     two_writers_seconds: float | None = None
     two_writers_expected: bool = False  # the state reached has two writers (`expected 1`)
     measurement: dict[str, Any] = field(default_factory=dict)  # a latency ladder's or a window's figures
