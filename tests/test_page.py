@@ -27,6 +27,17 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed: run scripts/setup")
 
 
+def dump_dom(page: Path) -> str:
+    """The page's DOM as Chromium built it."""
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+
+
 def shoot(url: str, out: Path, width: int, height: int) -> Image.Image:
     subprocess.run(
         [
@@ -174,13 +185,7 @@ def test_release_page_renders_in_chromium(lab, tmp_path):
     red = sum(near(p, rgb(COLOURS["fail"]), 20) for p in pixels)
     header = sum(near(p, (0x1F, 0x3B, 0x5C), 10) for p in pixels)
     assert green > 2000 and red > 500 and header > 50000, (green, red, header)
-    dom = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+    dom = dump_dom(page)
     for n in lab.nodes:
         assert f'href="{n.name}.qcow2"' in dom and f"{n.name}.cdx.json" in dom
     assert "First release of this lab." in dom and 'class="link fail"' in dom
@@ -228,13 +233,7 @@ def test_release_page_shows_a_redundant_labs_links_and_their_states(tmp_path):
     (rel / "manifest.json").write_text(json.dumps(manifest))
     page = rel / "index.html"
     page.write_text(release_page(lab, manifest, compare(None, rel), checks_from(lab, [])))
-    dom = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+    dom = dump_dom(page)
     assert "Corosync links (knet, redundant)" in dom and "10.81.1.0/24" in dom
     assert "10.81.1.13 on the NIC 52:54:00:81:01:03" in dom
     assert "10.81.0.13 on the NIC 52:54:00:81:00:03 (the default NIC)" in dom

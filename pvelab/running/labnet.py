@@ -269,14 +269,7 @@ class LabNet:
                         script += [f"{match} ether type arp accept", f"{match} tcp sport 22 accept"]
                         script.append(f"{match} tcp dport 22 accept")
                     script.append(f"{match} drop")
-        res = subprocess.run(
-            [*self.exec_args(), "nft", "-f", "-"],
-            input="\n".join(script) + "\n",
-            capture_output=True,
-            text=True,
-        )
-        if res.returncode != 0:
-            raise LabNetError(f"nft: {res.stderr.strip()[-300:]}")
+        self._feed(["nft", "-f", "-"], script, "nft")
 
     def undrop(self) -> None:
         _ip("nft", "delete", "table", "bridge", self.DROP_TABLE, ns=self.name, check=False)
@@ -296,14 +289,7 @@ class LabNet:
                 f"filter add dev {tap} parent 1: protocol ip prio 1 u32"
                 " match ip protocol 6 0xff match ip dport 22 0xffff flowid 1:10",
             ]
-            res = subprocess.run(
-                [*self.exec_args(), "tc", "-batch", "-"],
-                input="\n".join(script) + "\n",
-                capture_output=True,
-                text=True,
-            )
-            if res.returncode != 0:
-                raise LabNetError(f"tc on {tap}: {res.stderr.strip()[-300:]}")
+            self._feed(["tc", "-batch", "-"], script, f"tc on {tap}")
 
     def shaped_bytes(self) -> dict[str, int]:
         """tap -> bytes its rate-limited class has passed (taps under :meth:`shape` only)."""
@@ -318,6 +304,14 @@ class LabNet:
     def unshape(self) -> None:
         for tap in self.home:
             _ip("tc", "qdisc", "del", "dev", tap, "root", ns=self.name, check=False)
+
+    def _feed(self, command: list[str], script: list[str], what: str) -> None:
+        """``command`` in the namespace with ``script`` on its standard input (nft, tc)."""
+        res = subprocess.run(
+            [*self.exec_args(), *command], input="\n".join(script) + "\n", capture_output=True, text=True
+        )
+        if res.returncode != 0:
+            raise LabNetError(f"{what}: {res.stderr.strip()[-300:]}")
 
     # -------------------------------------------------------------- use
     def exec_args(self) -> list[str]:
