@@ -259,10 +259,12 @@ def console(c, node, lab=str(DEFAULT_LAB)):
     positional=["action", "target"],
     help={
         "no_wait": NO_WAIT,
-        "action": "power-off, kill, power-on, cut, partition, heal, qnetd, unplug, replug, drop, delay, loss, clear",
+        "action": "power-off, kill, power-on, cut, partition, heal, qnetd, unplug, replug, drop, delay, loss,"
+        " saturate, clear, expected, forget-qdevice, restore-qdevice",
         "target": "NODE[,NODE] | 'A,B C' (partition: groups) | all (heal) | stop|start (qnetd)"
         " | 'NODE [LINK]' (unplug, replug, drop) | 'NODE LINK MS [JITTER_MS]' (delay)"
-        " | 'NODE LINK PERCENT' (loss) | all (clear)",
+        " | 'NODE LINK PERCENT' (loss) | 'LINK [MBIT [QUEUE_MS]]' (saturate) | all (clear)"
+        " | 'NODE VOTES' (expected) | NODE (forget-qdevice, restore-qdevice)",
         "lab": "lab definition file",
     },
 )

@@ -141,6 +141,13 @@ def test_cli_refuses_before_any_work(tmp_path):
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "is not up" in res.stderr
     res = run("fault", "cut", "pve-9")
     assert res.returncode == 2 and "unknown node pve-9" in res.stderr
+    for args, words in {
+        ("saturate", "7"): "not a corosync link",
+        ("expected", "pve-3"): "NODE VOTES",
+        ("forget-qdevice", "pve-9"): "unknown node pve-9",
+    }.items():
+        res = run("fault", *args)
+        assert res.returncode == 2 and words in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
     res = run("status")
     assert res.returncode == 3 and "not up" in res.stdout
     res = run("down")
