@@ -754,7 +754,7 @@ def step_notes(s: WalkStep) -> list[str]:
     elif s.two_writers_seconds is not None:
         notes.append(
             f"two partitions quorate at once for up to {s.two_writers_seconds:.1f}s after the event"
-            " (a cut-off side still holding its QDevice vote)"
+            " (until the cut-off side saw the split and lost its votes)"
         )
     elif s.two_writers_expected:
         notes.append("two writers expected, never seen")
