@@ -284,14 +284,17 @@ class Rehearsal:
             "api": int(api.strip()) if api.strip() in ("0", "1") else None,
         }
         if links:
-            _, cfg = self.machines[name].sudo("corosync-cfgtool -s", timeout=30)
-            ids = {str(n.nodeid): n.name for n in self.lab.members}
-            seen["cfgtool"] = cfg
-            seen["links"] = {
-                link: {ids.get(nid, nid): st for nid, st in peers.items() if st != "localhost"}
-                for link, peers in parse_cfgtool(cfg).items()
-            }
+            seen["cfgtool"], seen["links"] = self.cfgtool(self.machines[name])
         return seen
+
+    def cfgtool(self, m: Machine) -> tuple[str, dict[str, dict[str, str]]]:
+        """``corosync-cfgtool -s`` as printed, and knet's state per link and peer by name."""
+        _, cfg = m.sudo("corosync-cfgtool -s", timeout=30)
+        ids = {str(n.nodeid): n.name for n in self.lab.members}
+        return cfg, {
+            link: {ids.get(nid, nid): st for nid, st in peers.items() if st != "localhost"}
+            for link, peers in parse_cfgtool(cfg).items()
+        }
 
     def reachable(self) -> list[str]:
         """The running members the runner can observe (an unplugged one cannot be)."""
@@ -378,6 +381,10 @@ class Rehearsal:
                 BOOT_TIMEOUT if any(e.fault is Fault.POWER_ON for e in step.events) else 0
             )
             result = self.settle(step, t0, timeout, before)
+            if not step.check_links:  # knet's link states as the step ended, for the report
+                seen = self.on_hosts([n.node for n in result.nodes], self.cfgtool)
+                for n in result.nodes:
+                    n.cfgtool, n.links = seen[n.node]
             result.measurement = measurement
             if measurement.get("insane"):
                 result.passed, result.failure = False, measurement["insane"]
@@ -700,7 +707,7 @@ def table(report: RehearsalReport) -> str:
     lines = [
         f"rehearsal {report.lab} ({report.media}, {report.accel}):",
         "votes: total/expected; +qd: the QDevice's vote counts for this node; api: pve-compat's quorate;"
-        " links: peers connected per knet link (steps that judge links)",
+        " links: peers connected per knet link as the step ended",
         f"{'step':<4} {'node':<12} {'expected':<25} {'observed':<25} {'api':<4} {'links':<11} {'settle':>7}  event",
     ]
 

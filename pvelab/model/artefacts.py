@@ -545,7 +545,7 @@ class NodeObservation:
     passed: bool
     quorumtool: str = ""  # raw `corosync-quorumtool -s` output, last poll
     api_quorate: int | None = None  # pve-compat's /cluster/status quorate, last poll
-    cfgtool: str = ""  # raw `corosync-cfgtool -s` output, last poll (steps that judge links)
+    cfgtool: str = ""  # raw `corosync-cfgtool -s` output as the step ended
     links: dict[str, dict[str, str]] = field(default_factory=dict)  # link -> peer -> knet's state
 
 
