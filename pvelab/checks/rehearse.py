@@ -485,9 +485,9 @@ class Rehearsal:
         stats = "corosync-cmapctl -m stats"
         before = self.on_hosts(names, lambda m: parse_stats(self.root(m.name, stats)))
         rings = self.rings(names)
-        shaped0 = self.booted.net.shaped_bytes()
+        shaped0, t0 = self.booted.net.shaped_bytes(), time.monotonic()
         seen = self.watch(names, w.seconds, rings)
-        shaped1 = self.booted.net.shaped_bytes()
+        shaped1, held = self.booted.net.shaped_bytes(), time.monotonic() - t0  # polls overrun
         raw = self.on_hosts(names, lambda m: self.root(m.name, stats))
         deltas: dict[str, dict[str, int]] = {}
         latency: dict[str, float] = {}  # knet link -> the highest average latency a member saw, ms
@@ -503,21 +503,22 @@ class Rehearsal:
                 if v != before[n].get(k, 0) and ".latency" not in k  # counters, not gauges
             }
         mbit = {
-            tap: round((shaped1.get(tap, 0) - shaped0.get(tap, 0)) * 8 / w.seconds / 1e6, 2)
-            for tap in shaped1
+            tap: round((shaped1.get(tap, 0) - shaped0.get(tap, 0)) * 8 / held / 1e6, 2) for tap in shaped1
         }
 
         def total(suffix: str) -> int:
             return sum(v for d in deltas.values() for k, v in d.items() if k.endswith(suffix))
 
+        formed = max((d.get("stats.srp.operational_entered", 0) for d in deltas.values()), default=0)
         figures = {
             "seconds": w.seconds,
+            "held_seconds": round(held, 1),
             **seen,
+            # a ring id seen to change, or a membership formed between two polls
+            "membership_changed": seen["membership_changed"] or formed > 0,
             "port_mbit": mbit,
             "retransmits": total(".mcast_retx"),
-            "memberships_formed": max(
-                (d.get("stats.srp.operational_entered", 0) for d in deltas.values()), default=0
-            ),
+            "memberships_formed": formed,
             "knet_link_downs": total(".down_count"),
             "knet_latency_ms": latency,
             "counters": deltas,
@@ -530,7 +531,7 @@ class Rehearsal:
                 f"the bulk traffic did not load the link: {mbit} Mbit/s at the ports (limit {rate:g})"
             )
         self.say(
-            f"window {w.seconds:g}s: membership {'CHANGED' if seen['membership_changed'] else 'held'},"
+            f"window {held:.0f}s: membership {'CHANGED' if figures['membership_changed'] else 'held'},"
             f" {figures['retransmits']} retransmits, {figures['knet_link_downs']} knet link downs,"
             f" ports {mbit} Mbit/s"
         )
@@ -780,7 +781,7 @@ def step_notes(s: WalkStep) -> list[str]:
         )
     elif "seconds" in m:
         notes.append(
-            f"{m['seconds']:g}s window: membership {'CHANGED' if m['membership_changed'] else 'held'},"
+            f"{m.get('held_seconds', m['seconds']):g}s window: membership {'CHANGED' if m['membership_changed'] else 'held'},"
             f" lost quorum: {', '.join(m['lost_quorum']) or 'none'}; {m['retransmits']} retransmits,"
             f" {m['memberships_formed']} memberships formed, {m['knet_link_downs']} knet link downs"
             f" (knet's average latency at the end: {', '.join(f'link{k} {v:g} ms' for k, v in m.get('knet_latency_ms', {}).items())});"
