@@ -396,11 +396,16 @@ def test_redundant_links_by_hand_then_the_link_walk_on_real_corosync():
         invoke("fault", "loss", "pve-3 1 100", *L)
         assert reach("pve-1", "10.81.0.13") == "closed" and on("pve-3", "hostname").strip() == "pve-3"
 
-        # bulk traffic through a rate-limited link1: the shaped ports carry it
+        # bulk traffic through a rate-limited link1 (the faults above cleared first: pve-2 and
+        # pve-3 could not take part): every member sends to the next, so pve-1 has two flows
+        invoke("fault", "clear", "all", *L)
         invoke("fault", "saturate", "1 5 2000", *L)
         assert "link1 saturated (5/2000)" in status(REDUNDANT)["faults_in_force"]
         flows = "ss -Htn state established '( sport = :5999 or dport = :5999 )' | wc -l"
-        assert int(on("pve-1", flows).strip().splitlines()[-1]) >= 2  # its transfer out, pve-3's in
+        deadline = time.monotonic() + 60
+        while int(on("pve-1", flows).strip().splitlines()[-1]) < 2:  # its transfer out, pve-3's in
+            assert time.monotonic() < deadline, on("pve-1", "ss -Htn", root=True)
+            time.sleep(3)
 
         # clear: every cable in, nothing dropped, no netem, no bulk traffic left
         cleared = invoke("fault", "clear", "all", *L)
@@ -419,6 +424,7 @@ def test_redundant_links_by_hand_then_the_link_walk_on_real_corosync():
             "drop",
             "delay",
             "loss",
+            "clear",
             "saturate",
             "clear",
         ]
