@@ -268,13 +268,14 @@ class RunState:
 
 
 def link_faults_in_force(faults: list[dict[str, Any]]) -> list[str]:
-    """The link faults of a run's history that no ``replug`` or ``clear`` has undone, and a
-    ``pvecm expected`` still set (healed only when its partition merges again)."""
+    """The link faults of a run's history that no ``replug`` or ``clear`` has undone, a
+    ``pvecm expected`` still set (undone by a merge or ``restore-qdevice``) and a QDevice
+    still out of a node's running config (undone by ``restore-qdevice``)."""
+    by_hand = (Fault.EXPECTED.value, Fault.FORGET_QDEVICE.value)  # what `clear` leaves in force
     force: dict[tuple[str, ...], str] = {}
     for f in faults:
         kind, link = f["fault"], f.get("link")
         on = f" link{link}" if link is not None else ""
-        by_hand = (Fault.EXPECTED.value, Fault.FORGET_QDEVICE.value)
         if kind == Fault.CLEAR.value:
             force = {k: v for k, v in force.items() if k[0] in by_hand}
         elif kind in (Fault.HEAL.value, Fault.PARTITION.value):  # a merge takes the highest expected
