@@ -101,7 +101,9 @@ def test_iso_lab_passes(built, lab, firmware):
         assert report.secure_boot == {n.name: True for n in lab.nodes}, report.secure_boot
 
 
-@pytest.mark.parametrize("firmware", ["bios", "uefi-sb"])
+# The four nodes from the NIC under UEFI with Secure Boot; BIOS's chain (QEMU's iPXE ROM,
+# the node's iPXE script) boots one node in test_single_node_boots.
+@pytest.mark.parametrize("firmware", ["uefi-sb"])
 def test_netboot_lab_passes(built, lab, firmware):
     """No CD and no disk: every VM boots from its NIC. The lab network's dnsmasq answers
     PXE: BIOS (QEMU's iPXE ROM) gets the node's iPXE script over HTTP, UEFI with Secure
@@ -129,12 +131,13 @@ def test_netboot_lab_passes(built, lab, firmware):
 
 @pytest.mark.parametrize(
     "media, firmware",
-    [("usb", "bios"), ("usb", "uefi"), ("qcow2", "uefi"), ("qcow2", "uefi-sb")],
+    [("usb", "bios"), ("usb", "uefi"), ("qcow2", "uefi"), ("qcow2", "uefi-sb"), ("netboot", "bios")],
 )
 def test_single_node_boots(built, lab, media, firmware):
     """One node on the other media and firmware: the hybrid ISO as a USB stick (isohybrid
-    MBR for BIOS, the GPT's EFI partition for UEFI), and the qcow2's GPT disk under UEFI,
-    with and without Secure Boot (shim -> signed GRUB from its ESP -> signed kernel)."""
+    MBR for BIOS, the GPT's EFI partition for UEFI), the qcow2's GPT disk under UEFI,
+    with and without Secure Boot (shim -> signed GRUB from its ESP -> signed kernel), and
+    the NIC under BIOS (QEMU's iPXE ROM -> the node's iPXE script -> live-boot over HTTP)."""
     from pvelab.checks.boottest import SECURE_BOOT, Progress, booted_lab
     from pvelab.model.media import boot_combination
 
@@ -157,7 +160,13 @@ def test_single_node_boots(built, lab, media, firmware):
         assert len(re.findall(r"code=exited ; status=0 ", trigger)) == 2, trigger
         assert trigger.index("--subsystem-match=net --settle") < trigger.index("--type=all"), trigger
         assert any(n.startswith("en") for n in m.succeed("ls /sys/class/net").split())
-        if medium.artefact == "iso":
+        if medium.is_network_boot():
+            disks = [d for d in m.succeed("ls /sys/block").split() if d.startswith(("sd", "sr", "vd"))]
+            assert "boot=live" in cmdline and disks == []  # no CD, no disk
+            http = (out / "http.log").read_text()
+            assert f'"GET /netboot/{node.name}/live.ipxe HTTP/1.1" 200' in http, http[-2000:]
+            assert f'"GET /{node.name}.iso HTTP/1.1" 200' in http, http[-2000:]
+        elif medium.artefact == "iso":
             assert "boot=live" in cmdline
         else:  # the installed layout: GPT, BIOS boot + ESP + root grown to the disk
             parts = [
