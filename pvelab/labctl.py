@@ -63,7 +63,9 @@ def up(
     replace: bool = False,
 ) -> RunState:
     """Boot the lab, leave it running; with ``cluster``, real corosync + QDevice, quorate."""
+    from pvelab.build.guestlayer import layers
     from pvelab.checks.boottest import _install_first, choose_accel
+    from pvelab.core.run import Steps
     from pvelab.model.artefacts import built
     from pvelab.model.media import INSTALLED_DISK, boot_combination
 
@@ -83,6 +85,7 @@ def up(
         say(f"accelerator: {chosen} ({why})")
         disks, _ = _install_first(lab, lab.nodes, medium, fw, accel, run_dir, say)
         boot_medium = boot_combination(INSTALLED_DISK.name, fw.name)[0] if disks else medium
+        bases = layers(lab, medium, packages, Steps("up", run_dir / "layers.log")) if not disks else {}
         driver = Driver(
             lab,
             lab.nodes,
@@ -95,6 +98,7 @@ def up(
             disks,
             netns=netns_name(lab),
             state_file=state_file,
+            bases=bases,
         )
         with driver:
             if cluster:

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from functools import cache as memo
 from pathlib import Path
 
 from pvelab.build import cache
@@ -128,3 +129,29 @@ def fetch(
         os.replace(staging, final)
     steps.say(f"guest packages {name}: {len(debs)} .deb files in {final}")
     return PackageSet(name, packages, tuple(final / d for d in debs))
+
+
+@memo
+def identities(debs: tuple[Path, ...]) -> dict[str, str]:
+    """``{package: version}`` of ``.deb`` files, as their control fields say."""
+    out = {}
+    for deb in debs:
+        res = subprocess.run(
+            ["dpkg-deb", "-f", str(deb), "Package", "Version"], capture_output=True, text=True
+        )
+        fields = dict(line.split(": ", 1) for line in res.stdout.splitlines() if ": " in line)
+        if res.returncode != 0 or not {"Package", "Version"} <= set(fields):
+            raise PackageError(f"{deb}: not a readable .deb ({res.stderr.strip()[-200:]})")
+        out[fields["Package"]] = fields["Version"]
+    return out
+
+
+def missing(want: dict[str, str], dpkg_query: str) -> list[str]:
+    """Which of ``want`` (package: version) a guest's ``dpkg-query -W -f '${Package}
+    ${Version} ${db:Status-Abbrev}\\n'`` output does not show installed at that version."""
+    have = {}
+    for line in dpkg_query.splitlines():
+        parts = line.split()
+        if len(parts) >= 3:
+            have[parts[0]] = (parts[1], parts[2])
+    return [f"{p} {v}" for p, v in sorted(want.items()) if have.get(p) != (v, "ii")]

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pvelab.build.guestpkgs import PackageSet, fetch
+from pvelab.build.guestlayer import layers
+from pvelab.build.guestpkgs import PackageSet, fetch, identities, missing
 from pvelab.checks.boottest import booted_lab
 from pvelab.checks.scenario import run_scenario, summary
 from pvelab.core.errors import PvelabError
@@ -41,7 +42,7 @@ from pvelab.model.artefacts import (
     sha256,
     write_atomic,
 )
-from pvelab.model.deploy import FIRST, MEMBERS, WITNESS, Action, actions
+from pvelab.model.deploy import MEMBERS, Action, actions, on
 from pvelab.model.faults import SATURATE_MBIT, DriverError, Fault
 from pvelab.model.lab import CustomTest, Lab, Scenario
 from pvelab.model.media import DEFAULT_FIRMWARE, DEFAULT_MEDIUM, Firmware, Medium, boot_combination
@@ -133,11 +134,7 @@ class Rehearsal:
         return self.booted.machines
 
     def hosts(self, target: str) -> list[str]:
-        if target == WITNESS:
-            return [self.witness] if self.witness else []
-        if target == FIRST:
-            return self.members[:1]
-        return [m for m in self.members if m not in self.down]
+        return [h for h in on(self.lab, target) if target != MEMBERS or h not in self.down]
 
     def root(self, name: str, command: str, timeout: float = 120.0) -> str:
         status, out = self.machines[name].sudo(command, timeout=timeout)
@@ -173,8 +170,13 @@ class Rehearsal:
     # ---------------------------------------------------------------- deploy
     def install(self, names: list[str], packages: tuple[str, ...]) -> str:
         pset = self.packages[" ".join(packages)]
+        want = identities(pset.debs)
+        query = "dpkg-query -W -f '${Package} ${Version} ${db:Status-Abbrev}\\n' " + " ".join(sorted(want))
 
         def one(m: Machine) -> str:
+            # a node booted over its package layer (pvelab.build.guestlayer) has them already
+            if not missing(want, m.execute(query + " 2>/dev/null")[1]):
+                return f"all {len(want)} packages already installed at these versions (the host-made layer)"
             m.succeed("rm -rf /tmp/pvelab-debs && mkdir -p /tmp/pvelab-debs")
             for deb in pset.debs:
                 m.put(deb, f"/tmp/pvelab-debs/{deb.name}")
@@ -649,7 +651,8 @@ def _boot_and_walk(
     state_file = claim(lab) if keep else None
     kept: dict[str, Any] = {"netns": netns_name(lab), "state_file": state_file} if keep else {}
     workdir = lab.layout.run_dir if keep else outdir
-    with booted_lab(lab, lab.nodes, medium, fw, accel, workdir, say, **kept) as booted:
+    bases = layers(lab, medium, packages, Steps("rehearse", outdir / "layers.log"))
+    with booted_lab(lab, lab.nodes, medium, fw, accel, workdir, say, bases=bases, **kept) as booted:
         report.accel = booted.accel
         report.boot_seconds = round(say.elapsed(), 1)
         report.guest_faults = booted.guest_faults

@@ -171,3 +171,21 @@ def actions(lab: Lab) -> list[Action]:
             wrapper=qsetup,
         ),
     ]
+
+
+def on(lab: Lab, target: str) -> list[str]:
+    """The nodes an action's ``on`` names, before any fault (members by node id)."""
+    members = [n.name for n in sorted(lab.members, key=lambda n: n.nodeid or 0)]
+    if target == WITNESS:
+        return [lab.witness.name] if lab.witness else []
+    return members[:1] if target == FIRST else members
+
+
+def installs(lab: Lab) -> dict[str, list[tuple[str, ...]]]:
+    """``{node: the package sets the deployment installs there}``, in deployment order."""
+    out: dict[str, list[tuple[str, ...]]] = {}
+    for a in actions(lab):
+        if a.install:
+            for name in on(lab, a.on):
+                out.setdefault(name, []).append(a.install)
+    return out

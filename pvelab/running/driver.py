@@ -355,8 +355,10 @@ class Driver:
         disks: dict[str, Path] | None = None,
         netns: str | None = None,
         state_file: Path | None = None,
+        bases: dict[str, Path] | None = None,
     ):
         self.lab, self.nodes, self.medium, self.fw = lab, nodes, medium, fw
+        self.bases = bases or {}  # what a node's overlay backs onto instead of its artefact (a package layer)
         self.accel, self.accel_reason, self.outdir, self.say = accel, accel_reason, workdir, say
         self.disks = disks
         self.net = LabNet(
@@ -409,7 +411,9 @@ class Driver:
         if self.disks is not None:
             files = self.disks
         else:
-            files = {n.name: built(self.lab, n, self.medium.artefact) for n in self.nodes}
+            files = {
+                n.name: self.bases.get(n.name) or built(self.lab, n, self.medium.artefact) for n in self.nodes
+            }
         for n in self.nodes:
             drive = prepare(self.medium, self.fw, files[n.name], self.outdir, n.name, self.disks is None)
             self.machines[n.name] = Machine(
