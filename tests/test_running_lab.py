@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.boot, pytest.mark.skipif(os.geteuid() != 0, reason="ne
 
 INVOKE = str(Path(sys.executable).parent / "invoke")
 THREE = LABS / "proxmox-3node-cluster.yaml"
-TWO = LABS / "proxmox-2node-qdevice.yaml"
+REDUNDANT = LABS / "proxmox-3node-redundant.yaml"
 SETTLE = 300  # seconds for corosync to agree after a fault (TCG, loaded host)
 
 
@@ -118,13 +118,13 @@ def listening(port):
 
 @pytest.fixture(scope="module")
 def labs():
-    three, two = load_lab(THREE), load_lab(TWO)
-    for lab in (three, two):
+    three, redundant = load_lab(THREE), load_lab(REDUNDANT)
+    for lab in (three, redundant):
         layout = Layout(lab.name)
         if not all(layout.manifest(n.name).exists() for n in lab.nodes):
             build(lab)
-    yield three, two
-    for f in (THREE, TWO):  # whatever happened, nothing stays up
+    yield three, redundant
+    for f in (THREE, REDUNDANT):  # whatever happened, nothing stays up
         invoke("down", "--lab", str(f), check=False)
 
 
@@ -170,7 +170,7 @@ def api_clients(lab, s, tmp_path):
 
 
 def test_up_work_break_walk_down(labs, tmp_path):
-    three, two = labs
+    three, _ = labs
     layout = Layout(three.name)
     before = {n.name: sha256(layout.artefact(n.name, "qcow2")) for n in three.nodes}
     members = [n.name for n in three.members]
@@ -256,23 +256,6 @@ def test_up_work_break_walk_down(labs, tmp_path):
         bound = [line.split()[3] for line in listeners.splitlines() if line.split()[3].endswith(f":{port}")]
         assert bound == [f"127.0.0.1:{port}"], bound
 
-    # a second lab beside it; killed with SIGKILL, it is stale, and `down` leaves nothing of it
-    invoke("up", "--lab", str(TWO))
-    s2 = status(TWO)
-    assert s2["up"] and s2["netns"] != s["netns"] and not s2["cluster"]
-    assert quorate(status(THREE), members, 4, 4)  # the first lab did not notice
-    two_ports = [int(v.split(":")[1]) for n in s2["nodes"].values() for v in n["forwards"].values()]
-    assert not set(two_ports) & set(ports)
-    for entry in lab_processes(two):
-        os.kill(int(entry.split(":")[0]), signal.SIGKILL)
-    stale = invoke("status", "--lab", str(TWO), check=False)
-    assert stale.returncode == 3 and "stale" in stale.stdout
-    gone = invoke("down", "--lab", str(TWO))
-    assert "stale state" in gone.stdout and "is down" in gone.stdout
-    assert leftovers(two) == {"processes": [], "netns": [], "throwaway files": []}
-    assert not any(listening(p) for p in two_ports)
-    assert "nothing to do" in invoke("down", "--lab", str(TWO)).stdout
-
     # the rehearsal's walk, as faults on the running lab
     t0 = time.monotonic()
     walked = invoke("rehearse", "--running", "--keep-going", "--lab", str(THREE), check=False)
@@ -316,6 +299,16 @@ def test_up_work_break_walk_down(labs, tmp_path):
     assert report.scenario is not None and report.scenario.passed
     assert status(THREE)["up"]  # still up: the operator brought it up
 
+    # a second lab beside it, with its own cluster: its own namespace (the same subnets are
+    # no clash) and host ports; the first lab does not notice. It stays up for the next test.
+    invoke("up", "--cluster", "--lab", str(REDUNDANT))
+    s2 = status(REDUNDANT)
+    assert s2["up"] and s2["cluster"] and s2["netns"] != s["netns"]
+    assert quorate(s2, members, 4, 4), json.dumps(s2, indent=2)
+    assert quorate(status(THREE), members, 4, 4)  # the first lab did not notice
+    two_ports = [int(v.split(":")[1]) for n in s2["nodes"].values() for v in n["forwards"].values()]
+    assert not set(two_ports) & set(ports)
+
     # down: nothing of the lab is left
     done = invoke("down", "--lab", str(THREE))
     assert "is down" in done.stdout
@@ -329,16 +322,13 @@ def test_up_work_break_walk_down(labs, tmp_path):
         assert not [p for p in manifest.packages if p.startswith(("corosync", "libcorosync", "libknet"))]
 
 
-REDUNDANT = LABS / "proxmox-3node-redundant.yaml"
-
-
-def test_redundant_links_by_hand_then_the_link_walk_on_real_corosync():
-    """The redundant lab up with its cluster: each link on its own bridge and NIC; every
-    link fault of `invoke fault` done and undone, judged from inside the guests; then the
-    rehearsal's link walk on the same running lab (knet's failover on real corosync)."""
-    lab = load_lab(REDUNDANT)
-    if not all(lab.layout.manifest(n.name).exists() for n in lab.nodes):
-        build(lab)
+def test_redundant_links_by_hand_then_the_link_walk_on_real_corosync(labs):
+    """The redundant lab up with its cluster (the one the test above left up beside the
+    first, else brought up now): each link on its own bridge and NIC; every link fault of
+    `invoke fault` done and undone, judged from inside the guests; the rehearsal's link
+    walk on the same running lab (knet's failover on real corosync); then killed with
+    SIGKILL, it is stale, and `down` leaves nothing of it."""
+    _, lab = labs
     L = ("--lab", str(REDUNDANT))
 
     def on(node, command, root=False, check=True):
@@ -355,7 +345,8 @@ def test_redundant_links_by_hand_then_the_link_walk_on_real_corosync():
         return int(out.strip().splitlines()[-1])
 
     try:
-        invoke("up", "--cluster", *L)
+        if not status(REDUNDANT)["up"]:
+            invoke("up", "--cluster", *L)
         # link0 on the cluster network, link1 (and the default route) on the lab network
         assert reach("pve-1", "10.81.1.12") == "open" and reach("pve-1", "10.81.0.12") == "open"
         for n in ("pve-1", "pve-2", "pve-3"):
@@ -451,5 +442,17 @@ def test_redundant_links_by_hand_then_the_link_walk_on_real_corosync():
         assert not saturated.measurement["membership_changed"] and saturated.membership_held
         summary = (lab.layout.rehearsal_dir("qcow2") / "summary.txt").read_text()
         assert "l0:2/2 l1:2/2" in summary and "l0:0/2 l1:2/2" in summary
+
+        # killed with SIGKILL, it is stale, and `down` leaves nothing of it
+        ports = [int(v.split(":")[1]) for n in s["nodes"].values() for v in n["forwards"].values()]
+        for entry in lab_processes(lab):
+            os.kill(int(entry.split(":")[0]), signal.SIGKILL)
+        stale = invoke("status", *L, check=False)
+        assert stale.returncode == 3 and "stale" in stale.stdout
+        gone = invoke("down", *L)
+        assert "stale state" in gone.stdout and "is down" in gone.stdout
+        assert leftovers(lab) == {"processes": [], "netns": [], "throwaway files": []}
+        assert not any(listening(p) for p in ports)
+        assert "nothing to do" in invoke("down", *L).stdout
     finally:
         invoke("down", *L, check=False)
