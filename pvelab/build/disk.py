@@ -15,6 +15,11 @@ from pvelab.core.run import StepError, Steps
 QCOW2_FORMAT = "qcow2"  # qemu-img's name of the disk format (-f, -O)
 
 
+def overlay_command(backing: Path, path: Path) -> list[str]:
+    """``qemu-img create`` of a qcow2 at ``path`` over the qcow2 ``backing``, which is only read."""
+    return ["qemu-img", "create", "-q", "-f", QCOW2_FORMAT, "-F", QCOW2_FORMAT, "-b", str(backing), str(path)]
+
+
 @contextmanager
 def loop_disk(image: Path, steps: Steps, read_only: bool = False, partitions: int = 1) -> Iterator[str]:
     """Attach a disk image and yield its loop device, partitions at /dev/loopXpN.

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from pvelab.build import cache
 from pvelab.build.bootdisk import ROOT_PARTITION
-from pvelab.build.disk import QCOW2_FORMAT, loop_disk, mounted
+from pvelab.build.disk import loop_disk, mounted, overlay_command
 from pvelab.build.guestpkgs import PackageSet
 from pvelab.core.paths import cache_dir
 from pvelab.core.run import StepError, Steps
@@ -77,20 +77,7 @@ def layer(lab: Lab, node: Node, debs: tuple[Path, ...], steps: Steps) -> Path:
         staging.mkdir(parents=True)
         try:
             disk = staging / name
-            steps.capture(
-                [
-                    "qemu-img",
-                    "create",
-                    "-q",
-                    "-f",
-                    QCOW2_FORMAT,
-                    "-F",
-                    QCOW2_FORMAT,
-                    "-b",
-                    str(artefact),
-                    str(disk),
-                ]
-            )
+            steps.capture(overlay_command(artefact, disk))
             with ExitStack() as opened:
                 raw = opened.enter_context(raw_view(disk, steps))
                 dev = opened.enter_context(loop_disk(raw, steps, partitions=ROOT_PARTITION))

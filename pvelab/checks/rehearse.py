@@ -209,13 +209,22 @@ class Rehearsal:
         else:
             if a.install:
                 out += self.install(targets, a.install)
-            for cmd in a.commands:
+            if a.commands:
+                # one root shell per host for the whole action (each SSH + sudo round trip is
+                # a second or more of emulated CPU); each command echoed before it runs, the
+                # first failing one ends the script and is named
+                script = "set -e\n" + "".join(f"echo {shlex.quote('$ ' + c)}\n{c}\n" for c in a.commands)
 
-                def one(m: Machine, c: str = cmd) -> str:
-                    return self.root(m.name, c, timeout=300)
+                def one(m: Machine) -> str:
+                    status, text = self.machines[m.name].sudo(script, timeout=300)
+                    if status != 0:
+                        ran = [line[2:] for line in text.splitlines() if line.startswith("$ ")]
+                        failed = ran[-1] if ran else a.commands[0]
+                        raise RehearsalError(f"{m.name}: `{failed}` exited {status}: {text.strip()[-400:]}")
+                    return text
 
                 res = self.on_hosts(targets, one)
-                out += "".join(f"[{n}] $ {cmd}\n{o}" for n, o in res.items())
+                out += "".join(f"[{n}] {o}" for n, o in res.items())
         record = DeployRecord(a.title, targets, round(time.monotonic() - t0, 1), True, out[-4000:])
         self.say(f"deploy: {a.title} on {', '.join(targets) or '-'} ({record.seconds}s)")
         return record

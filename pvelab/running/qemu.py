@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pvelab.build.disk import QCOW2_FORMAT
+from pvelab.build.disk import overlay_command
 from pvelab.core.errors import PvelabError
 from pvelab.model import accel as accelerator
 from pvelab.model.media import Firmware, Medium
@@ -192,21 +192,7 @@ def prepare(
     if medium.copy_on_write and copy_on_write:
         drive = workdir / f"{name}.overlay.qcow2"
         drive.unlink(missing_ok=True)
-        subprocess.run(
-            [
-                "qemu-img",
-                "create",
-                "-q",
-                "-f",
-                QCOW2_FORMAT,
-                "-F",
-                QCOW2_FORMAT,
-                "-b",
-                str(artefact.resolve()),
-                str(drive),
-            ],
-            check=True,
-        )
+        subprocess.run(overlay_command(artefact.resolve(), drive), check=True)
     if firmware.is_uefi():
         shutil.copyfile(first_existing(firmware.vars), workdir / f"{name}.OVMF_VARS.fd")
     return drive
