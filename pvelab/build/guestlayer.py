@@ -92,7 +92,7 @@ def layer(lab: Lab, node: Node, debs: tuple[Path, ...], steps: Steps) -> Path:
             (staging / "root").rmdir()
             cache.seal(staging, [disk])
             for old in where.iterdir():  # older layers of this path: their artefact bytes are gone
-                if old.name != staging.name and not old.name.startswith("."):
+                if not old.name.startswith(".") and not old.name.endswith(".damaged"):  # kept for a look
                     shutil.rmtree(old, ignore_errors=True)
             try:
                 os.replace(staging, entry)
