@@ -129,22 +129,67 @@ def test_netboot_lab_passes(built, lab, firmware):
     assert not (out / "netboot-root").exists()  # the serving root (links to the ISOs) is gone
 
 
-@pytest.mark.parametrize(
-    "media, firmware",
-    [("usb", "bios"), ("usb", "uefi"), ("qcow2", "uefi"), ("qcow2", "uefi-sb"), ("netboot", "bios")],
-)
-def test_single_node_boots(built, lab, media, firmware):
-    """One node on the other media and firmware: the hybrid ISO as a USB stick (isohybrid
-    MBR for BIOS, the GPT's EFI partition for UEFI), the qcow2's GPT disk under UEFI,
-    with and without Secure Boot (shim -> signed GRUB from its ESP -> signed kernel), and
-    the NIC under BIOS (QEMU's iPXE ROM -> the node's iPXE script -> live-boot over HTTP)."""
-    from pvelab.checks.boottest import SECURE_BOOT, Progress, booted_lab
+# One node on each of these (medium, firmware) pairs; the five boot at once (one VM each:
+# together they keep both cores busy), each in a namespace of its own.
+SINGLE = [("usb", "bios"), ("usb", "uefi"), ("qcow2", "uefi"), ("qcow2", "uefi-sb"), ("netboot", "bios")]
+
+
+@pytest.fixture(scope="class")
+def single_boots(built, lab):
+    """``{(media, firmware): (driver, error or None)}``: pbs-witness booted on every pair of SINGLE."""
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import ExitStack
+
+    from pvelab.checks.boottest import Progress, booted_lab
     from pvelab.model.media import boot_combination
 
     node = lab.node("pbs-witness")
-    medium, fw = boot_combination(media, firmware)
-    out = Layout(lab.name).root / "boot-test" / f"single-{media}-{firmware}"
-    with booted_lab(lab, (node,), medium, fw, "auto", out, Progress(f"{media}-{firmware}")) as booted:
+    with ExitStack() as stack:
+        drivers = {}
+        for i, (media, firmware) in enumerate(SINGLE):
+            medium, fw = boot_combination(media, firmware)
+            out = Layout(lab.name).root / "boot-test" / f"single-{media}-{firmware}"
+            drivers[(media, firmware)] = stack.enter_context(
+                booted_lab(
+                    lab,
+                    (node,),
+                    medium,
+                    fw,
+                    "auto",
+                    out,
+                    Progress(f"{media}-{firmware}"),
+                    netns=f"pvelab-{os.getpid()}-single{i}",
+                    wait_ssh=False,
+                )
+            )
+        with ThreadPoolExecutor(len(drivers)) as pool:
+            waits = {pair: pool.submit(d.wait_all_ssh) for pair, d in drivers.items()}
+        errors = {}
+        for pair, wait in waits.items():
+            try:
+                drivers[pair].ssh_ready_seconds = wait.result()
+            except Exception as exc:  # the pair's own test reports it
+                errors[pair] = f"{type(exc).__name__}: {exc}"
+        yield {pair: (d, errors.get(pair)) for pair, d in drivers.items()}
+
+
+class TestSingleNode:
+    """The five single-node boots share one class, so their VMs stop after its last test."""
+
+    @pytest.mark.parametrize("media, firmware", SINGLE)
+    def test_single_node_boots(self, single_boots, lab, media, firmware):
+        """One node on the other media and firmware: the hybrid ISO as a USB stick (isohybrid
+        MBR for BIOS, the GPT's EFI partition for UEFI), the qcow2's GPT disk under UEFI,
+        with and without Secure Boot (shim -> signed GRUB from its ESP -> signed kernel), and
+        the NIC under BIOS (QEMU's iPXE ROM -> the node's iPXE script -> live-boot over HTTP)."""
+        from pvelab.checks.boottest import SECURE_BOOT
+        from pvelab.model.media import boot_combination
+
+        node = lab.node("pbs-witness")
+        medium, fw = boot_combination(media, firmware)
+        out = Layout(lab.name).root / "boot-test" / f"single-{media}-{firmware}"
+        booted, error = single_boots[(media, firmware)]
+        assert error is None, error
         m = booted.machines[node.name]
         assert m.succeed("hostname").strip() == node.name
         m.wait_for_unit(node.role_def.unit)

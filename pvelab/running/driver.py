@@ -336,6 +336,19 @@ def netns_name(lab: Lab) -> str:
     return f"pvelab-{lab.name[:40]}-{where}"
 
 
+# corosync.conf read again, then the QDevice client started again. Without the device in
+# the runtime config the client exits at once ("Can't read quorum.device.model cmap key"),
+# systemd restarts it (Restart=on-failure) until its start limit: reset that, and start
+# the client only once the reload has put the device back.
+RESTORE_QDEVICE = (
+    "corosync-cfgtool -R"
+    " && for i in $(seq 30); do corosync-cmapctl -g quorum.device.model >/dev/null 2>&1 && break; sleep 1; done"
+    " && corosync-cmapctl -g quorum.device.model"
+    " && { systemctl reset-failed corosync-qdevice.service || true; }"
+    " && systemctl restart corosync-qdevice.service"
+)
+
+
 # --------------------------------------------------------------------------- the driver
 
 
@@ -356,9 +369,11 @@ class Driver:
         netns: str | None = None,
         state_file: Path | None = None,
         bases: dict[str, Path] | None = None,
+        wait_ssh: bool = True,
     ):
         self.lab, self.nodes, self.medium, self.fw = lab, nodes, medium, fw
         self.bases = bases or {}  # what a node's overlay backs onto instead of its artefact (a package layer)
+        self.wait_ssh = wait_ssh  # False: start() returns once the VMs run; wait_all_ssh() is the caller's
         self.accel, self.accel_reason, self.outdir, self.say = accel, accel_reason, workdir, say
         self.disks = disks
         self.net = LabNet(
@@ -427,7 +442,8 @@ class Driver:
         if self.state_file is not None:
             self.state = self._new_state()
             self.save()
-        self.ssh_ready_seconds = self.wait_all_ssh()
+        if self.wait_ssh:
+            self.ssh_ready_seconds = self.wait_all_ssh()
 
     def _spec(self, n: Node, drive: Path) -> VmSpec:
         return VmSpec(
@@ -817,9 +833,7 @@ class Driver:
             line = f"{', '.join(nodes)}: expected votes set to {votes} (pvecm expected {votes})"
         elif fault in (Fault.FORGET_QDEVICE, Fault.RESTORE_QDEVICE):
             command = (
-                "corosync-cmapctl -D quorum.device"
-                if fault is Fault.FORGET_QDEVICE
-                else "corosync-cfgtool -R && systemctl restart corosync-qdevice.service"
+                "corosync-cmapctl -D quorum.device" if fault is Fault.FORGET_QDEVICE else RESTORE_QDEVICE
             )
             for n in nodes:
                 status, out = self.machines[n].sudo(command, timeout=120)
