@@ -216,7 +216,7 @@ class Rehearsal:
                 script = "set -e\n" + "".join(f"echo {shlex.quote('$ ' + c)}\n{c}\n" for c in a.commands)
 
                 def one(m: Machine) -> str:
-                    status, text = self.machines[m.name].sudo(script, timeout=300)
+                    status, text = m.sudo(script, timeout=300)
                     if status != 0:
                         ran = [line[2:] for line in text.splitlines() if line.startswith("$ ")]
                         failed = ran[-1] if ran else a.commands[0]
