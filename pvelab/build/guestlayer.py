@@ -31,7 +31,7 @@ from pathlib import Path
 from pvelab.build import cache
 from pvelab.build.bootdisk import ROOT_PARTITION
 from pvelab.build.disk import loop_disk, mounted, overlay_command
-from pvelab.build.guestpkgs import PackageSet
+from pvelab.build.guestpkgs import PackageSet, identities
 from pvelab.core.paths import cache_dir
 from pvelab.core.run import StepError, Steps
 from pvelab.model.artefacts import ArtefactKind, built, sha256
@@ -168,15 +168,10 @@ def install_offline(root: Path, debs: tuple[Path, ...], steps: Steps) -> list[st
             env=CHROOT_ENV,
         )
         files = steps.capture(
-            [*chroot, "dpkg-query", "-L", *sorted({_package(d) for d in debs})], env=CHROOT_ENV
+            [*chroot, "dpkg-query", "-L", *sorted(identities(debs))], env=CHROOT_ENV
         ).splitlines()
         units = sorted({m.group(2) for f in files if (m := UNIT.match(f.strip()))})
         if units:
             steps.run([*chroot, "systemctl", "disable", *units], env=CHROOT_ENV)
         steps.say(f"installed {len(debs)} packages offline; units left disabled: {', '.join(units) or '-'}")
         return units
-
-
-def _package(deb: Path) -> str:
-    """A .deb's package name, from Debian's file name (``name_version_arch.deb``)."""
-    return deb.name.split("_", 1)[0]
