@@ -54,26 +54,81 @@ def test_installers_install_and_the_disks_boot(built, lab, media, firmware):
         assert f"pvelab-install: installed {n} on /dev/vda" in console
 
 
-def test_a_network_install_boots_under_secure_boot(built, lab):
+@pytest.fixture(scope="module")
+def lone_installers(built, lab, tmp_path_factory):
+    """The two one-VM installer runs at once (one VM keeps one of the two cores busy): pve-1
+    installed over the network under Secure Boot onto a blank disk, and pbs-witness's CD
+    installer facing a used disk. ``{"netinstall": (run, out, disk), "refuse": (run, disk,
+    sha256 before)}``; a run that raised is its exception, for its own test to raise."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pvelab.checks.installtest import blank_disk
+    from pvelab.model.media import MEDIA
+
+    def netinstall():
+        node = lab.node("pve-1")
+        accel, _ = choose_accel(lab, node, "auto")
+        # in the build tree, as every boot test's: dnsmasq's TFTP (an unprivileged user) reads there
+        out = built.root / "boot-test" / "single-netinstall-uefi-sb"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        disk = blank_disk(out / f"{node.name}.disk.qcow2", node.disk_gb)
+        runs = run_installers(
+            lab,
+            (node,),
+            {node.name: disk},
+            FIRMWARES["uefi-sb"],
+            accel,
+            out,
+            Progress("netinstall"),
+            medium=MEDIA["netinstall"],
+        )
+        return runs[node.name], out, disk
+
+    def refuse():
+        node = lab.node("pbs-witness")
+        tmp = tmp_path_factory.mktemp("refuse")
+        raw = tmp / "used.raw"
+        with open(raw, "wb") as fh:
+            fh.truncate(node.disk_gb * 1024**3)
+        subprocess.run(["sfdisk", "--quiet", str(raw)], input=b"label: gpt\n,,L\n", check=True)
+        disk = tmp / "used.qcow2"
+        subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", str(raw), str(disk)], check=True)
+        before = digest(disk)
+        accel, _ = choose_accel(lab, node, "auto")
+        runs = run_installers(
+            lab, (node,), {node.name: disk}, FIRMWARES["bios"], accel, tmp, Progress("refuse")
+        )
+        return runs[node.name], disk, before
+
+    with ThreadPoolExecutor(2) as pool:
+        jobs = {"netinstall": pool.submit(netinstall), "refuse": pool.submit(refuse)}
+    return {name: job.exception() or job.result() for name, job in jobs.items()}
+
+
+def lone(results, name):
+    got = results[name]
+    if isinstance(got, BaseException):
+        raise got
+    return got
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_network_install_boots_under_secure_boot(lone_installers, built, lab):
     """The installer booted from the NIC with Secure Boot enforced: OVMF's PXE -> shim ->
     Debian's network GRUB (the node's menu, by MAC) -> the kernel, whose live-boot fetches
     the installer ISO over HTTP with its payload; the installed disk then boots alone
     under Secure Boot, its role serving, the install log on it."""
-    from pvelab.checks.boottest import SECURE_BOOT, Progress, booted_lab
-    from pvelab.checks.installtest import blank_disk
+    from pvelab.checks.boottest import SECURE_BOOT, booted_lab
     from pvelab.model.media import MEDIA
 
     node = lab.node("pve-1")
     fw = FIRMWARES["uefi-sb"]
-    accel, _ = choose_accel(lab, node, "auto")
     say = Progress("netinstall")
-    # in the build tree, as every boot test's: dnsmasq's TFTP (an unprivileged user) reads there
-    out = built.root / "boot-test" / "single-netinstall-uefi-sb"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    disk = blank_disk(out / f"{node.name}.disk.qcow2", node.disk_gb)
-    runs = run_installers(lab, (node,), {node.name: disk}, fw, accel, out, say, medium=MEDIA["netinstall"])
-    run = runs[node.name]
+    run, out, disk = lone(lone_installers, "netinstall")
     assert run.installed and run.seconds > 0, run.tail()
     assert "Install " in run.console and "over the network" in run.console  # GRUB's network menu
     http = (out / "http.log").read_text()
@@ -90,28 +145,12 @@ def test_a_network_install_boots_under_secure_boot(built, lab):
         assert m.succeed("systemctl --failed --no-legend --plain").strip() == ""
 
 
-def test_installer_refuses_a_used_disk(built, lab, tmp_path):
+def test_installer_refuses_a_used_disk(lone_installers):
     """A disk with a partition table: the installer says why, writes nothing, powers off."""
-    node = lab.node("pbs-witness")
-    raw = tmp_path / "used.raw"
-    with open(raw, "wb") as fh:
-        fh.truncate(node.disk_gb * 1024**3)
-    subprocess.run(["sfdisk", "--quiet", str(raw)], input=b"label: gpt\n,,L\n", check=True)
-    disk = tmp_path / "used.qcow2"
-    subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", str(raw), str(disk)], check=True)
-
-    def digest():
-        return hashlib.sha256(disk.read_bytes()).hexdigest()
-
-    before = digest()
-    accel, _ = choose_accel(lab, node, "auto")
-    runs = run_installers(
-        lab, (node,), {node.name: disk}, FIRMWARES["bios"], accel, tmp_path, Progress("refuse")
-    )
-    run = runs[node.name]
+    run, disk, before = lone(lone_installers, "refuse")
     assert run.refused and not run.installed, run.console[-2000:]
     assert "is not blank" in run.console and "nothing was written" in run.console
-    assert digest() == before  # every byte of the disk unchanged
+    assert digest(disk) == before  # every byte of the disk unchanged
 
 
 def test_a_silent_installer_is_killed_retried_once_and_quoted(lab, tmp_path, monkeypatch):
