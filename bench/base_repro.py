@@ -43,7 +43,7 @@ def tree(root: Path) -> dict[str, dict]:
             p = Path(dirpath) / name
             st = p.lstat()
             rel = "/" + p.relative_to(root).as_posix()
-            entry = {
+            entry: dict[str, int | str] = {
                 "mode": stat.S_IMODE(st.st_mode),
                 "uid": st.st_uid,
                 "gid": st.st_gid,
@@ -94,13 +94,15 @@ def main() -> int:
         ha, hb = fs_header(pa), fs_header(pb)
     kinds: dict[str, list[str]] = {}
     for path in sorted(set(ta) | set(tb)):
-        a, b = ta.get(path), tb.get(path)
-        if a == b:
+        ea, eb = ta.get(path), tb.get(path)
+        if ea == eb:
             continue
-        if a is None or b is None:
-            why = "only in " + ("b" if a is None else "a")
+        if ea is None or eb is None:
+            why = "only in " + ("b" if ea is None else "a")
         else:
-            why = ",".join(k for k in ("sha", "link", "mode", "uid", "gid", "mtime") if a.get(k) != b.get(k))
+            why = ",".join(
+                k for k in ("sha", "link", "mode", "uid", "gid", "mtime") if ea.get(k) != eb.get(k)
+            )
         kinds.setdefault(why, []).append(path)
     report["paths"] = {why: paths for why, paths in sorted(kinds.items())}
     report["filesystem"] = {

@@ -40,6 +40,7 @@ from pvelab.model.media import BIOS, FIRMWARES, MEDIA  # noqa: E402
 from pvelab.running.labnet import LabNet  # noqa: E402
 from pvelab.running.machine import Machine  # noqa: E402
 from pvelab.running.qemu import VmSpec, prepare  # noqa: E402
+from pvelab.running.serving import Serving  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 OUT = build_root() / "bench"
@@ -151,13 +152,13 @@ def ssh_banner_seconds(
     A network boot (``media`` netboot) is served as the boot test serves it (DHCP, TFTP, HTTP)."""
     medium, fw = MEDIA[media], FIRMWARES[firmware]
     net = LabNet([name], workdir, node_macs={n.name: n.mac for n in lab.nodes})
-    serving = None
+    served = None
     if medium.is_network_boot():
-        serving = netboot.Serving(lab, (lab.node(name),), netboot.Mode(medium.netboot), workdir)
-        serving.configure(net)
+        served = Serving(lab, (lab.node(name),), netboot.Mode(medium.netboot), workdir)
+        served.configure(net)
     with net:
-        if serving is not None:
-            serving.start(net)
+        if served is not None:
+            served.start(net)
         drive = prepare(medium, fw, image, workdir, name, copy_on_write=cow)
         spec = VmSpec(name, ram, medium, fw, "tcg", drive, workdir, tap=net.taps[name], mac=net.macs[name])
         m = Machine(spec, net)
@@ -181,8 +182,8 @@ def ssh_banner_seconds(
             raise SystemExit(f"bench: {name}: no SSH banner within {timeout}s")
         finally:
             m.stop()
-            if serving is not None:
-                serving.stop()
+            if served is not None:
+                served.stop()
 
 
 def installer_figures(lab, pbuild: Path, node) -> dict[str, float]:
