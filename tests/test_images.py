@@ -437,6 +437,12 @@ def test_installer_iso_menus_and_payload(built, lab, tmp_path):
     assert "TIMEOUT 100" in cfg and "pvelab.install=1" in cfg and "MENU LABEL Cancel: the live system" in cfg
     grub = (tmp_path / "grub.cfg").read_text()
     assert "set timeout=10" in grub and f"ERASES {rule}" in grub and grub.count("menuentry") == 2
+    # the install entry boots the installer's own target; the live ("Cancel") entry does not
+    for text in (cfg, grub):
+        lines = [line for line in text.splitlines() if "/live/vmlinuz" in line or "APPEND" in line]
+        install = [line for line in lines if "pvelab.install=1" in line]
+        assert install and all("systemd.unit=pvelab-install.target" in line for line in install), text
+        assert all("systemd.unit" not in line for line in lines if line not in install), text
     assert (tmp_path / "live/filesystem.module").read_text().split() == [
         "filesystem.squashfs",
         f"{node.name}.squashfs",
@@ -450,6 +456,7 @@ def test_installer_iso_menus_and_payload(built, lab, tmp_path):
     ).stdout
     assert "squashfs-root/usr/lib/pvelab/installer.py" in layer
     assert "squashfs-root/etc/systemd/system/multi-user.target.wants/pvelab-install.service" in layer
+    assert "squashfs-root/usr/lib/systemd/system/pvelab-install.target" in layer
 
 
 @pytest.mark.parametrize("name", NODES)

@@ -51,6 +51,7 @@ def test_the_bundle_is_reproducible_and_its_scripts_name_its_files(lab, parts, t
         iso = "pve-1-installer.iso" if script.startswith("install") else "pve-1.iso"
         assert f"/{iso}" in text, (script, text)
         assert ("pvelab.install=1" in text) == script.startswith("install"), script
+        assert ("systemd.unit=pvelab-install.target" in text) == script.startswith("install"), script
     assert (root / "netboot/pve-1/live.ipxe").read_text().startswith("#!ipxe\n")
     # the installer says what it erases and waits, as the installer ISO does
     assert (

@@ -58,8 +58,10 @@ def volume_label(node: str) -> str:
 
 
 # panic=10: a kernel panic in the unattended installer restarts the machine (and ends a
-# test VM, which runs with -no-reboot) instead of freezing with the disk half written
-INSTALL_ARG = "pvelab.install=1 panic=10"
+# test VM, which runs with -no-reboot) instead of freezing with the disk half written.
+# systemd.unit: the installer's own target (overlays/installer), only what the install needs
+INSTALL_TARGET = "pvelab-install.target"
+INSTALL_ARG = f"pvelab.install=1 systemd.unit={INSTALL_TARGET} panic=10"
 INSTALL_WAIT = 10  # seconds the installer's boot menu waits before it erases the disk
 
 
