@@ -132,13 +132,17 @@ def check_shapes(data, lab):
 
 
 def test_proxmoxer_reads_every_endpoint_with_a_ticket_and_with_a_token(lab, api):
+    before = dict(api.stats)
     with_ticket = read_all(login(lab, api), NODE, "rpool-data")
     assert set(with_ticket) == {p.format(node=NODE, storage="rpool-data") for p in READS}
     check_shapes(with_ticket, lab)
     user = f"{lab.user.name}@pam"
     with_token = read_all(connect(HOST, api.port, user, token=token(lab)), NODE, "rpool-data")
     check_shapes(with_token, lab)
-    assert api.stats["tls"] >= 2 * len(READS)
+    # proxmoxer's session keeps its connection (keep-alive): a login and 24 reads over TLS,
+    # each session on one connection with one handshake
+    assert api.stats["answered"] - before["answered"] == 1 + 2 * len(READS)
+    assert api.stats["tls"] - before["tls"] <= 3, (before, api.stats)
 
 
 def test_the_certificate_pinned_by_its_fingerprint(lab, api, tmp_path):
@@ -300,3 +304,93 @@ def test_clients_stalled_in_the_tls_handshake_are_slow_clients(lab, api, compat_
             pass
     assert login(lab, api).version.get()
     assert api.stats["tls_failed"] >= 1
+
+
+def exchange(sock, requests_bytes, answers, wait=0.3):
+    """Send ``requests_bytes``, read ``answers`` whole answers (heads by Content-Length);
+    [(status line, Connection field, body)], then whether the server closed the connection
+    within ``wait`` seconds."""
+    sock.sendall(requests_bytes)
+    buf, out = b"", []
+    while len(out) < answers:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            head = buf[:end].decode()
+            fields = dict(line.split(": ", 1) for line in head.split("\r\n")[1:])
+            size = int(fields["Content-Length"])
+            if len(buf) >= end + 4 + size:
+                out.append((head.split("\r\n")[0], fields["Connection"], buf[end + 4 : end + 4 + size]))
+                buf = buf[end + 4 + size :]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, (out, buf)
+        buf += chunk
+    sock.settimeout(wait)
+    try:
+        closed = sock.recv(1) == b""
+    except TimeoutError:
+        closed = False
+    except (ConnectionResetError, ssl.SSLError):
+        closed = True
+    return out, closed
+
+
+def get_req(path="/api2/json/version", extra=""):
+    return f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n{extra}\r\n".encode()
+
+
+def test_keep_alive_over_tls_the_spec_dialect_closes(lab, api, compat_modules, monkeypatch):
+    """A TLS connection carries request after request (HTTP/1.1), pipelined ones too, API
+    errors (401, 501) included, until the client says close, a request is malformed, or
+    KEEPALIVE_REQUESTS; an idle one is closed at its deadline without counting as a timeout.
+    Plain HTTP stays one request, then close."""
+    compat = compat_modules[0]
+    ctx = ssl._create_unverified_context()
+    tid, secret = token(lab)
+    cookie = f"Authorization: PVEAPIToken={lab.user.name}@pam!{tid}={secret}\r\n"
+
+    def tls():
+        return ctx.wrap_socket(socket.create_connection((HOST, api.port), timeout=10))
+
+    accepted = api.stats["accepted"]
+    with tls() as s:
+        for _ in range(3):  # one after the other
+            (one,), closed = exchange(s, get_req(extra=cookie), 1)
+            assert one[0] == "HTTP/1.1 200 OK" and one[1] == "keep-alive" and not closed
+            assert json.loads(one[2])["data"]["release"]
+        # two at once (pipelined), then a POST whose body the 501 leaves unread, then a GET
+        answers, closed = exchange(
+            s,
+            get_req(extra=cookie) * 2
+            + f"POST /api2/json/nodes HTTP/1.1\r\nHost: x\r\n{cookie}Content-Length: 6\r\n\r\nnode=x".encode()
+            + get_req(f"/api2/json/nodes/{NODE}/status", cookie),
+            4,
+        )
+        assert [a[0].split()[1] for a in answers] == ["200", "200", "501", "200"], answers
+        assert json.loads(answers[3][2])["data"]["uptime"] >= 0 and not closed
+        (last,), closed = exchange(s, get_req(extra=cookie + "Connection: close\r\n"), 1, wait=5)
+        assert last[1] == "close" and closed
+    with tls() as s:  # an API error is an answer like any other; a malformed request closes
+        (denied,), closed = exchange(s, get_req("/api2/json/storage"), 1)  # no credentials
+        assert denied[0].split()[1] == "401" and denied[1] == "keep-alive" and not closed
+        (bad,), closed = exchange(s, b"BREW /api2/json/version HTTP/1.1\r\nHost: x\r\n\r\n", 1, wait=5)
+        assert bad[0].split()[1] == "501" and bad[1] == "close" and closed
+    assert api.stats["accepted"] == accepted + 2
+    # plain HTTP: the spec's endpoints as always, one request per connection
+    with socket.create_connection((HOST, api.port), timeout=10) as s:
+        (plain,), closed = exchange(s, get_req(), 1, wait=5)
+        assert plain[0] == "HTTP/1.0 200 OK" and plain[1] == "close" and closed
+    # at most KEEPALIVE_REQUESTS on one connection; an idle one closes quietly at its deadline
+    monkeypatch.setattr(compat, "KEEPALIVE_REQUESTS", 3)
+    monkeypatch.setattr(compat, "REQUEST_TIMEOUT", 1.0)
+    with tls() as s:
+        answers, closed = exchange(s, get_req(extra=cookie) * 3, 3, wait=5)
+        assert [a[1] for a in answers] == ["keep-alive", "keep-alive", "close"] and closed
+    timed_out = api.stats["timed_out"]
+    with tls() as s:
+        (one,), _ = exchange(s, get_req(extra=cookie), 1)
+        assert one[1] == "keep-alive"
+        s.settimeout(10)
+        t0 = time.monotonic()
+        assert s.recv(1) == b"" and time.monotonic() - t0 < 5  # closed by the server, idle
+    assert api.stats["timed_out"] == timed_out

@@ -37,6 +37,57 @@ def get(
         return 0
 
 
+class Session:
+    """One connection kept open for request after request (HTTP/1.1 keep-alive), as a
+    Proxmox client's session (proxmoxer on requests) uses the API; it connects again when
+    the server closes. ``get`` gives the HTTP status (0 when the request failed)."""
+
+    def __init__(self, port: int, tls: ssl.SSLContext | None = None, timeout: float = 10.0):
+        self.port, self.tls, self.timeout = port, tls, timeout
+        self.sock: socket.socket | None = None
+        self.connections = 0
+
+    def _connect(self) -> socket.socket:
+        raw = socket.create_connection((HOST, self.port), timeout=self.timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as urllib3 (requests) sets it
+        self.connections += 1
+        return self.tls.wrap_socket(raw, server_hostname=HOST) if self.tls else raw
+
+    def get(self, path: str = "/api2/json/version", headers: str = "") -> int:
+        try:
+            if self.sock is None:
+                self.sock = self._connect()
+            self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n".encode())
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed before the answer")
+                buf += chunk
+            head, _, body = buf.partition(b"\r\n\r\n")
+            fields = {
+                k.strip().lower(): v.strip().lower()
+                for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+            }
+            size = int(fields.get(b"content-length", b"0"))
+            while len(body) < size:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed in the body")
+                body += chunk
+            if fields.get(b"connection") != b"keep-alive":
+                self.close()
+            return int(head.split()[1])
+        except (OSError, ValueError, IndexError):
+            self.close()
+            return 0
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 def insecure_client() -> ssl.SSLContext:
     """A TLS client context that accepts a lab node's self-signed certificate (loopback only)."""
     ctx = ssl.create_default_context()
@@ -66,8 +117,11 @@ def measure(
     deadline: float = 60.0,
     tls: ssl.SSLContext | None = None,
     headers: str = "",
+    keep_alive: bool = False,
 ) -> Latency:
-    """``requests`` GETs from ``concurrency`` threads; latency percentiles of each."""
+    """``requests`` GETs from ``concurrency`` threads; latency percentiles of each. Each
+    GET on a new connection, or with ``keep_alive`` each thread's on its own
+    :class:`Session` (its connection, and its handshake, counted in its first GET)."""
     times: list[float] = []
     ok = [0]
     lock = threading.Lock()
@@ -75,15 +129,18 @@ def measure(
     stop = time.monotonic() + deadline
 
     def client() -> None:
+        session = Session(port, tls) if keep_alive else None
         while time.monotonic() < stop:
             with lock:
                 if next(todo, None) is None:
-                    return
+                    break
             t0 = time.monotonic()
-            status = get(port, tls=tls, headers=headers)
+            status = session.get(headers=headers) if session else get(port, tls=tls, headers=headers)
             with lock:
                 times.append(time.monotonic() - t0)
                 ok[0] += status == 200
+        if session:
+            session.close()
 
     t0 = time.monotonic()
     threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]

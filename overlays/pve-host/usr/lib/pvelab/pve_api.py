@@ -718,7 +718,7 @@ class ApiHandler(compat.Handler):
         self.send_response(status, reason)
         self.send_header("Content-Type", "application/json;charset=UTF-8")
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
+        self.send_header("Connection", self.connection_header())
         self.send_header("Cache-Control", "max-age=0")
         self.end_headers()
         if not head:

@@ -21,7 +21,12 @@ How the HTTP server stays up (one I/O thread, a few workers):
 * at most ``MAX_CONNECTIONS`` connections are open: a new one evicts the oldest that
   has not finished its request, so slow clients cannot lock normal ones out;
 * complete requests go to ``max_workers`` threads through a bounded queue (503 when
-  full); answers are written back by the I/O thread, with their own deadline.
+  full); answers are written back by the I/O thread, with their own deadline;
+* a TLS connection carries up to ``KEEPALIVE_REQUESTS`` requests when the client asks
+  for it (HTTP/1.1 without ``Connection: close``, no body on a GET), as pveproxy does
+  and as a Proxmox client's session uses it: the next request has a new whole-request
+  deadline, and a connection idle past it is closed quietly.  Plain HTTP (the spec's
+  endpoints) stays one request per connection, ``Connection: close``.
 
 Memory is bounded by ``MAX_CONNECTIONS * MAX_HEAD_BYTES`` (8 MiB) plus the queue.
 """
@@ -55,6 +60,8 @@ MAX_BODY_BYTES = 65536  # a request body (a login form): larger is 413
 TLS_RECORD = 0x16  # the first byte of a TLS handshake record (a ClientHello)
 _CONTENT_LENGTH = re.compile(rb"^content-length:[ \t]*(\S*)[ \t]*\r?$", re.I | re.M)
 LINGER = 2.0  # seconds to discard what a client still sends after its answer (no RST)
+KEEPALIVE_REQUESTS = 100  # requests one TLS connection may carry, then Connection: close
+_KEEP_ALIVE = b"\r\nConnection: keep-alive\r\n"  # in an answer's head: the connection stays open
 
 
 def dumps(obj):
@@ -79,7 +86,7 @@ def _status_line(code, reason):
 
 
 class _Conn:
-    __slots__ = ("addr", "buf", "deadline", "out", "sniffed", "sock", "state", "tls")
+    __slots__ = ("addr", "buf", "deadline", "keep", "out", "served", "sniffed", "sock", "state", "tls")
 
     def __init__(self, sock, addr, now):
         self.sock, self.addr = sock, addr
@@ -89,6 +96,25 @@ class _Conn:
         self.state = "reading"  # [handshake ->] reading -> working -> writing -> lingering
         self.sniffed = False  # the first byte has been looked at (TLS or plain)
         self.tls = False
+        self.keep = False  # the request being answered may be followed by another
+        self.served = 0  # requests answered on this connection
+
+
+def keep_alive_asked(head):
+    """Whether a complete request (head and any body) lets its connection carry the next
+    one: HTTP/1.1, no ``Connection: close``, no ``Expect``, nothing the server does not
+    read (a body on a GET or HEAD, a chunked body)."""
+    line, _, headers = head.partition(b"\n")
+    if not line.rstrip().endswith(b"HTTP/1.1"):
+        return False
+    fields = {}
+    for raw in headers.split(b"\n"):
+        name, sep, value = raw.partition(b":")
+        if sep:
+            fields[name.strip().lower()] = value.strip().lower()
+    if b"close" in fields.get(b"connection", b"") or b"expect" in fields or b"transfer-encoding" in fields:
+        return False
+    return not (line.startswith((b"GET ", b"HEAD ")) and fields.get(b"content-length", b"0") != b"0")
 
 
 def _body_length(head):
@@ -183,6 +209,10 @@ class BoundedHTTPServer:
             if len(self._conns) >= MAX_CONNECTIONS:
                 self._evict_oldest()
             sock.setblocking(False)
+            # each answer goes out in one write, so Nagle's delay buys nothing; with it, on
+            # kept-open TLS connections about 1 answer in 100 came ~45 ms late (p99 48 ms
+            # against 7 ms without, measured on loopback)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             c = _Conn(sock, addr, time.monotonic())
             self._conns[sock.fileno()] = c
             self._sel.register(sock, selectors.EVENT_READ, c)
@@ -264,6 +294,10 @@ class BoundedHTTPServer:
             self._close(c)
             return
         c.buf += data
+        self._parse(c)
+
+    def _parse(self, c):
+        """Hand a complete request in ``c.buf`` to a worker, answer a bad one, or wait."""
         end = c.buf.find(b"\r\n\r\n")
         if end < 0:
             end = c.buf.find(b"\n\n")
@@ -296,6 +330,8 @@ class BoundedHTTPServer:
             if len(c.buf) < len(head) + length:
                 return  # the rest of the body, within the same deadline
             head = bytes(c.buf[: len(head) + length])
+        del c.buf[: len(head)]  # what follows is the client's next request (keep-alive)
+        c.keep = c.tls and c.served + 1 < KEEPALIVE_REQUESTS and keep_alive_asked(head)
         c.state = "working"
         self._sel.unregister(c.sock)
         try:
@@ -341,7 +377,20 @@ class BoundedHTTPServer:
         c.out = c.out[sent:]
         if not c.out:
             self.stats["answered"] += 1
-            self._linger(c)
+            if c.keep:
+                self._next_request(c)
+            else:
+                self._linger(c)
+
+    def _next_request(self, c):
+        """Keep-alive: the connection waits for its next request, with a new deadline."""
+        c.served += 1
+        c.keep, c.state, c.deadline = False, "reading", time.monotonic() + REQUEST_TIMEOUT
+        self._sel.modify(c.sock, selectors.EVENT_READ, c)
+        if c.buf:
+            self._parse(c)  # it came with the last one (pipelined)
+        elif c.sock.pending():
+            self._read(c)  # it sits in the TLS buffer: the selector would not say so
 
     def _linger(self, c):
         """Half-close and discard what the client still sends, so the answer is not lost
@@ -374,8 +423,8 @@ class BoundedHTTPServer:
                     c.sock.send(_status_line(408, "Request Timeout"))
                 except OSError:
                     pass
-            elif c.state in ("reading", "handshake"):
-                self.stats["timed_out"] += 1
+            elif c.state == "handshake" or (c.state == "reading" and not c.served):
+                self.stats["timed_out"] += 1  # (an idle keep-alive connection just closes)
             self._close(c)
 
     def _close(self, c):
@@ -397,10 +446,12 @@ class BoundedHTTPServer:
             except queue.Empty:
                 continue
             try:
-                data = self.handler.respond(self, head, c.addr, secure=c.tls)
+                data = self.handler.respond(self, head, c.addr, secure=c.tls, keep=c.keep)
             except Exception as exc:  # one bad request never stops the service
                 log.warning("%s: error serving %s: %s", self.name, c.addr[0], exc)
                 data = _status_line(500, "Internal Server Error")
+            # the answer's own head says whether the connection stays open (an error closes it)
+            c.keep = c.keep and _KEEP_ALIVE in data[: data.find(b"\r\n\r\n") + 2]
             self._done.put((c, data))
             try:
                 self._wake_w.send(b"x")
@@ -420,9 +471,10 @@ class BoundedHTTPServer:
 class _Request:
     """What BaseHTTPRequestHandler wants as a request: the head (and any body) already read."""
 
-    def __init__(self, head, secure=False):
+    def __init__(self, head, secure=False, keep=False):
         self.head = head
         self.secure = secure  # it came over TLS
+        self.keep = keep  # the connection may carry the next request (keep-alive)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -433,10 +485,11 @@ class Handler(BaseHTTPRequestHandler):
     allowed = "GET, HEAD"
 
     @classmethod
-    def respond(cls, server, head, client_address, secure=False):
-        """The whole answer (bytes) to one complete request (its head, then any body)."""
+    def respond(cls, server, head, client_address, secure=False, keep=False):
+        """The whole answer (bytes) to one complete request (its head, then any body);
+        ``keep``: answer with ``Connection: keep-alive`` (HTTP/1.1) unless it fails."""
         out = io.BytesIO()
-        cls(_Request(head, secure), client_address, server, out)
+        cls(_Request(head, secure, keep), client_address, server, out)
         return out.getvalue()
 
     def __init__(self, request, client_address, server, out=None):
@@ -447,6 +500,15 @@ class Handler(BaseHTTPRequestHandler):
         self.rfile = io.BytesIO(self.request.head)
         self.wfile = self._out
         self.secure = self.request.secure
+        if self.request.keep:
+            self.protocol_version = "HTTP/1.1"
+
+    def connection_header(self):
+        """The answer's ``Connection`` field: keep-alive when the server keeps it open."""
+        return "keep-alive" if self.request.keep and not self.close_connection else "close"
+
+    def handle(self):
+        self.handle_one_request()  # exactly one: the server's loop owns the connection
 
     def finish(self):
         pass
@@ -464,7 +526,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
+        self.send_header("Connection", self.connection_header())
         for key, value in extra:
             self.send_header(key, value)
         self.end_headers()
