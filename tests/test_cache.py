@@ -86,6 +86,71 @@ def test_a_base_build_clears_what_killed_builds_left(lab, tmp_path, monkeypatch)
     assert [p.name for p in root.glob("*.tmp")] == [f"{key_with(lab, state)}.tmp"]
 
 
+def test_a_partial_build_keeps_the_base_the_other_nodes_stand_on(lab, tmp_path, monkeypatch):
+    """``keep`` (what a build of some nodes passes: the base the others were built from) is
+    reused while it is cached, whole and of the same inputs, even after the archive moved;
+    a base of other inputs, a damaged one or ``force`` fall back to building, here failing
+    on purpose at DIB with the key of the archive's current state."""
+    import json
+
+    import pytest
+
+    from pvelab.build import archive_state as archive
+    from pvelab.build import cache
+    from pvelab.core.run import StepError, Steps
+
+    old = {"trixie": archive.SuiteState("trixie", "http://mirror.invalid/debian", "ab" * 32, "d0", "13")}
+    now = {"trixie": archive.SuiteState("trixie", "http://mirror.invalid/debian", "cd" * 32, "d1", "13.1")}
+    monkeypatch.setattr(archive, "fetch_state", lambda release: now)
+    monkeypatch.setenv("PVELAB_CACHE_DIR", str(tmp_path / "cache"))
+    real_run = Steps.run
+
+    def failing_dib(self, cmd, *args, **kwargs):
+        if cmd[0] == "disk-image-create":
+            raise StepError("fake DIB: failing on purpose")
+        return real_run(self, cmd, *args, **kwargs)
+
+    monkeypatch.setattr(Steps, "run", failing_dib)
+    root = tmp_path / "cache" / "base"
+
+    def cached(family):
+        kept = root / key_with(lab, old)
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.mkdir(parents=True)
+        for name in image.PRIMARY[:-1]:
+            (kept / name).write_bytes(name.encode() * 100)
+        info = {"family": family, "archive_state": archive.to_json(old)}
+        (kept / "base.json").write_text(json.dumps(info))
+        cache.seal(kept, [kept / n for n in image.PRIMARY])
+        return kept.name
+
+    steps = Steps("base", tmp_path / "base.log")
+    said = []
+    monkeypatch.setattr(steps, "say", said.append)
+    kept = cached(key(lab))
+    assert image.build_base(lab, steps, keep=kept).key == kept
+    assert "archive: trixie d0" in said[-1] and "other nodes" in said[-1]
+    building = f"{key_with(lab, now)}.tmp"
+    with pytest.raises(StepError):  # forced: the archive's current state, whatever is kept
+        image.build_base(lab, steps, force=True, keep=kept)
+    assert [p.name for p in root.glob("*.tmp")] == [building]
+    with pytest.raises(StepError):  # an unknown key
+        image.build_base(lab, steps, keep="0000000000000000")
+    assert any("0000000000000000 of the lab's other nodes is no longer cached" in line for line in said), said
+    said.clear()
+    with pytest.raises(StepError):  # built from other inputs (an element or package changed)
+        image.build_base(lab, steps, keep=cached("another-family"))
+    assert any("is built from other inputs" in line for line in said), said
+    said.clear()
+    kept = cached(key(lab))
+    (root / kept / "vmlinuz").write_bytes(b"damaged")
+    with pytest.raises(StepError):
+        image.build_base(lab, steps, keep=kept)
+    assert any("is damaged (vmlinuz: " in line for line in said), said
+    said.clear()
+    assert [p.name for p in root.glob("*.tmp")] == [building]
+
+
 def key_with(lab, state):
     from pvelab.build import archive_state as archive
 

@@ -87,3 +87,8 @@ def key_part(state: dict[str, SuiteState]) -> dict[str, str]:
 
 def to_json(state: dict[str, SuiteState]) -> dict[str, dict]:
     return {suite: asdict(s) for suite, s in sorted(state.items())}
+
+
+def from_json(data: dict[str, dict]) -> dict[str, SuiteState]:
+    """The state :func:`to_json` wrote (a base's ``base.json``)."""
+    return {suite: SuiteState(**fields) for suite, fields in data.items()}

@@ -130,14 +130,52 @@ def _newest_of_family(root: Path, family: str) -> Path | None:
     return max(found, key=lambda d: d.stat().st_mtime, default=None)
 
 
+def _kept(root: Path, key: str, family: str, steps: Steps) -> Base | None:
+    """The cached base ``key`` if it is complete, undamaged and of these inputs' family."""
+    d = root / key
+    try:
+        info = json.loads((d / "base.json").read_text())
+    except (OSError, ValueError):
+        why = "no longer cached"
+    else:
+        damaged = cache.damage(d, PRIMARY)
+        why = (
+            "built from other inputs (an element, a package list or a setting changed)"
+            if info.get("family") != family
+            else f"damaged ({cache.describe(d, damaged)})"
+            if damaged
+            else ""
+        )
+    if why:
+        steps.say(
+            f"base {key} of the lab's other nodes is {why}: this build uses the archive's current"
+            " state; `invoke build` of every node puts the lab back on one base"
+        )
+        return None
+    steps.say(
+        f"base {key}: the base the lab's other nodes were built from"
+        f" (archive: {_describe(archive.from_json(info.get('archive_state', {})))}); kept so the lab"
+        " stays on one base: `invoke build` of every node moves it to the archive's current state"
+    )
+    return Base(key, d)
+
+
 # Long on purpose: key (with the archive state), cache hit or offline reuse, DIB, export, move.
-def build_base(lab: Lab, steps: Steps, force: bool = False) -> Base:
+def build_base(lab: Lab, steps: Steps, force: bool = False, keep: str | None = None) -> Base:
     """Return the cached base for this lab's inputs and the archive's state, building it
-    with DIB if needed (``force``: always)."""
+    with DIB if needed (``force``: always). ``keep``: the base the nodes not being built
+    stand on; a build of some nodes reuses it while it is cached and of the same inputs
+    (the archive may have moved since), so a lab never ends up on two bases."""
     inputs = base_inputs(lab)
     family = base_key(inputs)
     root = cache_dir() / "base"
     root.mkdir(parents=True, exist_ok=True)
+    if keep and not force:
+        with open(root / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            kept = _kept(root, keep, family, steps)
+        if kept:
+            return kept
     try:
         state = archive.fetch_state(lab.release)
     except archive.ArchiveUnreachable as exc:

@@ -38,7 +38,7 @@ from pvelab.core.errors import PvelabError
 from pvelab.core.locks import locking
 from pvelab.core.paths import ROOT, build_root
 from pvelab.core.run import StepError, Steps
-from pvelab.model.artefacts import ArtefactInfo, ArtefactKind, BuildManifest, Layout, sha256
+from pvelab.model.artefacts import ArtefactInfo, ArtefactKind, BuildManifest, Layout, RecordError, sha256
 from pvelab.model.lab import Lab, Node
 from pvelab.model.passwords import private_keys, scan_tree
 
@@ -410,7 +410,7 @@ def _build(lab: Lab, names: list[str] | None, force_base: bool) -> list[NodeBuil
     layout = lab.layout
     rendered = {n.name: render_node(lab, n) for n in nodes}  # each node rendered once, here
     base_steps = Steps("base", layout.base_log)
-    base = image.build_base(lab, base_steps, force=force_base)
+    base = image.build_base(lab, base_steps, force=force_base, keep=_others_base(lab, nodes))
     epoch = repro.source_date_epoch(base.info.get("archive_state", {}))
     base_steps.env.update(repro.tool_env(epoch))  # the base's squashfs: the same bytes when remade
     live = image.live_parts(base, base_steps)
@@ -429,6 +429,22 @@ def _build(lab: Lab, names: list[str] | None, force_base: bool) -> list[NodeBuil
         r = rendered[n.name]
         jobs.append(NodeContext(lab, n, base, live, steps, r.files, r.installer_files))
     return _run_nodes(jobs)
+
+
+def _others_base(lab: Lab, nodes: tuple[Node, ...]) -> str | None:
+    """The one base key the lab's nodes outside ``nodes`` were built from, if they all were
+    built and from one base (else None: nothing to stay consistent with)."""
+    layout = lab.layout
+    building = {n.name for n in nodes}
+    keys = set()
+    for n in lab.nodes:
+        if n.name in building:
+            continue
+        try:
+            keys.add(BuildManifest.from_json(layout.manifest(n.name)).base_key)
+        except RecordError:  # not built, or its record unreadable: the base is free to move
+            return None
+    return keys.pop() if len(keys) == 1 else None
 
 
 def _die_with_parent() -> None:
