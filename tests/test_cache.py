@@ -65,17 +65,7 @@ def test_a_base_build_clears_what_killed_builds_left(lab, tmp_path, monkeypatch)
     from pvelab.core.run import StepError, Steps
 
     state = {"trixie": archive.SuiteState("trixie", "http://mirror.invalid/debian", "ab" * 32, "d", "13")}
-    monkeypatch.setattr(archive, "fetch_state", lambda release: state)
-    monkeypatch.setenv("PVELAB_CACHE_DIR", str(tmp_path / "cache"))
-    real_run = Steps.run
-
-    def failing_dib(self, cmd, *args, **kwargs):
-        if cmd[0] == "disk-image-create":
-            raise StepError("fake DIB: failing on purpose")
-        return real_run(self, cmd, *args, **kwargs)
-
-    monkeypatch.setattr(Steps, "run", failing_dib)
-    root = tmp_path / "cache" / "base"
+    root = dib_failing_on(state, tmp_path, monkeypatch)
     (root / "0123456789abcdef.tmp" / "base").mkdir(parents=True)  # killed, another key
     (root / "fedcba9876543210").mkdir()  # a finished base
     (root / "fedcba9876543210" / "base.json").write_text("{}")
@@ -101,17 +91,7 @@ def test_a_partial_build_keeps_the_base_the_other_nodes_stand_on(lab, tmp_path, 
 
     old = {"trixie": archive.SuiteState("trixie", "http://mirror.invalid/debian", "ab" * 32, "d0", "13")}
     now = {"trixie": archive.SuiteState("trixie", "http://mirror.invalid/debian", "cd" * 32, "d1", "13.1")}
-    monkeypatch.setattr(archive, "fetch_state", lambda release: now)
-    monkeypatch.setenv("PVELAB_CACHE_DIR", str(tmp_path / "cache"))
-    real_run = Steps.run
-
-    def failing_dib(self, cmd, *args, **kwargs):
-        if cmd[0] == "disk-image-create":
-            raise StepError("fake DIB: failing on purpose")
-        return real_run(self, cmd, *args, **kwargs)
-
-    monkeypatch.setattr(Steps, "run", failing_dib)
-    root = tmp_path / "cache" / "base"
+    root = dib_failing_on(now, tmp_path, monkeypatch)
 
     def cached(family):
         kept = root / key_with(lab, old)
@@ -149,6 +129,25 @@ def test_a_partial_build_keeps_the_base_the_other_nodes_stand_on(lab, tmp_path, 
     assert any("is damaged (vmlinuz: " in line for line in said), said
     said.clear()
     assert [p.name for p in root.glob("*.tmp")] == [building]
+
+
+def dib_failing_on(state, tmp_path, monkeypatch):
+    """A base cache under ``tmp_path`` whose archive is in ``state`` and whose DIB run
+    fails on purpose (what a base build left is then there to read); its root."""
+    from pvelab.build import archive_state as archive
+    from pvelab.core.run import StepError, Steps
+
+    monkeypatch.setattr(archive, "fetch_state", lambda release: state)
+    monkeypatch.setenv("PVELAB_CACHE_DIR", str(tmp_path / "cache"))
+    real_run = Steps.run
+
+    def failing_dib(self, cmd, *args, **kwargs):
+        if cmd[0] == "disk-image-create":
+            raise StepError("fake DIB: failing on purpose")
+        return real_run(self, cmd, *args, **kwargs)
+
+    monkeypatch.setattr(Steps, "run", failing_dib)
+    return tmp_path / "cache" / "base"
 
 
 def key_with(lab, state):
