@@ -38,3 +38,31 @@ def test_copy_data_moves_a_partition_and_keeps_its_holes(tmp_path):
     assert os.stat(dst).st_blocks * 512 < 8 * MIB  # the holes stayed holes
     # the partition table of the destination is untouched
     assert partition_extent(dst, 3) == (d_off, d_size)
+
+
+def test_a_busy_mount_is_an_error_not_left_behind(tmp_path):
+    """unmount() retries while the mount is busy and then says so: a mount left behind
+    over a loop device and a FUSE export loses its last writes (a cached package layer
+    once kept corosync enabled that way)."""
+    import pytest
+
+    from pvelab.build.disk import unmount
+    from pvelab.core.run import StepError
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root (mount)")
+    where = tmp_path / "mnt"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(where)], check=True)
+    try:
+        with open(where / "held", "w"):
+            os.chdir(where)  # busy: this process's working directory
+            try:
+                with pytest.raises(StepError, match=r"umount .*mnt: .*busy.* \(still mounted after 1s\)"):
+                    unmount(where, wait=1.0)
+            finally:
+                os.chdir(tmp_path)
+        unmount(where)
+        assert not os.path.ismount(where)
+    finally:
+        subprocess.run(["umount", "--lazy", str(where)], capture_output=True)

@@ -58,7 +58,21 @@ def mounted(device: str, mountpoint: Path, steps: Steps, read_only: bool = False
     try:
         yield mountpoint
     finally:
-        subprocess.run(["umount", str(mountpoint)], check=False)
+        unmount(mountpoint)
+
+
+def unmount(mountpoint: Path, wait: float = 10.0) -> None:
+    """Unmount, retried while busy; StepError if it stays mounted. Whatever sits under a
+    mount that is left behind (a loop device over a FUSE export that then goes away)
+    loses its last writes: a layer was once cached with half its changes."""
+    deadline = time.monotonic() + wait
+    while True:
+        res = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True)
+        if res.returncode == 0 or not os.path.ismount(mountpoint):
+            return
+        if time.monotonic() > deadline:
+            raise StepError(f"umount {mountpoint}: {res.stderr.strip()} (still mounted after {wait:.0f}s)")
+        time.sleep(0.2)
 
 
 def grow_disk(raw: Path, size_gb: int, steps: Steps, partition: int = 1) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from pvelab.build import cache
 from pvelab.build.bootdisk import ROOT_PARTITION
-from pvelab.build.disk import loop_disk, mounted, overlay_command
+from pvelab.build.disk import loop_disk, mounted, overlay_command, unmount
 from pvelab.build.guestpkgs import PackageSet, identities
 from pvelab.core.paths import cache_dir
 from pvelab.core.run import StepError, Steps
@@ -39,7 +39,7 @@ from pvelab.model.deploy import installs
 from pvelab.model.lab import Lab, Node
 from pvelab.model.media import Medium
 
-LAYER_FORMAT = "1"  # bump when the way a layer is made changes: older layers are then not used
+LAYER_FORMAT = "2"  # bump when the way a layer is made changes: older layers are then not used
 DAEMON = "qemu-storage-daemon"
 UNIT = re.compile(r"^/(usr/)?lib/systemd/system/([^/]+\.(service|socket|timer))$")
 CHROOT_ENV = {"DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"}
@@ -133,6 +133,8 @@ def raw_view(qcow2: Path, steps: Steps) -> Iterator[Path]:
             time.sleep(0.05)
         yield view
     finally:
+        if os.path.ismount(view):
+            subprocess.run(["sync", str(view)], check=False, timeout=120)
         proc.terminate()
         try:
             proc.wait(timeout=60)
@@ -161,7 +163,7 @@ def install_offline(root: Path, debs: tuple[Path, ...], steps: Steps) -> list[st
             src = "/dev" if fs == "bind" else fs
             args = ["--bind"] if fs == "bind" else ["-t", fs]
             steps.capture(["mount", *args, src, str(root / where)])
-            undo.callback(subprocess.run, ["umount", "--lazy", str(root / where)], check=False)
+            undo.callback(unmount, root / where)
         chroot = ["chroot", str(root)]
         steps.run(
             [*chroot, "dpkg", "--force-unsafe-io", "-i", *(f"/tmp/pvelab-debs/{d.name}" for d in debs)],
@@ -173,5 +175,17 @@ def install_offline(root: Path, debs: tuple[Path, ...], steps: Steps) -> list[st
         units = sorted({m.group(2) for f in files if (m := UNIT.match(f.strip()))})
         if units:
             steps.run([*chroot, "systemctl", "disable", *units], env=CHROOT_ENV)
+            states = subprocess.run(  # exits 1 when any is disabled: its output is the answer
+                [*chroot, "systemctl", "is-enabled", *units],
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, **steps.env, **CHROOT_ENV),
+            ).stdout.split()
+            enabled = [u for u, st in zip(units, states, strict=False) if st.startswith("enabled")]
+            if enabled or len(states) != len(units):
+                raise StepError(f"units still enabled after systemctl disable: {enabled or states}")
+        # on the layer's disk before it is unmounted, detached and closed: a cached layer
+        # that lost these writes boots corosync on Debian's sample config
+        steps.run(["sync", "-f", str(root)])
         steps.say(f"installed {len(debs)} packages offline; units left disabled: {', '.join(units) or '-'}")
         return units
