@@ -221,33 +221,40 @@ def status(lab: Lab) -> dict[str, Any]:
 
 
 def _node_status(lab: Lab, m: Machine) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    _, addrs = m.execute("ip -4 -o addr show scope global", timeout=20)
-    out["alias_up"] = str(lab.node(m.name).alias.ip) in addrs
-    role = lab.node(m.name).role_def
+    """What one node says about itself, read in one round trip (:meth:`Machine.probe`)."""
+    node = lab.node(m.name)
+    role = node.role_def
+    probes = {"addresses": "ip -4 -o addr show scope global"}
     if role.api_cert:
-        out["api_fingerprint"] = apicert.fingerprint(m, role.api_cert)
+        probes["api_cert"] = apicert.command(role.api_cert)
     if role.is_member():
-        _, active = m.execute("systemctl is-active corosync.service", timeout=20)
-        out["corosync"] = active.strip()
-        if active.strip() == "active":
-            _, text = m.sudo("corosync-quorumtool -s", timeout=30)
-            q = parse_quorumtool(text)
+        probes["corosync"] = "systemctl is-active corosync.service"
+        # corosync's own tools only where it runs (a lab up without --cluster has none)
+        probes["quorum"] = "! pidof corosync >/dev/null || corosync-quorumtool -s"
+        probes["links"] = "! pidof corosync >/dev/null || corosync-cfgtool -s"
+    if role.is_witness():
+        probes["qnetd"] = "systemctl is-active corosync-qnetd.service"
+        probes["qnetd_clients"] = "! pidof corosync-qnetd >/dev/null || corosync-qnetd-tool -l"
+    got = m.probe(probes, root=True, timeout=60)
+    out: dict[str, Any] = {"alias_up": str(node.alias.ip) in got["addresses"].output}
+    if role.api_cert:
+        out["api_fingerprint"] = apicert.parse(got["api_cert"].output) if got["api_cert"].ok else ""
+    if role.is_member():
+        out["corosync"] = got["corosync"].output.strip()
+        if out["corosync"] == "active":
+            q = parse_quorumtool(got["quorum"].output)
             out["quorum"] = {
                 k: q[k] for k in ("quorate", "total_votes", "expected_votes", "quorum", "qdevice_vote")
             }
-            _, links = m.sudo("corosync-cfgtool -s", timeout=30)
             ids = {str(n.nodeid): n.name for n in lab.members}
             out["links"] = {
                 link: {ids.get(nid, nid): st for nid, st in peers.items()}
-                for link, peers in parse_cfgtool(links).items()
+                for link, peers in parse_cfgtool(got["links"].output).items()
             }
     if role.is_witness():
-        _, active = m.execute("systemctl is-active corosync-qnetd.service", timeout=20)
-        out["qnetd"] = active.strip()
-        if active.strip() == "active":
-            _, text = m.sudo("corosync-qnetd-tool -l", timeout=30)
-            clients = parse_qnetd_clients(text)
+        out["qnetd"] = got["qnetd"].output.strip()
+        if out["qnetd"] == "active":
+            clients = parse_qnetd_clients(got["qnetd_clients"].output)
             by_id = {n.nodeid: n.name for n in lab.members}
             out["qnetd_clients"] = [by_id.get(i, str(i)) for i in clients["node_ids"]]
     return out

@@ -5,11 +5,12 @@ answers. Used on loopback (test_api) and against a booted node (test_running_lab
 
 from __future__ import annotations
 
-import hashlib
 import ssl
 from pathlib import Path
 
 from proxmoxer import ProxmoxAPI
+
+from pvelab.running import apicert
 
 # Every read endpoint pve-compat answers in the Proxmox dialect ({node}: the node asked)
 READS = (
@@ -68,5 +69,4 @@ def read_all(api: ProxmoxAPI, node: str, storage: str) -> dict[str, object]:
 
 def fingerprint_of_pem(pem: str) -> str:
     """A certificate's SHA-256 fingerprint as Proxmox shows it (AA:BB:...)."""
-    der = ssl.PEM_cert_to_DER_cert(pem)
-    return ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
+    return apicert.parse(pem)

@@ -293,3 +293,67 @@ def test_cmapctl_stats_and_values():
     assert len(stats) == 6
     assert parse_cmap_value("runtime.config.totem.token (u32) = 3650\n") == 3650
     assert parse_cmap_value("Can't get key runtime.config.totem.x. Error CS_ERR_NOT_EXIST") is None
+
+
+def test_parallel_reports_every_machines_error_by_name():
+    """fn on every VM at once: a MachineError is its message, any other error (an SFTP
+    put's OSError) is named by its type; neither is lost with its thread."""
+    from types import SimpleNamespace
+
+    from pvelab.running.driver import parallel
+    from pvelab.running.qemu import MachineError
+
+    def fn(m):
+        if m.name == "a":
+            return "fine"
+        if m.name == "b":
+            raise MachineError("b: exited 1")
+        raise OSError("Socket is closed")
+
+    vms = {n: SimpleNamespace(name=n) for n in ("a", "b", "c")}
+    results, errors = parallel(vms, fn)
+    assert results == {"a": "fine"}
+    assert errors == {"b": "b: exited 1", "c": "c: OSError: Socket is closed"}
+
+
+def test_the_api_fingerprint_hashed_on_the_host_is_openssls(tmp_path):
+    """`invoke status` and the boot test read the node's certificate and hash it on the
+    host: the same AA:BB:... as `openssl x509 -fingerprint -sha256` prints; no certificate
+    (not made yet) is ""."""
+    from pvelab.running import apicert
+
+    cert, _ = apicert.make_self_signed(tmp_path, "pve-1")
+    out = subprocess.run(
+        ["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", str(cert)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    want = out.strip().split("=", 1)[1]
+    assert len(want) == 95 and apicert.parse("noise\n" + cert.read_text()) == want
+    assert apicert.command("/etc/pve/local/pve-ssl.pem") == "cat /etc/pve/local/pve-ssl.pem"
+    assert apicert.parse("cat: /etc/pve/local/pve-ssl.pem: No such file or directory") == ""
+
+
+def test_a_probe_is_one_script_each_commands_output_and_status_framed():
+    """Machine.probe's script, run by a real shell: each command's output (with or without
+    a last newline) and exit status, one failing not stopping the next; an `exit` in one
+    ends only its own subshell."""
+    from pvelab.running.machine import Probe, parse_probe, probe_script
+
+    script = probe_script(
+        {
+            "two lines": "echo hi; echo there",
+            "no newline": "printf x; exit 3",
+            "quiet": "false",
+            "last": "echo end",
+        }
+    )
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout
+    assert parse_probe(out) == {
+        "two lines": Probe(0, "hi\nthere"),
+        "no newline": Probe(3, "x"),
+        "quiet": Probe(1, ""),
+        "last": Probe(0, "end"),
+    }
+    assert parse_probe(out.split("@@pvelab-probe last")[0]).keys() == {"two lines", "no newline", "quiet"}

@@ -4,13 +4,15 @@ report and `invoke status` print it, so a client can pin exactly that certificat
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
+import ssl
 import subprocess
 from pathlib import Path
 from typing import Protocol
 
-_FINGERPRINT = re.compile(r"(?:sha256 )?Fingerprint=((?:[0-9A-F]{2}:){31}[0-9A-F]{2})", re.I)
+_PEM = re.compile(r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----")
 
 
 class _Runs(Protocol):
@@ -18,13 +20,22 @@ class _Runs(Protocol):
 
 
 def command(cert_path: str) -> str:
-    return f"openssl x509 -noout -fingerprint -sha256 -in {shlex.quote(cert_path)}"
+    """What reads the certificate on the node: the file itself. Hashed on the host (an
+    `openssl x509` in the guest costs 0.4 s of emulated CPU, `cat` a tenth of it)."""
+    return f"cat {shlex.quote(cert_path)}"
 
 
 def parse(output: str) -> str:
-    """The fingerprint in ``openssl x509 -fingerprint -sha256`` output, or "" if none."""
-    m = _FINGERPRINT.search(output)
-    return m.group(1).upper() if m else ""
+    """The SHA-256 fingerprint of the first PEM certificate in ``output`` (``AA:BB:...``,
+    what `openssl x509 -fingerprint -sha256` and Proxmox print), or "" if there is none."""
+    m = _PEM.search(output)
+    if m is None:
+        return ""
+    try:
+        der = ssl.PEM_cert_to_DER_cert(m.group(0))
+    except ValueError:
+        return ""
+    return ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
 
 
 def fingerprint(machine: _Runs, cert_path: str, timeout: float = 30) -> str:

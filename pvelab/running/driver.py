@@ -82,7 +82,9 @@ def sigterm_unwinds() -> Iterator[None]:
 
 
 def parallel(machines: dict[str, Machine], fn: Callable[[Machine], Any]) -> tuple[dict, dict[str, str]]:
-    """fn(machine) on every VM at once: (name -> result, name -> MachineError text)."""
+    """fn(machine) on every VM at once: (name -> result, name -> error text). A
+    MachineError is its message; anything else (an SFTP or socket error) is named by its
+    type too, never lost with its thread."""
     results: dict = {}
     errors: dict[str, str] = {}
 
@@ -91,6 +93,8 @@ def parallel(machines: dict[str, Machine], fn: Callable[[Machine], Any]) -> tupl
             results[m.name] = fn(m)
         except MachineError as exc:
             errors[m.name] = str(exc)
+        except Exception as exc:  # reported as this machine's error, not lost with its thread
+            errors[m.name] = f"{m.name}: {type(exc).__name__}: {exc}"
 
     threads = [threading.Thread(target=run, args=(m,), daemon=True) for m in machines.values()]
     for t in threads:
