@@ -124,3 +124,34 @@ def test_two_halves_quorate_at_once_are_counted_by_the_models_partitions():
     assert quorate_halves(cut, polled(**{"pve-1": True, "pve-2": False})) == 1
     healed = walk(lab)[-1]  # one partition: never two halves
     assert quorate_halves(healed, polled(**{"pve-1": True, "pve-2": True})) == 1
+
+
+def test_a_failed_unit_start_quotes_the_units_journal():
+    """A deployment command that starts a unit and fails carries the journal of that unit
+    and of the services it requires (what systemctl's "see journalctl -xeu" points at);
+    other commands carry nothing more."""
+    from types import SimpleNamespace
+
+    from pvelab.checks.rehearse import unit_journal
+
+    asked = []
+
+    def sudo(command):
+        asked.append(command)
+        if command.startswith("systemctl show"):
+            return 0, "corosync.service sysinit.target system.slice\n"
+        return 0, f"{command.split()[3]}: a line\n"
+
+    m = SimpleNamespace(name="pve-1", sudo=sudo)
+    text = unit_journal(m, "systemctl --no-reload enable --now corosync-qdevice.service")
+    assert asked == [
+        "systemctl show -p Requires --value corosync-qdevice.service",
+        "journalctl -b -u corosync-qdevice.service -n 25 --no-pager -o short-monotonic",
+        "journalctl -b -u corosync.service -n 25 --no-pager -o short-monotonic",
+    ]
+    assert text == (
+        "\n-- journal of corosync-qdevice.service on pve-1:\ncorosync-qdevice.service: a line"
+        "\n-- journal of corosync.service on pve-1:\ncorosync.service: a line"
+    )
+    assert unit_journal(m, "install -m 0644 /etc/pve/corosync.conf /etc/corosync/corosync.conf") == ""
+    assert len(asked) == 3

@@ -79,6 +79,22 @@ class RehearsalError(PvelabError):
     pass
 
 
+def unit_journal(m: Machine, command: str, lines: int = 25) -> str:
+    """A failed command that started units: the last journal lines of each unit and of
+    the services it requires (what systemctl's "see journalctl -xeu" points at; the QDevice
+    client's cause is often in corosync's), for the error; "" for other commands."""
+    named = re.findall(r"\b([\w@.-]+\.service)\b", command) if "systemctl" in command else []
+    units = list(named)
+    for unit in named:
+        _, needs = m.sudo(f"systemctl show -p Requires --value {shlex.quote(unit)}")
+        units += [u for u in needs.split() if u.endswith(".service") and u not in units]
+    out = ""
+    for unit in units:
+        _, text = m.sudo(f"journalctl -b -u {shlex.quote(unit)} -n {lines} --no-pager -o short-monotonic")
+        out += f"\n-- journal of {unit} on {m.name}:\n{text.strip()}"
+    return out
+
+
 # --------------------------------------------------------------------------- parsing the tools
 
 
@@ -210,8 +226,9 @@ class Rehearsal:
             src_path, to, dst_path, mode = a.copy
             data = self.read_root_file(self.hosts(a.on)[0], src_path)
             targets = [h for h in self.hosts(to) if only is None or h in only]
-            for t in targets:
-                self.write_root_file(t, dst_path, data, mode)
+            # to every target at once: each is an SFTP put and a sudo, a second or more of
+            # emulated CPU on that guest alone
+            self.on_hosts(targets, lambda m: self.write_root_file(m.name, dst_path, data, mode))
             out = f"{len(data)} bytes to {', '.join(targets)}"
         else:
             if a.install:
@@ -227,7 +244,10 @@ class Rehearsal:
                     if status != 0:
                         ran = [line[2:] for line in text.splitlines() if line.startswith("$ ")]
                         failed = ran[-1] if ran else a.commands[0]
-                        raise RehearsalError(f"{m.name}: `{failed}` exited {status}: {text.strip()[-400:]}")
+                        raise RehearsalError(
+                            f"{m.name}: `{failed}` exited {status}: {text.strip()[-1500:]}"
+                            + unit_journal(m, failed)
+                        )
                     return text
 
                 res = self.on_hosts(targets, one)
@@ -294,22 +314,31 @@ class Rehearsal:
     def observe(self, name: str, links: bool = False) -> dict[str, Any]:
         """One member as corosync and pve-compat see it: quorum figures, ring id, members,
         raw output, the API's quorate, and (``links``) knet's link states."""
-        text = self.quorumtool(self.machines[name])
-        _, api = self.machines[name].execute(API_STATUS, timeout=30)
+        # one round trip per poll (Machine.probe): the walk polls every member every few
+        # seconds, and each SSH channel and sudo is CPU the guests' corosync then lacks
+        probes = {"quorum": "corosync-quorumtool -s", "api": API_STATUS}
+        if links:
+            probes["links"] = "corosync-cfgtool -s"
+        got = self.machines[name].probe(probes, root=True, timeout=60)
+        text, api = got["quorum"].output, got["api"].output.strip()
         seen: dict[str, Any] = {
             "quorum": parse_quorumtool(text),
             "raw": text,
-            "api": int(api.strip()) if api.strip() in ("0", "1") else None,
+            "api": int(api) if api in ("0", "1") else None,
         }
         if links:
-            seen["cfgtool"], seen["links"] = self.cfgtool(self.machines[name])
+            seen["cfgtool"], seen["links"] = got["links"].output, self.link_states(got["links"].output)
         return seen
 
     def cfgtool(self, m: Machine) -> tuple[str, dict[str, dict[str, str]]]:
         """``corosync-cfgtool -s`` as printed, and knet's state per link and peer by name."""
         _, cfg = m.sudo("corosync-cfgtool -s", timeout=30)
+        return cfg, self.link_states(cfg)
+
+    def link_states(self, cfg: str) -> dict[str, dict[str, str]]:
+        """knet's state per link and peer by name, from ``corosync-cfgtool -s``."""
         ids = {str(n.nodeid): n.name for n in self.lab.members}
-        return cfg, {
+        return {
             link: {ids.get(nid, nid): st for nid, st in peers.items() if st != "localhost"}
             for link, peers in parse_cfgtool(cfg).items()
         }
