@@ -268,8 +268,8 @@ class Machine:
 
     def probe(self, commands: dict[str, str], root: bool = False, timeout: float = 60.0) -> dict[str, Probe]:
         """Several read-only commands in one round trip (one SSH channel, at most one sudo):
-        under emulation each channel costs the guest about half a second of CPU, more
-        than most commands it runs. ``{name: command}`` -> ``{name: Probe}``; each command
+        under TCG a channel costs 0.13 s and a sudo 0.4 s more, as much as most commands
+        they run. ``{name: command}`` -> ``{name: Probe}``; each command
         runs whatever the others did (a section the script never reached is a Probe with
         status None)."""
         script = probe_script(commands)
