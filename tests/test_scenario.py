@@ -240,3 +240,37 @@ def test_a_tests_vms_are_polled_side_by_side_each_vm_in_order():
         assert e1 <= s2  # same VM: the second starts after the first ended
     (a_start, a_end), (b_start, b_end) = by_vm["a"][0], by_vm["b"][0]
     assert a_start < b_end and b_start < a_end  # different VMs: overlapping
+
+
+def test_an_interrupt_stops_the_polling_at_once():
+    """Ctrl-C or SIGTERM (KeyboardInterrupt in the main thread) while assertions are being
+    polled unwinds at once: the VMs are torn down without first waiting out every deadline."""
+    import signal
+    import threading
+
+    calls = []
+
+    def never(vm, command):
+        calls.append(vm)
+        return 1, "not yet"
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    assertions = tuple(
+        Assertion("command_output", vm, command="true", expected_output="never") for vm in ("a", "a", "b")
+    )
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_scenario(Scenario("s", (CustomTest("t", assertions),)), never, timeout=30, interval=0.1)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - t0 < 3
+    polled = len(calls)
+    time.sleep(0.5)
+    assert len(calls) == polled  # the workers stopped too: nothing is polled after the unwind
+    assert not [t for t in threading.enumerate() if t.name.startswith("assert")]

@@ -11,6 +11,7 @@ keep the lab file's order.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,16 @@ Executor = Callable[[str, str], tuple[int, str]]
 RETRY_INTERVAL = 1.0
 
 
-def run_assertion(a: Assertion, execute: Executor, timeout: float, interval: float) -> AssertionResult:
+def run_assertion(
+    a: Assertion,
+    execute: Executor,
+    timeout: float,
+    interval: float,
+    stop: threading.Event | None = None,
+) -> AssertionResult:
+    """Poll ``a`` until it passes or its deadline passes; a set ``stop`` (the run is being
+    interrupted) ends the polling at once, as a failure."""
+    stop = stop or threading.Event()
     t0 = time.monotonic()
     deadline = t0 + timeout
     attempts, status, output = 0, -1, ""
@@ -59,7 +69,7 @@ def run_assertion(a: Assertion, execute: Executor, timeout: float, interval: flo
                 output.strip()[-2000:],
                 round(time.monotonic() - t0, 2),
             )
-        if time.monotonic() + interval > deadline:
+        if time.monotonic() + interval > deadline or stop.wait(interval):
             return AssertionResult(
                 kind.describe(a),
                 a.on_vm,
@@ -70,24 +80,37 @@ def run_assertion(a: Assertion, execute: Executor, timeout: float, interval: flo
                 output.strip()[-2000:],
                 round(time.monotonic() - t0, 2),
             )
-        time.sleep(interval)
 
 
 def run_test_assertions(
     assertions: Sequence[Assertion], execute: Executor, timeout: float, interval: float
 ) -> list[AssertionResult]:
-    """One test's assertions: one worker per VM, each VM's in order; results in file order."""
+    """One test's assertions: one worker per VM, each VM's in order; results in file order.
+
+    Ctrl-C or SIGTERM (a KeyboardInterrupt here) stops every worker's polling and unwinds
+    at once, so the caller tears the VMs down without first waiting out every deadline
+    (a worker still inside a guest command ends when its VM is gone)."""
     by_vm: dict[str, list[int]] = {}
     for i, a in enumerate(assertions):
         by_vm.setdefault(a.on_vm, []).append(i)
     results: dict[int, AssertionResult] = {}
 
+    stop = threading.Event()
+
     def run_vm(indices: list[int]) -> None:
         for i in indices:
-            results[i] = run_assertion(assertions[i], execute, timeout, interval)
+            if stop.is_set():
+                return
+            results[i] = run_assertion(assertions[i], execute, timeout, interval, stop)
 
-    with ThreadPoolExecutor(max_workers=max(1, len(by_vm)), thread_name_prefix="assert") as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, len(by_vm)), thread_name_prefix="assert")
+    try:
         list(pool.map(run_vm, by_vm.values()))  # re-raises a worker's exception
+    except BaseException:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return [results[i] for i in range(len(assertions))]
 
 
