@@ -357,3 +357,126 @@ def test_a_probe_is_one_script_each_commands_output_and_status_framed():
         "last": Probe(0, "end"),
     }
     assert parse_probe(out.split("@@pvelab-probe last")[0]).keys() == {"two lines", "no newline", "quiet"}
+
+
+@pytest.fixture
+def two_slots(monkeypatch):
+    """The process's boot slots made afresh, two of them (as on this 2-core host)."""
+    from pvelab.running import slots
+
+    monkeypatch.setenv(slots.ENV, "2")
+    monkeypatch.setattr(slots, "_count", None)
+    monkeypatch.setattr(slots, "_slots", None)
+    yield slots
+    monkeypatch.setattr(slots, "_count", None)
+    monkeypatch.setattr(slots, "_slots", None)
+
+
+class Booting:
+    """Counts the VMs booting at once (power-on until SSH or power-off)."""
+
+    def __init__(self):
+        import threading
+
+        self.lock, self.now, self.most, self.order = threading.Lock(), 0, 0, []
+
+    def on(self, name):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            self.order.append(name)
+
+    def off(self):
+        with self.lock:
+            self.now -= 1
+
+
+def test_no_more_vms_boot_at_once_than_there_are_slots(two_slots):
+    """Four nodes, two slots: the driver powers on two, and the next only when one has
+    SSH; every node boots, in the lab's order."""
+    import threading
+    import time
+
+    from pvelab.running.driver import Driver
+
+    count = Booting()
+
+    class VM:
+        def __init__(self, name):
+            self.name, self.address = name, "192.0.2.1"
+
+        def start(self):
+            count.on(self.name)
+
+        def wait_for_ssh(self, timeout):
+            time.sleep(0.2)
+            count.off()
+            return 1.0
+
+    d = Driver.__new__(Driver)
+    names = ["pve-1", "pve-2", "pve-3", "pbs-witness"]
+    d.machines = {n: VM(n) for n in names}
+    d.accel, d.detached, d.state_file, d.state, d.guest_faults = "tcg", False, None, None, []
+    d._unstarted, d._saving, d.say = list(names), threading.Lock(), lambda line: None
+    assert d.wait_all_ssh() == dict.fromkeys(names, 1.0)
+    assert count.most == 2 and sorted(count.order) == sorted(names) and d._unstarted == []
+
+
+def test_installers_run_as_many_at_once_as_there_are_slots(two_slots, tmp_path, monkeypatch, lab):
+    """Four installers, two slots: two power on; the next when one has powered off; each
+    one's seconds count from its own power-on."""
+    from pvelab.checks import installtest
+    from pvelab.model.media import BIOS
+
+    count = Booting()
+    clock = [0.0]
+    monkeypatch.setattr(installtest.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(installtest.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+
+    class Installer:
+        def __init__(self, name):
+            self.name, self.proc, self.polls = name, None, 0
+            self.console_log = tmp_path / f"{name}.console.log"
+
+        def start(self):
+            count.on(self.name)
+            self.proc = type("Proc", (), {"returncode": 0})()
+
+        def guest_fault(self):
+            return None
+
+        def is_running(self):
+            self.polls += 1
+            if self.polls <= 5:  # five polls (10 s) of installing, then powered off
+                return True
+            count.off()
+            return False
+
+        def console_text(self):
+            return f"pvelab-install: installed {self.name} on /dev/vda"
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(installtest, "hang", lambda *a: None)
+    nodes = tuple(lab.nodes)
+    disks = {n.name: tmp_path / n.name for n in nodes}
+    job = installtest._Watch(nodes, disks, BIOS, "tcg", tmp_path, print, True)
+    runs = installtest._watch(job, Installer)
+    assert count.most == 2 and all(r.installed for r in runs.values()) and len(runs) == 4
+    assert {r.seconds for r in runs.values()} == {10.0}  # its own 10 s, not the wait for a slot
+    assert two_slots.try_take() and two_slots.try_take()  # every slot given back
+    two_slots.give(), two_slots.give()
+
+
+def test_a_bad_slot_count_is_one_line(monkeypatch):
+    from pvelab.core.errors import PvelabError
+    from pvelab.running import slots
+
+    monkeypatch.setenv(slots.ENV, "two")
+    with pytest.raises(PvelabError, match=r"^PVELAB_BOOT_SLOTS: 'two': not a whole number"):
+        slots.count()
+    monkeypatch.setenv(slots.ENV, "0")
+    assert slots.count() == 0
+    monkeypatch.delenv(slots.ENV)
+    assert slots.count() == len(os.sched_getaffinity(0))

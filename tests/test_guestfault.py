@@ -1,6 +1,8 @@
 """Guest kernel faults read from the console: named, the emulator's told from the guest's,
 retried once by the driver and never taken for a boot."""
 
+import threading
+
 import pytest
 
 from pvelab.model.faults import DriverError
@@ -63,6 +65,7 @@ def fake_driver(machines):
     d = Driver.__new__(Driver)
     d.machines = {m.name: m for m in machines}
     d.accel, d.detached, d.state_file, d.guest_faults = "tcg", False, None, []
+    d.state, d._unstarted, d._saving = None, [], threading.Lock()  # every machine already started
     d.said = []
     d.say = d.said.append
     return d

@@ -20,7 +20,7 @@ from pvelab.core.errors import PvelabError
 from pvelab.model import accel as accelerator
 from pvelab.model.lab import Lab, Node
 from pvelab.model.media import INSTALLER, Firmware, Medium
-from pvelab.running import serving
+from pvelab.running import serving, slots
 from pvelab.running.guestfault import ANSI, USERSPACE
 from pvelab.running.labnet import LabNet
 from pvelab.running.machine import Machine
@@ -160,7 +160,9 @@ def run_installers(
     medium: Medium = INSTALLER,
 ) -> dict[str, InstallRun]:
     """Boot each node's installer (``medium``: the ISO as a CD, or over the network) with
-    its target disk attached; wait until each powers off.
+    its target disk attached; wait until each powers off. At most
+    :func:`pvelab.running.slots.limit` installers run at once; the next powers on when one
+    has powered off. Each one's seconds, and its deadline, count from its own power-on.
 
     An installer whose console stops changing for ``STALL_TIMEOUT``, or that shows no
     userspace that long after power-on (:func:`hang`), is hung, and one
@@ -168,7 +170,7 @@ def run_installers(
     or hangs) is named: with ``retry_hung`` a hang, or a panic that is the emulator's,
     is started once more on a fresh blank disk (the run records the attempt; the first
     attempt's console stays in ``<node>-installer.<hung|panic>.console.log``). A second
-    one, a panic of the guest's own, or the overall deadline is an :class:`InstallError`
+    one, a panic of the guest's own, or its deadline is an :class:`InstallError`
     quoting the console. ``kernel_cmdline`` boots the ISO's kernel directly with that
     command line (the panic test makes one that fails).
     """
@@ -203,12 +205,18 @@ def _watch(job: _Watch, vm: Callable[[str], Machine]) -> dict[str, InstallRun]:
     fw = job.fw
     machines = {n.name: vm(n.name) for n in job.nodes}
     t0 = time.monotonic()
-    for m in machines.values():
-        m.start()
-    say(f"installing {len(machines)} node(s) ({fw.name}); consoles {workdir}/<node>-installer.console.log")
-    deadline = t0 + accelerator.of(accel).install_timeout
+    at_once = slots.limit()
+    say(
+        f"installing {len(machines)} node(s) ({fw.name})"
+        + (f", {at_once} at a time" if at_once and at_once < len(machines) else "")
+        + f"; consoles {workdir}/<node>-installer.console.log"
+    )
+    waiting = list(machines)  # not powered on yet: each waits for a boot slot (pvelab.running.slots)
+    holding: set[str] = set()
+    install_timeout = accelerator.of(accel).install_timeout
     stall = accelerator.of(accel).stall_timeout
     seen = {name: (-1, t0) for name in machines}  # console size, when it last changed
+    first_on = dict.fromkeys(machines, t0)  # its first power-on: its deadline and its seconds count from it
     powered_on = dict.fromkeys(machines, t0)
     userspace = dict.fromkeys(machines, False)  # systemd or live-boot seen on this attempt's console
     attempts = dict.fromkeys(machines, 1)
@@ -217,9 +225,16 @@ def _watch(job: _Watch, vm: Callable[[str], Machine]) -> dict[str, InstallRun]:
     try:
         while len(runs) < len(machines):
             now = time.monotonic()
+            while waiting and slots.try_take():
+                name = waiting.pop(0)
+                holding.add(name)
+                machines[name].start()
+                first_on[name] = powered_on[name] = now
+                seen[name] = (-1, now)
             for name, m in machines.items():
-                if name in runs:
+                if name in runs or name in waiting:
                     continue
+                deadline = first_on[name] + install_timeout
                 fault = m.guest_fault()
                 running = m.is_running()
                 if fault is not None and (fault.kind.is_fatal() or not running):
@@ -229,7 +244,7 @@ def _watch(job: _Watch, vm: Callable[[str], Machine]) -> dict[str, InstallRun]:
                     if not retry:
                         raise InstallError(
                             f"{name}: installer's {fault.describe()} (attempt {attempts[name]}) after "
-                            f"{now - t0:.0f}s; the blank disk is not booted; consoles in {workdir}"
+                            f"{now - first_on[name]:.0f}s; the blank disk is not booted; consoles in {workdir}"
                         )
                     m.console_log.replace(workdir / f"{name}-installer.panic.console.log")
                     say(f"{name}: installer's {fault.describe()}; retrying once on a fresh disk")
@@ -238,13 +253,15 @@ def _watch(job: _Watch, vm: Callable[[str], Machine]) -> dict[str, InstallRun]:
                     runs[name] = InstallRun(
                         name,
                         disks[name],
-                        round(now - t0, 1),
+                        round(now - first_on[name], 1),
                         m.proc.returncode,
                         m.console_text(),
                         attempts=attempts[name],
                         faults=faults[name],
                     )
                     say(f"{name}: installer powered off after {runs[name].seconds}s ({runs[name].verdict})")
+                    holding.discard(name)
+                    slots.give()
                     continue
                 else:
                     size = m.console_log.stat().st_size if m.console_log.exists() else 0
@@ -258,7 +275,7 @@ def _watch(job: _Watch, vm: Callable[[str], Machine]) -> dict[str, InstallRun]:
                     hung = InstallRun(
                         name,
                         disks[name],
-                        round(now - t0, 1),
+                        round(now - first_on[name], 1),
                         None,
                         m.console_text(),
                         hung=True,
@@ -285,4 +302,6 @@ def _watch(job: _Watch, vm: Callable[[str], Machine]) -> dict[str, InstallRun]:
     finally:
         for m in machines.values():
             m.stop()
+        for _ in holding:
+            slots.give()
     return runs

@@ -15,7 +15,7 @@ class Accel:
     name: str  # QEMU -accel
     cpu: str  # QEMU -cpu
     ssh_timeout: float  # a booting VM to its first SSH login
-    install_timeout: float  # an installer's power-on to power-off, all installers at once
+    install_timeout: float  # one installer's power-on to power-off (a retry included)
     stall_timeout: float  # an installer whose console is unchanged this long is hung
     counts_instructions: bool = False  # supports -icount (guest time = instructions)
 

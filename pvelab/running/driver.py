@@ -57,7 +57,7 @@ from pvelab.model.faults import (
 )
 from pvelab.model.lab import Lab, Node
 from pvelab.model.media import Firmware, Medium, boot_combination
-from pvelab.running import serving
+from pvelab.running import serving, slots
 from pvelab.running.labnet import LabNet, LabNetError
 from pvelab.running.machine import GuestFaultError, Machine, MachineError
 from pvelab.running.qemu import VmSpec, nic_id, prepare
@@ -396,6 +396,8 @@ class Driver:
         self.state: RunState | None = None
         self.detached = False
         self._started = False
+        self._unstarted: list[str] = []  # machines whose QEMU wait_all_ssh has yet to start
+        self._saving = threading.Lock()
 
     # ---------------------------------------------------------------- lifecycle
     def __enter__(self) -> Driver:
@@ -438,16 +440,29 @@ class Driver:
             self.machines[n.name] = Machine(
                 self._spec(n, drive), self.net, self.lab.user.name, self.lab.user.login_password
             )
-        for m in self.machines.values():
-            m.start()
+        # powered on by wait_all_ssh, at most slots.limit() booting at once
+        self._unstarted = list(self.machines)
+        at_once = slots.limit()
         self.say(
-            f"started {len(self.machines)} VM(s) ({self.medium.name}, {self.fw.value}); consoles in {self.outdir}"
+            f"{len(self.machines)} VM(s) ({self.medium.name}, {self.fw.value})"
+            + (f", up to {at_once} booting at once" if at_once and at_once < len(self.machines) else "")
+            + f"; consoles in {self.outdir}"
         )
         if self.state_file is not None:
             self.state = self._new_state()
             self.save()
         if self.wait_ssh:
             self.ssh_ready_seconds = self.wait_all_ssh()
+
+    def _power_on(self, m: Machine) -> None:
+        """Start ``m``'s QEMU if :meth:`start` left it for later; the run state learns its pid."""
+        with self._saving:
+            if m.name not in self._unstarted:
+                return
+            self._unstarted.remove(m.name)
+            m.start()
+            if self.state is not None:
+                self.save()
 
     def _spec(self, n: Node, drive: Path) -> VmSpec:
         return VmSpec(
@@ -468,17 +483,19 @@ class Driver:
         timeout = accelerator.of(self.accel).ssh_timeout
 
         def wait(m: Machine) -> float:
-            for attempt in (1, 2):  # a kernel panic that is the emulator's: booted once more
-                try:
-                    seconds = round(m.wait_for_ssh(timeout) if attempt == 1 else m.restart(timeout), 1)
-                    break
-                except GuestFaultError as exc:
-                    retry = exc.fault.emulator and attempt == 1
-                    self.guest_faults.append({"node": m.name, **exc.fault.to_dict(), "retried": retry})
-                    if not retry:
-                        raise
-                    self.say(f"{m.name}: {exc.fault.describe()}; booting it again")
-                    m.crash()
+            with slots.booting():  # held until SSH: a booting VM keeps a core busy
+                self._power_on(m)
+                for attempt in (1, 2):  # a kernel panic that is the emulator's: booted once more
+                    try:
+                        seconds = round(m.wait_for_ssh(timeout) if attempt == 1 else m.restart(timeout), 1)
+                        break
+                    except GuestFaultError as exc:
+                        retry = exc.fault.emulator and attempt == 1
+                        self.guest_faults.append({"node": m.name, **exc.fault.to_dict(), "retried": retry})
+                        if not retry:
+                            raise
+                        self.say(f"{m.name}: {exc.fault.describe()}; booting it again")
+                        m.crash()
             self.say(f"{m.name}: SSH up after {seconds}s at {m.address}")
             if self.detached or self.state_file is not None:
                 self.grant_access(m)
