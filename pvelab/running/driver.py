@@ -508,6 +508,8 @@ class Driver:
 
     def stop(self) -> None:
         """Every VM ended, its throwaway files removed; the lab network removed."""
+        with self._saving:  # a boot still waiting for its slot never powers on now
+            self._unstarted.clear()
         for m in self.machines.values():
             m.stop()
         if self.state and self.state.forwarder_pid and pid_alive(self.state.forwarder_pid):
