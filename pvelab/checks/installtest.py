@@ -205,11 +205,9 @@ def _watch(job: _Watch, vm: Callable[[str], Machine]) -> dict[str, InstallRun]:
     fw = job.fw
     machines = {n.name: vm(n.name) for n in job.nodes}
     t0 = time.monotonic()
-    at_once = slots.limit()
     say(
-        f"installing {len(machines)} node(s) ({fw.name})"
-        + (f", {at_once} at a time" if at_once and at_once < len(machines) else "")
-        + f"; consoles {workdir}/<node>-installer.console.log"
+        f"installing {len(machines)} node(s) ({fw.name}){slots.phrase(len(machines))};"
+        f" consoles {workdir}/<node>-installer.console.log"
     )
     waiting = list(machines)  # not powered on yet: each waits for a boot slot (pvelab.running.slots)
     holding: set[str] = set()

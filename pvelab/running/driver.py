@@ -442,11 +442,9 @@ class Driver:
             )
         # powered on by wait_all_ssh, at most slots.limit() booting at once
         self._unstarted = list(self.machines)
-        at_once = slots.limit()
         self.say(
-            f"{len(self.machines)} VM(s) ({self.medium.name}, {self.fw.value})"
-            + (f", up to {at_once} booting at once" if at_once and at_once < len(self.machines) else "")
-            + f"; consoles in {self.outdir}"
+            f"{len(self.machines)} VM(s) ({self.medium.name}, {self.fw.value}){slots.phrase(len(self.machines))};"
+            f" consoles in {self.outdir}"
         )
         if self.state_file is not None:
             self.state = self._new_state()

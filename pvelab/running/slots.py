@@ -58,6 +58,12 @@ def limit() -> int:
     return _count
 
 
+def phrase(vms: int) -> str:
+    """What a progress line says of the limit for ``vms`` VMs ('' when they all fit)."""
+    n = limit()
+    return f", up to {n} booting at once" if n and n < vms else ""
+
+
 @contextmanager
 def booting() -> Iterator[None]:
     """Hold one slot for the ``with`` block (waits until one is free)."""
