@@ -198,13 +198,24 @@ class TestSingleNode:
         # the initramfs runs without address-space randomisation (scripts/init-top/pvelab-aslr);
         # the booted system must have it back
         assert m.succeed("cat /proc/sys/kernel/randomize_va_space").strip() == "2"
-        # coldplug ran both its triggers, network interfaces first (install.d/60-pvelab-system),
-        # and the interface carries its predictable name
+        # coldplug ran its three triggers, network interfaces first (install.d/60-pvelab-system);
+        # the interface carries its predictable name, the serial console's device unit is up,
+        # the disks have their links and every driver for the hardware present is loaded
         trigger = m.succeed("systemctl show -p ExecStart --value systemd-udev-trigger.service")
-        assert trigger.count("udevadm trigger") == 2, trigger
-        assert len(re.findall(r"code=exited ; status=0 ", trigger)) == 2, trigger
-        assert trigger.index("--subsystem-match=net --settle") < trigger.index("--type=all"), trigger
+        assert trigger.count("udevadm trigger") == 3, trigger
+        assert len(re.findall(r"code=exited ; status=0 ", trigger)) == 3, trigger
+        assert trigger.index("--subsystem-match=net --settle") < trigger.index("--subsystem-nomatch"), trigger
         assert any(n.startswith("en") for n in m.succeed("ls /sys/class/net").split())
+        assert m.succeed("systemctl is-active serial-getty@ttyS0.service").strip() == "active"
+        assert m.succeed("ls /dev/disk/by-uuid").split()
+        drivers = m.succeed(  # each device's modalias resolved to modules (less the blacklist)
+            "bl=$(/usr/sbin/modprobe -c | awk '$1 == \"blacklist\" {print $2}');"
+            " for a in $(cat /sys/bus/*/devices/*/modalias | sort -u); do"
+            " /usr/sbin/modprobe -R $a 2>/dev/null; done | sort -u | while read -r mod; do"
+            ' echo "$bl" | grep -qx "$mod" || { [ -d /sys/module/$mod ] && echo "loaded $mod" || echo "MISSING $mod"; }; done'
+        ).split("\n")
+        assert "loaded virtio_net" in drivers, drivers
+        assert not [d for d in drivers if d.startswith("MISSING")], drivers
         if medium.is_network_boot():
             disks = [d for d in m.succeed("ls /sys/block").split() if d.startswith(("sd", "sr", "vd"))]
             assert "boot=live" in cmdline and disks == []  # no CD, no disk

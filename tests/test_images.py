@@ -307,14 +307,24 @@ def test_lean_disk_boot_and_live_initramfs(roots, built, tmp_path):
         assert os.readlink(root / "etc/systemd/system-generators" / gen) == "/dev/null"
     assert os.readlink(root / "etc/systemd/system/sys-kernel-debug.mount") == "/dev/null"
     assert "ExecStartPre=\n" in (root / "etc/systemd/system/ssh.service.d/10-pvelab.conf").read_text()
-    # udev coldplug names network interfaces first, then runs Debian's own line unchanged
-    trigger = root / "etc/systemd/system/systemd-udev-trigger.service.d/10-pvelab.conf"
+    # udev coldplug names network interfaces first, then serial consoles, then the devices
+    # whose add event does something; Debian's one line (which it replaces) is quoted
+    trigger = (root / "etc/systemd/system/systemd-udev-trigger.service.d/10-pvelab.conf").read_text()
     upstream = (root / "usr/lib/systemd/system/systemd-udev-trigger.service").read_text()
-    assert [l for l in trigger.read_text().splitlines() if l.startswith("ExecStart=")] == [
+    debian = next(l for l in upstream.splitlines() if l.startswith("ExecStart="))
+    assert "--type=all" in debian and debian.removeprefix("ExecStart=") in trigger
+    lines = [l for l in trigger.splitlines() if l.startswith("ExecStart=")]
+    assert lines[:3] == [
         "ExecStart=",
         "ExecStart=-udevadm trigger --type=devices --action=add --subsystem-match=net --settle",
-        *[l for l in upstream.splitlines() if l.startswith("ExecStart=")],
+        "ExecStart=-udevadm trigger --type=devices --action=add --subsystem-match=tty"
+        " --sysname-match=tty[a-zA-Z]* --sysname-match=hvc*",
     ]
+    rest = lines[3].split()
+    assert len(lines) == 4 and rest[:4] == ["ExecStart=-udevadm", "trigger", "--type=devices", "--action=add"]
+    skipped = {w.removeprefix("--subsystem-nomatch=") for w in rest if w.startswith("--subsystem-nomatch=")}
+    assert {"tty", "vc", "memory", "wakeup"} <= skipped
+    assert not skipped & {"block", "net", "pci", "acpi", "platform", "virtio", "input", "scsi", "usb", "cpu"}
     # the ISO boots live-boot's initramfs
     _xorriso(
         built["pve-1"].artefacts[ArtefactKind.ISO],
