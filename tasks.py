@@ -70,20 +70,6 @@ def friendly(fn):
     return wrapper
 
 
-def boots(fn):
-    """A task that boots VMs: the boot-slot setting (PVELAB_BOOT_SLOTS) is checked first,
-    so a bad value is one line before any work, not when the first VM is due to boot."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from pvelab.running import slots
-
-        slots.count()
-        return fn(*args, **kwargs)
-
-    return wrapper
-
-
 @task(
     iterable=["node"], help={"node": "node to render (repeatable; default all)", "lab": "lab definition file"}
 )
@@ -141,7 +127,6 @@ def build(c, node=None, lab=str(DEFAULT_LAB), refresh=False, rebuild_base=False,
     },
 )
 @friendly
-@boots
 def boot_test(
     c,
     node=None,
@@ -176,7 +161,6 @@ def boot_test(
     }
 )
 @friendly
-@boots
 def rehearse(
     c,
     lab=str(DEFAULT_LAB),
@@ -219,7 +203,6 @@ def rehearse(
     }
 )
 @friendly
-@boots
 def up(
     c,
     lab=str(DEFAULT_LAB),
@@ -286,7 +269,6 @@ def console(c, node, lab=str(DEFAULT_LAB)):
     },
 )
 @friendly
-@boots
 def fault(c, action, target, lab=str(DEFAULT_LAB), no_wait=False):
     """Break the running lab on purpose, or mend it: one line of output, recorded in its state."""
     from pvelab.labctl import fault as run
@@ -314,7 +296,6 @@ def down(c, lab=str(DEFAULT_LAB), no_wait=False):
     }
 )
 @friendly
-@boots
 def boot(
     c, node, media=DEFAULT_MEDIUM.name, firmware=DEFAULT_FIRMWARE.name, accel=AUTO, lab=str(DEFAULT_LAB)
 ):
@@ -384,7 +365,6 @@ def _say_release(rel):
     }
 )
 @friendly
-@boots
 def nightly(
     c,
     dest=None,
@@ -442,7 +422,6 @@ def verify(c, release, key=None):
     }
 )
 @friendly
-@boots
 def bench(c, boots=3, icount=False):
     """Stock DIB vs pvelab side by side: build times, boot to SSH, sizes; ratios + JSON."""
     import subprocess
